@@ -1,0 +1,15 @@
+"""onnxcompress: make trained ONNX models smaller while keeping their decisions.
+
+    from onnxcompress import compress, Config
+    report = compress("model.onnx", config=Config(keep=0.75), calib="calib.npz")
+"""
+from .api import compress, default_output
+from .config import Config
+from .errors import (AgreementError, DataError, ModelError, OnnxCompressError, OutputError,
+                     RewriteError, UsageError)
+from .plan import Plan
+
+__version__ = "0.1.0"
+
+__all__ = ["compress", "default_output", "Config", "Plan", "OnnxCompressError", "UsageError",
+           "ModelError", "DataError", "OutputError", "RewriteError", "AgreementError", "__version__"]

@@ -1,0 +1,173 @@
+"""`compress()`: the whole data flow of design.md section 2, one stage per call.
+
+load -> normalize -> find groups -> calibrate -> decide (Plan) -> rewrite -> validate -> report,
+then the gate, then an atomic save. The command line is a thin layer over this function.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import onnx
+
+from . import data as data_mod
+from .calibrate import Progress, calibrate, make_session, run
+from .config import Config
+from .cost import cost_items, count_params, node_flops
+from .decide import Budget, decide
+from .errors import AgreementError, RewriteError
+from .graph import GraphIndex
+from .groups import Analysis, find_groups
+from .modelio import check_output_path, load_model, save_model
+from .normalize import normalize, static_shapes
+from .plan import Plan
+from .report import Report, StageTimer
+from .rewrite import rewrite
+from .validate import score_outputs, validate
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_FEEDS = 32
+
+
+def default_output(model_path: str | os.PathLike) -> Path:
+    p = Path(model_path)
+    stem = p.name[:-5] if p.name.endswith(".onnx") else p.name
+    return p.with_name(stem + ".compressed.onnx")
+
+
+def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, *,
+             config: Config | None = None, calib=None, val=None, plan: Plan | None = None,
+             progress: Progress | None = None) -> Report:
+    """Compress the ONNX model at `model` and write it to `output` (default
+    `<stem>.compressed.onnx` beside it). Returns the `Report`.
+
+    calib / val: a `.npz`/`.npy` path, a directory of feeds, an iterable of
+    `{input_name: ndarray}`, or an ONNX Runtime `CalibrationDataReader`. Without `calib`, inputs are
+    synthesized from the input specs (weak: the report says so). Without `val`, a held-out share
+    (`config.holdout`) of `calib` is used. With `plan`, its decisions are applied as they are
+    (calibration is skipped; data is still used for validation).
+
+    Raises `AgreementError` (exit code 3) when `config.min_agreement` is not met; the output is
+    then not written unless `config.keep_failed`.
+    """
+    config = config or Config()
+    src = Path(model)
+    out = Path(output) if output is not None else default_output(src)
+    check_output_path(out, force=config.force, source=src)
+    timer = StageTimer()
+    report = Report(input=str(src), output=None, config=config.to_dict())
+    with timer("load"):
+        original = load_model(src)
+    with timer("normalize"):
+        norm = normalize(original)
+        specs = data_mod.input_specs(norm)
+        calib_src, val_src = _sources(calib, val, specs, config, report)
+        first = next(iter(calib_src))
+        g = GraphIndex(norm, static_shapes(norm, {k: v.shape for k, v in first.items()}))
+    with timer("find"):
+        analysis = find_groups(g, exclude=config.exclude)
+    if plan is None:
+        with timer("calibrate"):
+            stats = calibrate(norm, _exit_tensors(analysis), calib_src, types=_weight_types(g, analysis),
+                              progress=progress)
+        with timer("decide"):
+            plan = decide(g, analysis, stats, config, _budget(norm, g, analysis))
+    with timer("rewrite"):
+        new = rewrite(norm, g, analysis, plan) if plan.groups else norm
+        _smoke_test(new, first)
+    with timer("validate"):
+        agreement = validate(original, new, val_src, scores=score_outputs(g), progress=progress)
+    _fill(report, original, new, g, analysis, plan, agreement, first)
+    report.seconds = timer.seconds
+    report.plan = plan
+    _gate(report, agreement, config)
+    if report.gate and not report.gate["passed"] and not config.keep_failed:
+        raise AgreementError(report.gate["message"], report)
+    with timer("save"):
+        written = save_model(new, out, force=config.force)
+    report.output = str(out)
+    report.file_size["after"] = sum(p.stat().st_size for p in written)
+    report.seconds = timer.seconds
+    return report
+
+
+def _sources(calib, val, specs, config: Config, report: Report):
+    if calib is None:
+        msg = ("no calibration data: statistics come from random inputs, so the choice of channels "
+               "and the agreement figures say little about real inputs; pass --calib")
+        log.warning(msg)
+        report.warnings.append(msg)
+        calib_src = data_mod.synthesize(specs, count=SYNTHETIC_FEEDS, seed=config.seed)
+    else:
+        calib_src = data_mod.open_source(calib, specs, batch_size=config.batch_size)
+    if val is not None:
+        val_src = data_mod.open_source(val, specs, batch_size=config.batch_size, label="validation")
+    else:
+        calib_src, val_src = data_mod.split(calib_src, config.holdout)
+        if val_src is calib_src:
+            report.warnings.append("validation ran on the calibration data (too little data to hold out)")
+    report.data = {"calibration": calib_src.name, "validation": val_src.name,
+                   "calibration_feeds": calib_src.feeds, "validation_feeds": val_src.feeds}
+    return calib_src, val_src
+
+
+def _exit_tensors(analysis: Analysis) -> dict[str, tuple[int, int]]:
+    return {e.tensor: (e.axis, grp.channels) for grp in analysis.groups for e in grp.exits}
+
+
+def _weight_types(g: GraphIndex, analysis: Analysis) -> dict[str, int]:
+    """Element type of each exit tensor: the type of the consumer weights that read it."""
+    types = {}
+    for grp in analysis.groups:
+        for mix in grp.mixes():
+            types[mix.source] = g.initializers[mix.tensor].data_type
+    return types
+
+
+def _budget(model: onnx.ModelProto, g: GraphIndex, analysis: Analysis) -> Budget:
+    flops = node_flops(g)
+    p_items, f_items = cost_items(g, analysis, flops)
+    return Budget(float(count_params(model)), float(sum(flops.values())), tuple(p_items), tuple(f_items))
+
+
+def _smoke_test(model: onnx.ModelProto, feed: dict) -> None:
+    """The rewritten model must load and run in ONNX Runtime before anything else is measured."""
+    try:
+        session = make_session(model)
+        run(session, [o.name for o in model.graph.output], feed, "the first feed")
+    except Exception as e:
+        raise RewriteError(f"rewrite: the compressed model does not run ({str(e).splitlines()[0]})") from e
+
+
+def _fill(report: Report, original, new, g: GraphIndex, analysis: Analysis, plan: Plan, agreement, first) -> None:
+    after = GraphIndex(new, static_shapes(new, {k: v.shape for k, v in first.items()}))
+    report.params = {"before": count_params(original), "after": count_params(new)}
+    report.flops = {"before": sum(node_flops(g).values()), "after": sum(node_flops(after).values()),
+                    "at_input_shapes": {k: list(v.shape) for k, v in first.items()}}
+    report.file_size = {"before": os.path.getsize(report.input)}
+    by_id = {grp.id: grp for grp in analysis.groups}
+    report.groups = [{**gp.to_dict(matrices=False), "keep": None,
+                      "producers": list(by_id[gp.group].producers),
+                      "exits": [e.tensor for e in by_id[gp.group].exits],
+                      "error_ratio": (gp.error / gp.best_error) if gp.best_error > 0 else None}
+                     for gp in plan.groups]
+    for row in report.groups:
+        row.pop("keep")
+    report.skipped = [vars(s) for s in analysis.skipped]
+    report.agreement = [a.to_dict() for a in agreement]
+    if not analysis.groups:
+        report.warnings.append("no compressible channel group was found; the output computes the same function")
+
+
+def _gate(report: Report, agreement, config: Config) -> None:
+    if config.min_agreement is None:
+        return
+    worst = min(agreement, key=lambda a: a.score)
+    passed = worst.score >= config.min_agreement
+    message = (f"agreement gate: output {worst.output!r} reaches {worst.score:.4f}, "
+               f"below --min-agreement {config.min_agreement}")
+    report.gate = {"min_agreement": config.min_agreement, "worst_output": worst.output,
+                   "worst_score": worst.score, "passed": passed, "message": None if passed else message}
+

@@ -1,0 +1,128 @@
+"""Calibrate: stream feeds through ONNX Runtime and accumulate second-order statistics.
+
+For each exit tensor (channel axis c), every other axis is flattened into rows, Z (rows x C),
+and G = sum Z^T Z is accumulated in float64 together with the row count and per-channel sums.
+Rows are buffered up to a fixed budget and folded in with one symmetric rank-k update (BLAS
+`dsyrk`), so memory is bounded by the statistics and the buffer, never by the sample count.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+from scipy.linalg import blas
+
+from .errors import DataError, ModelError
+from .modelio import PROTOBUF_LIMIT
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int | None], None]
+_BUFFER_ELEMENTS = 4 * 2**20  # rows buffered per tensor before a dsyrk update (x 8 bytes)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Streamed statistics of one tensor over its channel axis: gram (C x C) = sum Z^T Z,
+    sums (C,) = sum of rows, rows = number of rows of Z."""
+    gram: np.ndarray
+    sums: np.ndarray
+    rows: int
+
+
+class GramAccumulator:
+    """partial_fit-style accumulator of Z^T Z for row blocks Z (rows x C)."""
+
+    def __init__(self, channels: int):
+        self.channels = channels
+        self._gram = np.zeros((channels, channels), order="F")
+        self._sums = np.zeros(channels)
+        self._rows = 0
+        self._buffer: list[np.ndarray] = []
+        self._buffered = 0
+
+    def add(self, z: np.ndarray) -> None:
+        if z.shape[1] != self.channels:
+            raise ValueError(f"expected {self.channels} channels, got {z.shape[1]}")
+        self._buffer.append(np.asarray(z, dtype=np.float64))
+        self._buffered += z.size
+        if self._buffered >= _BUFFER_ELEMENTS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        z = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+        self._buffer, self._buffered = [], 0
+        self._rows += z.shape[0]
+        self._sums += z.sum(axis=0)
+        # dsyrk on Z^T (C x rows, Fortran order = Z in C order): gram += Z^T Z, upper triangle
+        self._gram = blas.dsyrk(1.0, z.T, beta=1.0, c=self._gram, trans=0, lower=0, overwrite_c=1)
+
+    def result(self) -> Stats:
+        self._flush()
+        upper = np.triu(self._gram)
+        gram = upper + np.triu(upper, 1).T
+        return Stats(gram=np.ascontiguousarray(gram), sums=self._sums.copy(), rows=self._rows)
+
+
+def make_session(model: onnx.ModelProto, outputs: Iterable[str] = (),
+                 types: dict[str, int] | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session of `model` with `outputs` exposed in addition to the graph
+    outputs (types from `types`, float by default). The argument is not modified."""
+    extra = [o for o in outputs if o not in {vi.name for vi in model.graph.output}]
+    m = model
+    if extra:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        for name in extra:
+            elem = (types or {}).get(name, onnx.TensorProto.FLOAT)
+            m.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        if m.ByteSize() < PROTOBUF_LIMIT:
+            return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            onnx.save(m, str(path), save_as_external_data=True, location="model.onnx.data")
+            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ModelError(f"run: ONNX Runtime cannot load the model ({str(e).splitlines()[0][:300]})") from e
+
+
+def run(session: ort.InferenceSession, names: list[str], feed: dict, where: str) -> list[np.ndarray]:
+    try:
+        return session.run(names, feed)
+    except Exception as e:
+        raise DataError(f"run: ONNX Runtime failed on {where} ({str(e).splitlines()[0][:300]})") from e
+
+
+def calibrate(model: onnx.ModelProto, tensors: dict[str, tuple[int, int]], feeds,
+              *, types: dict[str, int] | None = None, progress: Progress | None = None) -> dict[str, Stats]:
+    """Stream `feeds` through `model` and return the statistics of each tensor.
+
+    tensors: name -> (negative channel axis, channel count).
+    """
+    names = sorted(tensors)
+    if not names:
+        return {}
+    session = make_session(model, names, types)
+    acc = {n: GramAccumulator(tensors[n][1]) for n in names}
+    total = getattr(feeds, "feeds", None)
+    for k, feed in enumerate(feeds):
+        outs = run(session, names, feed, f"calibration feed {k}")
+        for name, value in zip(names, outs):
+            axis, channels = tensors[name]
+            z = np.moveaxis(value, axis, -1).reshape(-1, channels)
+            acc[name].add(z)
+        if progress:
+            progress("calibrate", k + 1, total)
+    return {n: a.result() for n, a in acc.items()}

@@ -1,0 +1,113 @@
+"""The command line: a thin layer over `onnxcompress.compress` (design.md section 4).
+
+Exit codes: 0 success, 1 error (one line, no traceback unless -v), 2 bad usage, 3 the agreement
+gate (--min-agreement) was not met, 130 interrupted. Nothing is written on any non-zero exit
+except the --report JSON (and the model itself with --keep-failed on exit 3).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+
+import click
+
+from .api import compress
+from .config import METHODS, SELECTIONS, Config
+from .errors import AgreementError, OnnxCompressError
+from .plan import Plan
+
+log = logging.getLogger("onnxcompress")
+
+
+class ProgressBar:
+    """A one-line progress display on stderr; silent when stderr is not a terminal or with -q."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._stage = None
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        if total:
+            filled = int(30 * done / total)
+            text = f"\r{stage:<10} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}"
+        else:
+            text = f"\r{stage:<10} {done} feeds"
+        sys.stderr.write(text)
+        if total and done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("output", required=False, type=click.Path(dir_okay=False))
+@click.option("--calib", type=click.Path(), help=".npz (keys = input names, samples on axis 0), .npy, or a directory of such files, one feed each.")
+@click.option("--val", type=click.Path(), help="Validation inputs, same formats (default: a held-out share of --calib).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--keep", type=float, help="Fraction of channels kept in every group (default 0.75).")
+@click.option("--tolerance", type=float, help="Per group, the smallest size whose relative ID error is at most this.")
+@click.option("--flops-target", type=float, help="Keep at most this fraction of the model's FLOPs (greedy allocation).")
+@click.option("--params-target", type=float, help="Keep at most this fraction of the model's parameters (greedy allocation).")
+@click.option("--min-keep", type=float, default=0.05, show_default=True, help="Budget modes never shrink a group below this fraction.")
+@click.option("--select", type=click.Choice(SELECTIONS), default="id", show_default=True, help="id: interpolative decomposition with correction; norm: largest-norm channels, no correction (baseline).")
+@click.option("--method", type=click.Choice(METHODS), default="id", show_default=True)
+@click.option("--exclude", help="Regular expression: groups touching a node whose name matches are left alone.")
+@click.option("--min-agreement", type=float, help="Gate: every output must reach this (top-1 agreement for score outputs, cosine otherwise); exit 3 below it.")
+@click.option("--keep-failed", is_flag=True, help="Write the output even when the gate fails.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per run for array inputs.")
+@click.option("--holdout", type=float, default=0.2, show_default=True, help="Share of --calib held out for validation when --val is not given.")
+@click.option("--save-plan", type=click.Path(dir_okay=False), help="Write the decisions (kept channels, interpolation matrices) as JSON.")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False, exists=True), help="Apply a plan saved with --save-plan instead of calibrating.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("-v", "--verbose", is_flag=True, help="More logging, and tracebacks on errors.")
+@click.version_option(package_name="onnxcompress")
+def main(model, output, calib, val, report_path, keep, tolerance, flops_target, params_target, min_keep,
+         select, method, exclude, min_agreement, keep_failed, batch_size, holdout, save_plan, plan_path,
+         force, quiet, verbose):
+    """Compress MODEL.onnx into OUTPUT (default: MODEL.compressed.onnx beside it)."""
+    logging.basicConfig(format="onnxcompress: %(levelname)s: %(message)s",
+                        level=logging.ERROR if quiet else (logging.INFO if verbose else logging.WARNING))
+    try:
+        config = Config(keep=keep, tolerance=tolerance, flops_target=flops_target, params_target=params_target,
+                        min_keep=min_keep, select=select, method=method, exclude=exclude,
+                        min_agreement=min_agreement, keep_failed=keep_failed, batch_size=batch_size,
+                        holdout=holdout, force=force)
+        plan = Plan.load(plan_path) if plan_path else None
+        report = compress(model, output, config=config, calib=calib, val=val, plan=plan,
+                          progress=ProgressBar(not quiet and sys.stderr.isatty()))
+    except AgreementError as e:
+        _finish(e.report, report_path, quiet)
+        _fail(e, verbose)
+    except OnnxCompressError as e:
+        _fail(e, verbose)
+    except KeyboardInterrupt:
+        click.echo("onnxcompress: interrupted; no output was written", err=True)
+        sys.exit(130)
+    except Exception as e:  # a bug: say so in one line, traceback with -v
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"onnxcompress: internal error: {type(e).__name__}: {e}", err=True)
+        sys.exit(1)
+    if save_plan:
+        report.plan.save(save_plan)
+    _finish(report, report_path, quiet)
+
+
+def _finish(report, report_path, quiet: bool) -> None:
+    if report is None:
+        return
+    if report_path:
+        report.save(report_path)
+    if not quiet:
+        click.echo(report.table())
+
+
+def _fail(e: OnnxCompressError, verbose: bool) -> None:
+    if verbose:
+        traceback.print_exception(e)
+    click.echo(f"onnxcompress: error: {e}", err=True)
+    sys.exit(e.exit_code)

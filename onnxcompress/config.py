@@ -1,0 +1,107 @@
+"""The one configuration object. The command line fills it from flags; the library takes it as is.
+
+Sizes are chosen by exactly one of `keep`, `tolerance`, `flops_target`, `params_target`
+(`keep=0.75` when none is given).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+METHODS = ("id",)
+SELECTIONS = ("id", "norm")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """How to compress.
+
+    method:          "id" (interpolative-decomposition channel pruning, seed 000).
+    select:          "id" picks channels by pivoted Cholesky of the (consumer-weighted) Gram and
+                     folds the interpolation matrix into the consumers; "norm" keeps the
+                     largest-norm producer channels with no correction (a baseline).
+    keep:            fraction of channels kept in every group, in (0, 1].
+    tolerance:       per group, the smallest size whose relative ID error is at most this.
+    flops_target:    keep at most this fraction of the model's Conv/Gemm/MatMul FLOPs, sizes chosen
+                     greedily by estimated error per FLOP saved.
+    params_target:   the same for the parameter count.
+    min_keep:        no group is shrunk below this fraction of its channels (budget modes).
+    exclude:         regular expression; groups touching a node whose name matches are left alone.
+    batch_size:      samples per ONNX Runtime run when the data is one array per input.
+    holdout:         share of the calibration data held out for validation when no `val` is given.
+    ridge:           relative ridge added to G[S,S] before solving for the interpolation matrix.
+    weighted:        weight Gram columns by the consumers' input-column norms before pivoting.
+    min_agreement:   the gate: every output must reach this agreement (top-1 for score outputs,
+                     cosine otherwise); below it the output is not written and exit code is 3.
+    keep_failed:     write the output even when the gate fails.
+    force:           overwrite an existing output file.
+    seed:            seed for synthesized inputs.
+    """
+
+    method: str = "id"
+    select: str = "id"
+    keep: float | None = None
+    tolerance: float | None = None
+    flops_target: float | None = None
+    params_target: float | None = None
+    min_keep: float = 0.05
+    exclude: str | None = None
+    batch_size: int = 16
+    holdout: float = 0.2
+    ridge: float = 1e-9
+    weighted: bool = True
+    min_agreement: float | None = None
+    keep_failed: bool = False
+    force: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        chosen = [n for n in ("keep", "tolerance", "flops_target", "params_target")
+                  if getattr(self, n) is not None]
+        if len(chosen) > 1:
+            raise UsageError(f"options {', '.join(chosen)} contradict each other: give only one size rule")
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.select not in SELECTIONS:
+            raise UsageError(f"unknown selection {self.select!r}; choose from {', '.join(SELECTIONS)}")
+        for name in ("keep", "flops_target", "params_target"):
+            _check_fraction(name, getattr(self, name), open_low=True)
+        _check_fraction("min_keep", self.min_keep, open_low=False)
+        _check_fraction("min_agreement", self.min_agreement, open_low=False)
+        if self.tolerance is not None and not 0 <= self.tolerance < 1:
+            raise UsageError(f"tolerance must be in [0, 1), got {self.tolerance}")
+        if not 0 <= self.holdout < 1:
+            raise UsageError(f"holdout must be in [0, 1), got {self.holdout}")
+        if self.batch_size < 1:
+            raise UsageError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.ridge < 0:
+            raise UsageError(f"ridge must be non-negative, got {self.ridge}")
+        if self.exclude is not None:
+            try:
+                re.compile(self.exclude)
+            except re.error as e:
+                raise UsageError(f"exclude is not a valid regular expression: {e}") from e
+
+    @property
+    def size_rule(self) -> tuple[str, float]:
+        """The size rule in force, as (name, value)."""
+        for name in ("tolerance", "flops_target", "params_target", "keep"):
+            value = getattr(self, name)
+            if value is not None:
+                return name, value
+        return "keep", 0.75
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_fraction(name: str, value: float | None, *, open_low: bool) -> None:
+    if value is None:
+        return
+    low_ok = value > 0 if open_low else value >= 0
+    if not (low_ok and value <= 1):
+        bound = "(0, 1]" if open_low else "[0, 1]"
+        raise UsageError(f"{name} must be in {bound}, got {value}")

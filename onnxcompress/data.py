@@ -1,0 +1,259 @@
+"""Calibration and validation inputs: every source becomes a re-iterable stream of feeds
+(`{input_name: ndarray}`, one ONNX Runtime run each), checked against the model's inputs.
+
+Sources:
+* `.npz`: keys are input names, arrays carry samples on axis 0; streamed in batches of
+  `batch_size` samples (or of the model's static batch size).
+* `.npy`: the same for a single-input model.
+* a directory of `.npz`/`.npy` files: each file is one feed (sequences of different lengths can be
+  fed unpadded), in sorted file-name order.
+* from Python: any iterable of dicts, or an ONNX Runtime `CalibrationDataReader`.
+
+Files are opened with `allow_pickle=False`: object arrays are refused, nothing in a data file runs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple  # ints for static dims, None for dynamic ones
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The graph inputs a feed must provide (inputs with an initializer default are optional)."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype(np.float32)
+        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim) \
+            if tt.HasField("shape") else None
+        specs.append(InputSpec(vi.name, dtype, shape))
+    return specs
+
+
+class FeedSource:
+    """A re-iterable, checked stream of feeds. `len()` is the number of samples (axis 0 summed
+    over feeds) when known without reading everything, else None via `samples`."""
+
+    def __init__(self, name: str, make: Callable[[], Iterator[Feed]], specs: list[InputSpec],
+                 samples: int | None, feeds: int | None = None, arrays: Feed | None = None,
+                 batch_size: int = 1):
+        self.name, self._make, self.specs, self.samples, self.feeds = name, make, specs, samples, feeds
+        self.arrays, self.batch_size = arrays, batch_size  # set for array sources: split by sample
+
+    def __iter__(self) -> Iterator[Feed]:
+        count = 0
+        for k, feed in enumerate(self._make()):
+            yield check_feed(feed, self.specs, f"{self.name} feed {k}")
+            count += 1
+        if count == 0:
+            raise DataError(f"data: {self.name} holds no samples")
+
+
+def open_source(spec, specs: list[InputSpec], *, batch_size: int, label: str = "calibration") -> FeedSource:
+    """Turn a path, iterable or CalibrationDataReader into a `FeedSource`."""
+    if isinstance(spec, (str, os.PathLike)):
+        return _open_path(Path(spec), specs, batch_size)
+    if hasattr(spec, "get_next"):
+        return _from_reader(spec, specs, label)
+    if isinstance(spec, dict):
+        return _from_arrays(f"{label} arrays", dict(spec), specs, batch_size)
+    if isinstance(spec, Iterable):
+        items = spec if isinstance(spec, (list, tuple)) else None
+        if items is None:
+            return _one_shot(f"{label} iterable", iter(spec), specs)
+        return FeedSource(f"{label} list", lambda: iter(items), specs, None, len(items))
+    raise DataError(f"data: cannot read {label} data from a {type(spec).__name__}")
+
+
+def _open_path(path: Path, specs: list[InputSpec], batch_size: int) -> FeedSource:
+    if not path.exists():
+        raise DataError(f"data: {path}: no such file or directory")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy") and p.is_file())
+        if not files:
+            raise DataError(f"data: {path}: the directory holds no .npz or .npy files")
+        return FeedSource(str(path), lambda: (_read_file(p, specs) for p in files), specs, None, len(files))
+    arrays = _read_file(path, specs)
+    return _from_arrays(str(path), arrays, specs, batch_size)
+
+
+def _read_file(path: Path, specs: list[InputSpec]) -> Feed:
+    try:
+        if path.suffix == ".npy":
+            if len(specs) != 1:
+                raise DataError(f"data: {path}: a .npy file serves a single-input model; this model "
+                                f"has inputs {', '.join(s.name for s in specs)} (use .npz)")
+            return {specs[0].name: np.load(path, allow_pickle=False)}
+        if path.suffix != ".npz":
+            raise DataError(f"data: {path}: expected a .npz or .npy file or a directory")
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except DataError:
+        raise
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise DataError(f"data: {path}: holds object arrays (pickled data); refused") from e
+        raise DataError(f"data: {path}: cannot read ({str(e).splitlines()[0]})") from e
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"data: {path}: cannot read ({str(e).splitlines()[0] or type(e).__name__})") from e
+
+
+def _from_arrays(name: str, arrays: Feed, specs: list[InputSpec], batch_size: int) -> FeedSource:
+    """Samples on axis 0 of every array, cut into batches (the model's static batch if it has one)."""
+    check_names(arrays, specs, name)
+    counts = {k: (np.shape(v)[0] if np.ndim(v) else 0) for k, v in arrays.items()}
+    n = min(counts.values())
+    if len(set(counts.values())) > 1:
+        raise DataError(f"data: {name}: inputs hold different sample counts {counts}")
+    if n == 0:
+        raise DataError(f"data: {name}: zero samples")
+    static = {s.shape[0] for s in specs if s.shape and s.shape[0] is not None}
+    step = static.pop() if len(static) == 1 else batch_size
+
+    def make():
+        for start in range(0, n - step + 1 if static_batch else n, step):
+            yield {k: v[start:start + step] for k, v in arrays.items()}
+
+    static_batch = bool(specs and all(s.shape and s.shape[0] is not None for s in specs))
+    if static_batch and n < step:
+        raise DataError(f"data: {name}: {n} samples, fewer than the model's fixed batch size {step}")
+    return FeedSource(name, make, specs, n, -(-n // step), arrays=arrays, batch_size=batch_size)
+
+
+def _from_reader(reader, specs: list[InputSpec], label: str) -> FeedSource:
+    def make():
+        while (feed := reader.get_next()) is not None:
+            yield feed
+        if hasattr(reader, "rewind"):
+            reader.rewind()
+
+    return _one_shot(f"{label} CalibrationDataReader", make(), specs)
+
+
+def _one_shot(name: str, iterator: Iterator[Feed], specs: list[InputSpec]) -> FeedSource:
+    """An iterable that can be read once: its feeds are kept as they stream by, so later passes
+    (validation of the held-out part) replay them."""
+    seen: list[Feed] = []
+
+    def make():
+        yield from seen
+        for feed in iterator:
+            seen.append(feed)
+            yield feed
+
+    return FeedSource(name, make, specs, None)
+
+
+def split(source: FeedSource, holdout: float) -> tuple[FeedSource, FeedSource]:
+    """(calibration, validation): every feed whose position k satisfies k % m == m - 1 for
+    m = round(1 / holdout) is held out; a source of one feed serves both (with a warning)."""
+    if holdout <= 0:
+        return source, source
+    m = max(2, round(1 / holdout))
+    if source.arrays is not None and source.samples >= 2:
+        idx = np.arange(source.samples)
+        held = idx % m == m - 1
+        return tuple(_from_arrays(f"{source.name} ({part})", {k: v[mask] for k, v in source.arrays.items()},
+                                  source.specs, source.batch_size)
+                     for part, mask in (("calibration part", ~held), ("held-out part", held)))
+    feeds = list(source) if source.feeds is None else None
+    total = source.feeds if feeds is None else len(feeds)
+    if total < 2:
+        log.warning("data: %s has a single feed; validating on the calibration data", source.name)
+        return source, source
+
+    def part(held: bool):
+        def make():
+            it = iter(feeds) if feeds is not None else iter(source)
+            for k, feed in enumerate(it):
+                if (k % m == m - 1) == held:
+                    yield feed
+        return make
+
+    n_val = total // m
+    return (FeedSource(source.name + " (calibration part)", part(False), source.specs, None, total - n_val),
+            FeedSource(source.name + " (held-out part)", part(True), source.specs, None, n_val))
+
+
+def check_names(feed: Feed, specs: list[InputSpec], where: str) -> None:
+    names = {s.name for s in specs}
+    missing, extra = sorted(names - set(feed)), sorted(set(feed) - names)
+    if missing:
+        raise DataError(f"data: {where}: missing input {missing[0]!r} (the model needs {', '.join(sorted(names))})")
+    if extra:
+        raise DataError(f"data: {where}: {extra[0]!r} is not an input of the model (inputs: {', '.join(sorted(names))})")
+
+
+def check_feed(feed: Feed, specs: list[InputSpec], where: str) -> Feed:
+    """Check names, dtypes, ranks, static dimensions and finiteness; cast within a kind
+    (float64 -> float32, int32 -> int64). Returns the feed ready for ONNX Runtime."""
+    if not isinstance(feed, dict):
+        raise DataError(f"data: {where}: a feed must be a dict of input name -> array, got {type(feed).__name__}")
+    check_names(feed, specs, where)
+    out = {}
+    for s in specs:
+        a = np.asarray(feed[s.name])
+        if a.dtype == object:
+            raise DataError(f"data: {where}: input {s.name!r} is an object array; refused")
+        if a.dtype != s.dtype:
+            if a.dtype.kind != s.dtype.kind and not (a.dtype.kind in "iu" and s.dtype.kind in "iu"):
+                raise DataError(f"data: {where}: input {s.name!r} has dtype {a.dtype}, the model takes {s.dtype}")
+            a = a.astype(s.dtype)
+        if s.shape is not None:
+            if a.ndim != len(s.shape):
+                raise DataError(f"data: {where}: input {s.name!r} has rank {a.ndim} (shape {a.shape}), "
+                                f"the model takes rank {len(s.shape)}")
+            for axis, (have, want) in enumerate(zip(a.shape, s.shape)):
+                if want is not None and have != want:
+                    raise DataError(f"data: {where}: input {s.name!r} has {have} on axis {axis}, the model "
+                                    f"takes {want} (shape {a.shape})")
+        if a.size == 0:
+            raise DataError(f"data: {where}: input {s.name!r} is empty (shape {a.shape})")
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise DataError(f"data: {where}: input {s.name!r} holds NaN or Inf values")
+        out[s.name] = a
+    return out
+
+
+def synthesize(specs: list[InputSpec], *, count: int, seed: int) -> FeedSource:
+    """Random feeds from the input specs (dynamic dims = 1 for the batch, 16 elsewhere): floats
+    standard normal, integers in [0, 100). Only a fallback: statistics of random inputs say little
+    about real ones."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(count):
+        feed = {}
+        for s in specs:
+            shape = tuple(d if d is not None else (1 if k == 0 else 16)
+                          for k, d in enumerate(s.shape or (1,)))
+            if s.dtype.kind == "f":
+                feed[s.name] = rng.standard_normal(shape).astype(s.dtype)
+            elif s.dtype.kind == "b":
+                feed[s.name] = rng.random(shape) < 0.5
+            else:
+                feed[s.name] = rng.integers(0, 100, size=shape).astype(s.dtype)
+        feeds.append(feed)
+    return FeedSource("synthesized inputs", lambda: iter(feeds), specs, count, count)

@@ -1,0 +1,177 @@
+"""Decide: statistics + size rule -> Plan (design.md section 3, "Choosing sizes").
+
+Per group, the selection Gram is the sum over its exit tensors e of D_e G_e D_e / trace, where
+D_e = diag(norms of the consumers' input columns) (with `weighted`), so pivoting targets the
+consumers' output error rather than the raw activations'. Its pivoted Cholesky gives the channel
+order and the error for every size at once; the size rule picks k:
+
+* keep F:        k = round(F C) in every group;
+* tolerance eps: the smallest k whose relative error sqrt(residual_k / trace) is at most eps;
+* flops/params target R: start at full width and repeatedly shrink the group whose next step
+  costs the least added (normalized) residual energy per FLOP/parameter saved (seed 000), until
+  the model's total is at most R of the original or every group is at `min_keep`.
+
+Then, per exit tensor, T_e = G_e[S,S]^-1 G_e[S,:] (or the plain selection for `select="norm"`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import Config
+from .cost import Item, scaled_total
+from .graph import GraphIndex
+from .groups import Analysis, Group
+from .interpolate import best_residual, interpolation_matrix, pivot_order, selection_matrix
+from .plan import GroupPlan, Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Totals of the model and what the groups can shrink (for the budget rules)."""
+    params_total: float
+    flops_total: float
+    param_items: tuple[Item, ...]
+    flop_items: tuple[Item, ...]
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A group's selection statistics: order of channels and normalized residual energy."""
+    group: Group
+    gram: np.ndarray          # selection Gram (consumer-weighted, trace-normalized sum)
+    weights: dict             # exit tensor -> consumer column norms D_e (C,)
+    order: np.ndarray
+    residual: np.ndarray      # residual[k] / residual[0], k = 0..C
+
+
+def consumer_norms(g: GraphIndex, group: Group, source: str) -> np.ndarray:
+    """Per input channel, the norm of the consumer weights reading it (all exits of `source`)."""
+    sq = np.zeros(group.channels)
+    for mix in group.mixes(source):
+        w = np.moveaxis(g.const(mix.tensor).astype(np.float64), mix.axis, -1)
+        w = w.reshape(-1, group.channels, mix.spatial)
+        sq += np.einsum("rcs,rcs->c", w, w)
+    return np.sqrt(sq)
+
+
+def group_curve(g: GraphIndex, group: Group, stats: dict, weighted: bool) -> Curve:
+    gsel = np.zeros((group.channels, group.channels))
+    weights = {}
+    for e in group.exits:
+        gram = stats[e.tensor].gram
+        d = consumer_norms(g, group, e.tensor) if weighted else np.ones(group.channels)
+        weights[e.tensor] = d
+        part = gram * np.outer(d, d)
+        tr = float(np.trace(part))
+        if tr > 0:
+            gsel += part / tr
+    order, residual = pivot_order(gsel)
+    norm = residual / residual[0] if residual[0] > 0 else residual
+    return Curve(group, gsel, weights, order, norm)
+
+
+def norm_order(g: GraphIndex, group: Group) -> np.ndarray:
+    """Channels by decreasing L2 norm of their producer weights (the baseline selection)."""
+    sq = np.zeros(group.channels)
+    for s in group.weights:
+        w = np.moveaxis(g.const(s.tensor).astype(np.float64), s.axis, 0).reshape(group.channels, -1)
+        sq += np.einsum("ij,ij->i", w, w)
+    return np.argsort(-sq, kind="stable")
+
+
+def decide(g: GraphIndex, analysis: Analysis, stats: dict, config: Config, budget: Budget) -> Plan:
+    curves = [group_curve(g, grp, stats, config.weighted) for grp in analysis.groups]
+    sizes = choose_sizes(curves, config, budget)
+    plans = []
+    for curve in curves:
+        grp, k = curve.group, sizes[curve.group.id]
+        order = curve.order if config.select == "id" else norm_order(g, grp)
+        keep = np.sort(order[:k])
+        interp = {}
+        for e in grp.exits:
+            gram = stats[e.tensor].gram
+            interp[e.tensor] = (interpolation_matrix(gram, keep, config.ridge) if config.select == "id"
+                                else selection_matrix(grp.channels, keep))
+        err = selection_error(curve, stats, keep, interp)
+        best = best_residual(curve.gram)
+        best_err = math.sqrt(max(best[k], 0.0) / best[0]) if best[0] > 0 else 0.0
+        plans.append(GroupPlan(grp.id, grp.channels, tuple(int(c) for c in keep), interp, err, best_err))
+    return Plan(config.method, config.select, tuple(plans))
+
+
+def selection_error(curve: Curve, stats: dict, keep: np.ndarray, interp: dict) -> float:
+    """Relative consumer-weighted error sqrt(sum_e ||(Z_e - Z_e[:,S] T_e) D_e||^2 / ||Z_e D_e||^2),
+    each exit normalized as in the selection Gram."""
+    num = den = 0.0
+    for tensor, t in interp.items():
+        gram, d = stats[tensor].gram, curve.weights[tensor]
+        d2 = d * d
+        total = float(np.dot(d2, np.diag(gram)))
+        if total <= 0:
+            continue
+        gss = gram[np.ix_(keep, keep)]
+        lin = np.einsum("jc,jc->c", gram[keep, :], t)
+        quad = np.einsum("jc,jc->c", t, gss @ t)
+        res = np.diag(gram) - 2 * lin + quad
+        num += float(np.dot(d2, np.maximum(res, 0.0))) / total
+        den += 1.0
+    return math.sqrt(num / den) if den else 0.0
+
+
+def choose_sizes(curves: list[Curve], config: Config, budget: Budget) -> dict[str, int]:
+    rule, value = config.size_rule
+    sizes = {}
+    for c in curves:
+        n = c.group.channels
+        if rule == "keep":
+            sizes[c.group.id] = max(1, min(n, round(value * n)))
+        elif rule == "tolerance":
+            rel = np.sqrt(np.clip(c.residual, 0, None))
+            sizes[c.group.id] = max(1, int(np.argmax(rel <= value)) if np.any(rel <= value) else n)
+    if rule in ("flops_target", "params_target"):
+        sizes = greedy_sizes(curves, config, budget, rule, value)
+    return sizes
+
+
+def greedy_sizes(curves: list[Curve], config: Config, budget: Budget, rule: str, target: float) -> dict[str, int]:
+    """Shrink, step by step, the group with the least added residual energy per unit of cost
+    saved, until the model total is at most `target` of the original (seed 000's allocation)."""
+    items = list(budget.flop_items if rule == "flops_target" else budget.param_items)
+    total = budget.flops_total if rule == "flops_target" else budget.params_total
+    fixed = total - sum(it.cost for it in items)
+    by_group = {c.group.id: [it for it in items if c.group.id in it.groups] for c in curves}
+    k = {c.group.id: c.group.channels for c in curves}
+    floor = {c.group.id: max(1, math.ceil(config.min_keep * c.group.channels)) for c in curves}
+    frac = {gid: 1.0 for gid in k}
+    goal = target * total
+    current = fixed + scaled_total(items, frac)
+    while current > goal:
+        best = None
+        for c in curves:
+            gid, n = c.group.id, c.group.channels
+            if k[gid] <= floor[gid] or not by_group[gid]:
+                continue
+            new_k = max(floor[gid], k[gid] - max(1, n // 64))
+            before = scaled_total(by_group[gid], frac)
+            after = scaled_total(by_group[gid], {**frac, gid: new_k / n})
+            saved = before - after
+            if saved <= 0:
+                continue
+            score = (c.residual[new_k] - c.residual[k[gid]]) / saved
+            if best is None or score < best[0]:
+                best = (score, gid, new_k, saved)
+        if best is None:
+            log.warning("decide: %s %.3f is not reachable by shrinking these groups; reached %.3f",
+                        rule, target, current / total if total else 0.0)
+            break
+        _, gid, new_k, saved = best
+        k[gid] = new_k
+        frac[gid] = new_k / next(c.group.channels for c in curves if c.group.id == gid)
+        current -= saved
+    return k

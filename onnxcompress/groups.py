@@ -1,0 +1,261 @@
+"""Find channel groups: pure analysis of a normalized graph (design.md section 3).
+
+A group starts at the output channels of one or more producers, follows them through
+channel-preserving ops, and ends at exits that are linear in the channels. Groups joined by an
+op reading two of their tensors (a residual Add, a squeeze-and-excitation Mul) become one group.
+One selection of kept channels serves the whole group; each exit tensor gets its own
+interpolation matrix. Every producer that is not compressed, and every linear node that is not a
+producer, comes back as `Skipped` with the reason.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from .graph import GraphIndex
+from .ops import HANDLERS, Exit, Member, Mix, Produce, SetAttr, ShapeEntry, Slice, Stop, Through
+
+LINEAR_OPS = ("Conv", "Gemm", "MatMul", "Gather", "ConvTranspose")
+
+
+@dataclass(frozen=True)
+class ExitTensor:
+    """A group tensor read by exits: its Gram (rows x channels, over `axis`) drives the
+    interpolation matrix of every exit reading it."""
+    tensor: str
+    axis: int
+
+
+@dataclass(frozen=True)
+class Group:
+    id: str
+    channels: int
+    producers: tuple[str, ...]
+    nodes: tuple[str, ...]
+    tensors: tuple[str, ...]
+    exits: tuple[ExitTensor, ...]
+    edits: tuple
+    weights: tuple[Slice, ...]  # main weight of each producer (norm-based selection)
+
+    def mixes(self, source: str | None = None) -> list[Mix]:
+        return [e for e in self.edits if isinstance(e, Mix) and (source is None or e.source == source)]
+
+
+@dataclass(frozen=True)
+class Skipped:
+    node: str
+    op: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Analysis:
+    groups: tuple[Group, ...]
+    skipped: tuple[Skipped, ...]
+
+    def to_dict(self) -> dict:
+        return {"groups": [{"id": g.id, "channels": g.channels, "producers": list(g.producers),
+                            "exits": [e.tensor for e in g.exits]} for g in self.groups],
+                "skipped": [vars(s) for s in self.skipped]}
+
+
+@dataclass
+class _Draft:
+    """A group while it is being traced: mutable, private to this module."""
+    producers: list[int]
+    channels: int
+    members: dict[str, Member] = field(default_factory=dict)
+    edits: set = field(default_factory=set)
+    exits: dict[str, ExitTensor] = field(default_factory=dict)
+    joins: list[tuple[int, str, int]] = field(default_factory=list)
+    nodes: set[int] = field(default_factory=set)
+    reasons: list[str] = field(default_factory=list)
+    weights: list[Slice] = field(default_factory=list)
+
+    def stop(self, reason: str) -> None:
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+
+
+def find_groups(g: GraphIndex, *, exclude: str | None = None) -> Analysis:
+    """Trace every producer's channels and return the groups that can be compressed, plus a
+    reason for every linear node that is left alone."""
+    drafts, skipped = [], []
+    for i, node in enumerate(g.nodes):
+        handler = HANDLERS.get(node.op_type)
+        result = handler.produce(g, i) if handler and node.domain in ("", "ai.onnx") else None
+        if isinstance(result, Produce):
+            draft = _Draft(producers=[i], channels=result.channels, nodes={i},
+                           edits=set(result.edits), weights=[result.weight])
+            _trace(g, draft, Member(result.output, result.axis))
+            drafts.append(draft)
+        elif isinstance(result, str):
+            skipped.append(Skipped(g.key(i), node.op_type, result))
+        elif node.op_type in LINEAR_OPS and not _is_depthwise(g, i):
+            skipped.append(Skipped(g.key(i), node.op_type, "not a channel producer"))
+    merged = _merge(g, drafts)
+    _check_weights(g, merged)
+    subgraph_names = g.subgraph_uses()
+    pattern = re.compile(exclude) if exclude else None
+    groups = []
+    for d in merged:
+        _check_members(g, d, subgraph_names, pattern)
+        if d.reasons:
+            reason = "; ".join(d.reasons)
+            skipped.extend(Skipped(g.key(p), g.nodes[p].op_type, reason) for p in sorted(d.producers))
+        else:
+            groups.append(_freeze(g, d))
+    order = {g.key(i): i for i in range(len(g.nodes))}
+    skipped.sort(key=lambda s: order.get(s.node, 0))
+    return Analysis(tuple(groups), tuple(skipped))
+
+
+def _is_depthwise(g: GraphIndex, i: int) -> bool:
+    node = g.nodes[i]
+    w = g.const(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+    return w is not None and g.attr(i, "group", 1) == w.shape[0] > 1 and w.shape[1] == 1
+
+
+def _trace(g: GraphIndex, d: _Draft, start: Member) -> None:
+    """Breadth-first walk from the producer output; fills the draft's members, edits and exits."""
+    queue = [start]
+    d.members[start.tensor] = start
+    while queue:
+        m = queue.pop(0)
+        for j, pos in g.users(m.tensor):
+            handler = HANDLERS.get(g.nodes[j].op_type)
+            if handler is None or g.nodes[j].domain not in ("", "ai.onnx"):
+                d.stop(f"reaches {g.nodes[j].op_type} node {g.key(j)}, which is not understood")
+                continue
+            result = handler.consume(g, j, pos, m, d.channels)
+            d.nodes.add(j)
+            if isinstance(result, Stop):
+                d.stop(f"{result.reason} (node {g.key(j)})")
+            elif isinstance(result, Exit):
+                d.edits.update(result.edits)
+                d.exits[result.source] = ExitTensor(result.source, result.axis)
+            elif isinstance(result, Through):
+                d.edits.update(result.edits)
+                d.joins.extend((j, name, axis) for name, axis in result.joins)
+                for out in result.outputs:
+                    known = d.members.get(out.tensor)
+                    if known is None:
+                        d.members[out.tensor] = out
+                        queue.append(out)
+                    elif known != out:
+                        d.stop(f"tensor {out.tensor!r} is reached with two channel layouts")
+
+
+def _merge(g: GraphIndex, drafts: list[_Draft]) -> list[_Draft]:
+    """Union drafts that share a tensor or are joined by a two-activation op."""
+    parent = list(range(len(drafts)))
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    owner: dict[str, int] = {}
+    for k, d in enumerate(drafts):
+        for name in d.members:
+            if name in owner:
+                parent[find(k)] = find(owner[name])
+            else:
+                owner[name] = k
+    for k, d in enumerate(drafts):
+        for j, name, _axis in d.joins:
+            if name in owner:
+                parent[find(k)] = find(owner[name])
+            else:
+                d.stop(f"joined at node {g.key(j)} with {name!r}, which is not in a channel group")
+    classes: dict[int, list[_Draft]] = defaultdict(list)
+    for k, d in enumerate(drafts):
+        classes[find(k)].append(d)
+    return [_combine(g, ds) for ds in classes.values()]
+
+
+def _combine(g: GraphIndex, ds: list[_Draft]) -> _Draft:
+    out = _Draft(producers=[], channels=ds[0].channels)
+    for d in ds:
+        out.producers.extend(d.producers)
+        out.edits |= d.edits
+        out.exits.update(d.exits)
+        out.joins.extend(d.joins)
+        out.nodes |= d.nodes
+        out.weights.extend(d.weights)
+        for r in d.reasons:
+            out.stop(r)
+        for name, m in d.members.items():
+            known = out.members.setdefault(name, m)
+            if known != m:
+                out.stop(f"tensor {name!r} is reached with two channel layouts")
+        if d.channels != out.channels:
+            out.stop(f"joins channel groups of different widths ({out.channels} and {d.channels})")
+    for j, name, axis in out.joins:
+        m = out.members.get(name)
+        if m is not None and m.axis != axis:
+            out.stop(f"node {g.key(j)} joins tensors with different channel axes")
+    return out
+
+
+def _check_members(g: GraphIndex, d: _Draft, subgraph_names: set[str], pattern) -> None:
+    for name in d.members:
+        if name in g.graph_outputs:
+            d.stop(f"reaches graph output {name!r}")
+        if name in subgraph_names:
+            d.stop(f"tensor {name!r} is used inside a subgraph")
+    if not d.exits and not d.reasons:
+        d.stop("no linear consumer to absorb the correction")
+    if pattern:
+        hits = sorted(g.key(i) for i in d.nodes | set(d.producers) if pattern.search(g.key(i)))
+        if hits:
+            d.stop(f"excluded by --exclude (node {hits[0]})")
+
+
+def _check_weights(g: GraphIndex, drafts: list[_Draft]) -> None:
+    """A constant may only be edited where every node reading it edits it the same way: a weight
+    shared with a node outside the group, or edited by two groups through different nodes,
+    stops the groups involved."""
+    by_tensor: dict[str, list[tuple[_Draft, object]]] = defaultdict(list)
+    for d in drafts:
+        for e in d.edits:
+            if not isinstance(e, SetAttr):
+                by_tensor[e.tensor].append((d, e))
+    graph_inputs = {vi.name for vi in g.graph.input}
+    for name, uses in by_tensor.items():
+        editors = {e.node for _, e in uses}
+        readers = {j for j, _ in g.users(name)}
+        per_axis: dict[tuple, set[int]] = defaultdict(set)
+        for d, e in uses:
+            per_axis[(type(e) is ShapeEntry, getattr(e, "axis", getattr(e, "index", 0)))].add(id(d))
+        reason = None
+        if name in graph_inputs:
+            reason = f"weight {name!r} is also a graph input"
+        elif readers - editors:
+            other = g.key(min(readers - editors))
+            reason = f"weight {name!r} is shared with node {other} outside the group"
+        elif any(len(owners) > 1 for owners in per_axis.values()):
+            reason = f"weight {name!r} is edited by two groups along one axis"
+        elif len(editors) > 1 and len(per_axis) > 1:
+            reason = f"weight {name!r} is shared by nodes that edit it differently"
+        if reason:
+            for d, _ in uses:
+                d.stop(reason)
+
+
+def _freeze(g: GraphIndex, d: _Draft) -> Group:
+    producers = tuple(g.key(p) for p in sorted(d.producers))
+    return Group(
+        id=producers[0], channels=d.channels, producers=producers,
+        nodes=tuple(g.key(i) for i in sorted(d.nodes | set(d.producers))),
+        tensors=tuple(sorted(d.members)),
+        exits=tuple(sorted(d.exits.values(), key=lambda e: e.tensor)),
+        edits=tuple(sorted(d.edits, key=_edit_key)),
+        weights=tuple(d.weights),
+    )
+
+
+def _edit_key(e) -> tuple:
+    return (type(e).__name__, getattr(e, "tensor", ""), getattr(e, "node", 0), getattr(e, "axis", 0))

@@ -1,0 +1,99 @@
+"""Interpolative decomposition from a Gram matrix (seed 000), and the baseline norm selection.
+
+Let Z (rows x C) be the activations feeding a layer, G = Z^T Z (C x C). A column ID picks k
+channels S and T (k x C) with Z ~ Z[:, S] T.
+
+* Pivoted Cholesky of G (LAPACK `?pstrf`; equal to pivoted QR of any Z with that Gram) orders the
+  channels greedily: after choosing S_k = the first k pivots, the residual
+  ||Z - Z[:, S_k] T||_F^2 = trace(G) - sum_{i<k} ||U[i, :]||^2 = trace of the Schur complement,
+  where G[P, P] = U^T U. One factorization gives the error for every k.
+* T = G[S, S]^-1 G[S, :] is the least-squares interpolation; it is optimal for any consumer W'
+  (the residual is orthogonal to Z[:, S]), so the consumer becomes W' T^T.
+* The best rank-k error (any k-dimensional subspace, not just k columns) is the sum of the
+  C - k smallest eigenvalues of G: the reference the selection is compared with.
+
+Dead channels (zero columns) are never picked and get T = 0; a channel that duplicates or is a
+linear combination of picked ones is reproduced exactly.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+from scipy.linalg import lapack
+
+
+def pivot_order(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy pivot order of a PSD matrix and its residual-energy curve.
+
+    Returns (order, residual): `order` is a permutation of range(C); residual[k] (k = 0..C) is the
+    trace of the Schur complement after pivoting on order[:k], i.e. the squared Frobenius error of
+    the best interpolation of all columns from the first k pivots. residual[0] = trace(G),
+    residual is non-increasing, residual[C] = 0.
+    """
+    g = np.array(gram, dtype=np.float64, copy=True)
+    c = g.shape[0]
+    total = float(np.trace(g))
+    if c == 0 or total <= 0:
+        return np.arange(c), np.zeros(c + 1)
+    u, piv, rank, info = lapack.dpstrf(g, lower=0, tol=-1.0)
+    if info < 0:
+        raise ValueError(f"dpstrf failed (info={info})")
+    order = piv[:c].astype(np.int64) - 1
+    rows = np.triu(u)[:rank]
+    captured = np.cumsum(np.einsum("ij,ij->i", rows, rows))
+    residual = np.empty(c + 1)
+    residual[0] = total
+    residual[1:rank + 1] = np.maximum(total - captured, 0.0)
+    residual[rank + 1:] = residual[rank] if rank > 0 else total
+    residual[c] = 0.0
+    return order, np.minimum.accumulate(residual)
+
+
+def best_residual(gram: np.ndarray) -> np.ndarray:
+    """Residual energy of the best rank-k approximation for k = 0..C (eigenvalue tails)."""
+    w = np.clip(np.linalg.eigvalsh(np.asarray(gram, dtype=np.float64)), 0.0, None)[::-1]
+    tail = np.concatenate([np.cumsum(w[::-1])[::-1], [0.0]])
+    return tail
+
+
+def interpolation_matrix(gram: np.ndarray, keep: np.ndarray, ridge: float = 1e-9) -> np.ndarray:
+    """T (k x C) minimizing ||Z - Z[:, keep] T||_F for the Z behind `gram`.
+
+    Solves (G[S,S] + lambda I) T = G[S,:] with lambda = ridge * mean(diag G[S,S]) (plus a tiny
+    floor) so rank-deficient selections stay solvable; then sets T[:, S] = I exactly, so kept
+    channels pass through unchanged.
+    """
+    g = np.asarray(gram, dtype=np.float64)
+    keep = np.asarray(keep, dtype=np.int64)
+    k = len(keep)
+    if k == 0:
+        return np.zeros((0, g.shape[0]))
+    gss = g[np.ix_(keep, keep)]
+    scale = max(float(np.mean(np.diag(gss))), np.finfo(np.float64).tiny)
+    lam = ridge * scale + 1e-300
+    for _ in range(8):
+        try:
+            factor = scipy.linalg.cho_factor(gss + lam * np.eye(k), lower=True, check_finite=False)
+            t = scipy.linalg.cho_solve(factor, g[keep, :], check_finite=False)
+            break
+        except np.linalg.LinAlgError:
+            lam = max(lam * 100, 1e-12 * scale)
+    else:
+        t = np.linalg.lstsq(gss, g[keep, :], rcond=None)[0]
+    t[:, keep] = np.eye(k)
+    return t
+
+
+def selection_matrix(channels: int, keep: np.ndarray) -> np.ndarray:
+    """T for plain pruning (no correction): rows of the identity at `keep`."""
+    t = np.zeros((len(keep), channels))
+    t[np.arange(len(keep)), keep] = 1.0
+    return t
+
+
+def relative_error(residual: np.ndarray) -> np.ndarray:
+    """sqrt(residual[k] / residual[0]): relative Frobenius error for every k (0 for an empty G)."""
+    total = residual[0]
+    if total <= 0:
+        return np.zeros_like(residual)
+    return np.sqrt(np.clip(residual / total, 0.0, None))

@@ -1,0 +1,164 @@
+"""Normalize a loaded model so analysis sees one vocabulary.
+
+* Constant nodes holding a tensor (every Paddle export keeps its weights there) become
+  initializers of the same name, so a weight is always an initializer.
+* Nodes are put in topological order.
+* `static_shapes` infers every tensor shape for one concrete feed, on a weightless skeleton of the
+  model (large initializers replaced by typed graph inputs), so it works for any model size; where
+  inference fails it degrades to "unknown" rather than failing.
+
+Opsets, untouched nodes and subgraphs (If/Loop/Scan bodies) stay as they were.
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict, deque
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+_CONSTANT_ATTRS = ("value", "value_float", "value_floats", "value_int", "value_ints")
+
+
+def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a normalized copy of `model` (the argument is not changed)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    n = constants_to_initializers(out.graph, needs_input=out.ir_version < 4)
+    if n:
+        log.info("normalize: %d Constant nodes became initializers", n)
+    topological_sort(out.graph)
+    return out
+
+
+def constants_to_initializers(graph: onnx.GraphProto, *, needs_input: bool = False) -> int:
+    """Move tensor-valued Constant nodes of `graph` (not of subgraphs) into initializers."""
+    keep, moved = [], 0
+    for node in graph.node:
+        tensor = _constant_tensor(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+        if tensor is None:
+            keep.append(node)
+            continue
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        if needs_input:
+            graph.input.append(helper.make_tensor_value_info(
+                tensor.name, tensor.data_type, list(tensor.dims)))
+        moved += 1
+    if moved:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return moved
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    attrs = {a.name: a for a in node.attribute}
+    if "value" in attrs:
+        t = onnx.TensorProto()
+        t.CopyFrom(attrs["value"].t)
+        return t
+    for name, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                        ("value_int", np.int64), ("value_ints", np.int64)):
+        if name in attrs:
+            value = helper.get_attribute_value(attrs[name])
+            return numpy_helper.from_array(np.asarray(value, dtype=dtype))
+    return None
+
+
+def topological_sort(graph: onnx.GraphProto) -> None:
+    """Reorder `graph.node` topologically (stable: ties keep their original order).
+
+    Names used inside subgraphs but produced in this graph count as inputs of the node holding
+    the subgraph.
+    """
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    deps = [set() for _ in nodes]
+    for i, node in enumerate(nodes):
+        for name in list(node.input) + _subgraph_inputs(node):
+            j = producer.get(name)
+            if j is not None and j != i:
+                deps[i].add(j)
+    users = defaultdict(list)
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+    indegree = [len(d) for d in deps]
+    ready = deque(i for i, k in enumerate(indegree) if k == 0)
+    order = []
+    while ready:
+        i = ready.popleft()
+        order.append(i)
+        for u in sorted(users[i]):
+            indegree[u] -= 1
+            if indegree[u] == 0:
+                ready.append(u)
+    if len(order) != len(nodes):
+        stuck = next(nodes[i] for i, k in enumerate(indegree) if k > 0)
+        raise ModelError(f"normalize: the graph has a cycle through node {stuck.name or stuck.op_type!r}")
+    if order != list(range(len(nodes))):
+        del graph.node[:]
+        graph.node.extend(nodes[i] for i in order)
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> list[str]:
+    names = []
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            for sub in g.node:
+                names.extend(sub.input)
+                names.extend(_subgraph_inputs(sub))
+    return names
+
+
+def static_shapes(model: onnx.ModelProto, feed_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
+    """Shapes of every tensor of the main graph when fed inputs of `feed_shapes`.
+
+    Returns name -> tuple whose entries are ints, or None for a dimension inference could not
+    fix. Tensors inference knows nothing about are absent. Never raises: a model that defeats
+    shape inference yields only the initializer and input shapes.
+    """
+    skeleton = _skeleton(model, feed_shapes)
+    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    shapes.update({k: tuple(v) for k, v in feed_shapes.items()})
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except Exception as e:  # custom ops, broken value_info, ...
+        log.warning("normalize: shape inference failed (%s); continuing without shapes", str(e).splitlines()[0])
+        return shapes
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            dims = vi.type.tensor_type.shape.dim
+            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+    return shapes
+
+
+def _skeleton(model: onnx.ModelProto, feed_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """A copy of `model` without large weights (they become graph inputs of the same type and
+    shape) and with the graph inputs fixed to `feed_shapes`."""
+    skel = onnx.ModelProto()
+    skel.ir_version = model.ir_version
+    skel.opset_import.extend(model.opset_import)
+    skel.functions.extend(model.functions)
+    g = skel.graph
+    g.node.extend(model.graph.node)
+    g.output.extend(model.graph.output)
+    for vi in model.graph.input:
+        if vi.name in feed_shapes:
+            elem = vi.type.tensor_type.elem_type
+            g.input.append(helper.make_tensor_value_info(vi.name, elem, list(feed_shapes[vi.name])))
+        else:
+            g.input.append(vi)
+    inputs = {vi.name for vi in g.input}
+    for init in model.graph.initializer:
+        if np.prod(init.dims, dtype=np.int64) <= 64:
+            g.initializer.append(init)  # small constants (shapes, axes) drive inference
+        elif init.name not in inputs:
+            g.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return skel

@@ -1,0 +1,95 @@
+"""Report: the run's figures as one JSON-ready dict and as a terminal table."""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class StageTimer:
+    """Seconds spent per stage, in the order the stages ran."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class Report:
+    """Everything a run measured. `to_dict()` is the `--report` JSON."""
+    input: str
+    output: str | None
+    config: dict
+    params: dict = field(default_factory=dict)      # before / after
+    flops: dict = field(default_factory=dict)       # before / after (at the first feed's shapes)
+    file_size: dict = field(default_factory=dict)   # before / after, bytes
+    data: dict = field(default_factory=dict)        # calibration / validation source and counts
+    groups: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    agreement: list = field(default_factory=list)
+    gate: dict | None = None
+    warnings: list = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+    plan: object = field(default=None, repr=False)  # the Plan applied (not part of the JSON)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "plan"}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=float) + "\n")
+
+    def table(self) -> str:
+        """A compact human-readable summary."""
+        lines = [f"{self.input} -> {self.output or '(not written)'}"]
+        lines += _size_lines(self)
+        if self.groups:
+            lines.append("")
+            lines.append(f"{'group':<40} {'kept':>11} {'error':>8} {'best':>8}")
+            for grp in self.groups:
+                kept = f"{grp['kept']}/{grp['channels']}"
+                lines.append(f"{_short(grp['group'], 40):<40} {kept:>11} {grp['error']:8.4f} {grp['best_error']:8.4f}")
+        if self.skipped:
+            lines.append("")
+            lines.append(f"{len(self.skipped)} layers left alone:")
+            for s in self.skipped[:12]:
+                lines.append(f"  {_short(s['node'], 40)} ({s['op']}): {s['reason']}")
+            if len(self.skipped) > 12:
+                lines.append(f"  ... {len(self.skipped) - 12} more (see --report)")
+        if self.agreement:
+            lines.append("")
+            lines.append(f"{'output':<28} {'samples':>7} {'max abs':>10} {'rel L2':>9} {'cosine':>8} {'top-1':>7}")
+            for a in self.agreement:
+                cos = "-" if a["cosine"] is None else f"{a['cosine']:.5f}"
+                top = "-" if a["top1"] is None else f"{a['top1']:.4f}"
+                lines.append(f"{_short(a['output'], 28):<28} {a['samples']:>7} {a['max_abs']:10.4g} "
+                             f"{a['rel_l2']:9.4g} {cos:>8} {top:>7}")
+        for w in self.warnings:
+            lines.append(f"warning: {w}")
+        lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+def _size_lines(r: Report) -> list[str]:
+    out = []
+    for label, d in (("parameters", r.params), ("FLOPs", r.flops), ("file bytes", r.file_size)):
+        before, after = d.get("before"), d.get("after")
+        if not before:
+            continue
+        line = f"{label:<11} {before:>14,.0f}"
+        if after is not None:
+            line += f" -> {after:>14,.0f} ({after / before:.1%})"
+        out.append(line)
+    return out
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]

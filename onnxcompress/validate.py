@@ -1,0 +1,117 @@
+"""Validate: run the original and the compressed model on the same held-out feeds and measure how
+far their outputs agree. Returns data; printing is the report's job.
+
+Per output: max |y - y'|, relative L2 error ||y - y'|| / ||y|| over all feeds, mean cosine over
+samples (axis 0 of each feed, flattened), and, for outputs that look like scores, top-1 agreement
+(argmax over the last axis). Integer outputs (labels, indices) get exact-match agreement.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from .calibrate import Progress, make_session, run
+from .graph import GraphIndex
+
+_PASS_OPS = {"Reshape", "Transpose", "Identity", "Flatten", "Squeeze", "Unsqueeze", "Cast"}
+
+
+@dataclass(frozen=True)
+class Agreement:
+    output: str
+    samples: int
+    max_abs: float
+    rel_l2: float
+    cosine: float | None
+    top1: float | None
+
+    @property
+    def score(self) -> float:
+        """The figure the gate reads: top-1 agreement where defined, else cosine."""
+        if self.top1 is not None:
+            return self.top1
+        return self.cosine if self.cosine is not None else 1.0 - self.rel_l2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def score_outputs(g: GraphIndex) -> set[str]:
+    """Outputs that look like class scores: made by Softmax/LogSoftmax over the last axis or by
+    a Gemm (logits), possibly through reshapes, with a last axis of at least 2."""
+    found = set()
+    for name in g.graph_outputs:
+        cur = name
+        while cur in g.producer and g.nodes[g.producer[cur]].op_type in _PASS_OPS:
+            cur = g.nodes[g.producer[cur]].input[0]
+        i = g.producer.get(cur)
+        if i is None:
+            continue
+        op = g.nodes[i].op_type
+        shape = g.shape(name)
+        wide = shape is None or not shape or shape[-1] is None or shape[-1] >= 2
+        last = op in ("Softmax", "LogSoftmax") and g.attr(i, "axis", -1) in (-1, (len(shape) - 1) if shape else -1)
+        if wide and (last or op == "Gemm"):
+            found.add(name)
+    return found
+
+
+class _Tally:
+    def __init__(self):
+        self.n = 0
+        self.max_abs = 0.0
+        self.diff2 = self.ref2 = 0.0
+        self.cos_sum = 0.0
+        self.cos_n = 0
+        self.top_hits = self.top_n = 0
+
+    def add(self, ref: np.ndarray, new: np.ndarray, scores: bool) -> None:
+        if ref.shape != new.shape:
+            raise ValueError(f"shape {new.shape} differs from the original {ref.shape}")
+        self.n += ref.shape[0] if ref.ndim else 1
+        if ref.dtype.kind in "iub":
+            self.top_hits += int(np.sum(ref == new))
+            self.top_n += ref.size
+            return
+        r, c = ref.astype(np.float64), new.astype(np.float64)
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(r - c))) if r.size else 0.0)
+        self.diff2 += float(np.sum((r - c) ** 2))
+        self.ref2 += float(np.sum(r * r))
+        rows_r = r.reshape(r.shape[0], -1) if r.ndim > 1 else r.reshape(1, -1)
+        rows_c = c.reshape(rows_r.shape)
+        nr, nc = np.linalg.norm(rows_r, axis=1), np.linalg.norm(rows_c, axis=1)
+        both_zero = (nr == 0) & (nc == 0)
+        cos = np.where(both_zero, 1.0, np.sum(rows_r * rows_c, axis=1) / np.maximum(nr * nc, 1e-300))
+        self.cos_sum += float(np.sum(cos))
+        self.cos_n += len(cos)
+        if scores and r.ndim >= 1:
+            self.top_hits += int(np.sum(np.argmax(r, axis=-1) == np.argmax(c, axis=-1)))
+            self.top_n += int(np.prod(r.shape[:-1], dtype=np.int64))
+
+    def result(self, name: str, integer: bool) -> Agreement:
+        top1 = self.top_hits / self.top_n if self.top_n else None
+        if integer:
+            return Agreement(name, self.n, 0.0, 0.0, None, top1)
+        rel = float(np.sqrt(self.diff2 / self.ref2)) if self.ref2 > 0 else float(np.sqrt(self.diff2))
+        return Agreement(name, self.n, self.max_abs, rel, self.cos_sum / max(self.cos_n, 1), top1)
+
+
+def validate(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds, *, scores: set[str],
+             progress: Progress | None = None) -> tuple[Agreement, ...]:
+    """Agreement of every graph output of `compressed` with `original` on `feeds`."""
+    names = [vi.name for vi in original.graph.output]
+    a, b = make_session(original), make_session(compressed)
+    tallies = {n: _Tally() for n in names}
+    integer = {}
+    total = getattr(feeds, "feeds", None)
+    for k, feed in enumerate(feeds):
+        ref = run(a, names, feed, f"validation feed {k} (original model)")
+        new = run(b, names, feed, f"validation feed {k} (compressed model)")
+        for name, r, c in zip(names, ref, new):
+            integer[name] = r.dtype.kind in "iub"
+            tallies[name].add(np.asarray(r), np.asarray(c), name in scores)
+        if progress:
+            progress("validate", k + 1, total)
+    return tuple(tallies[n].result(n, integer.get(n, False)) for n in names)
