@@ -237,7 +237,7 @@ def _check_weights(g: GraphIndex, drafts: list[_Draft]) -> None:
             other = g.key(min(readers - editors))
             reason = f"weight {name!r} is shared with node {other} outside the group"
         elif any(len(owners) > 1 for owners in per_axis.values()):
-            reason = f"weight {name!r} is edited by two groups along one axis"
+            reason = f"weight {name!r} is shared by two groups editing one axis"
         elif len(editors) > 1 and len(per_axis) > 1:
             reason = f"weight {name!r} is shared by nodes that edit it differently"
         if reason:

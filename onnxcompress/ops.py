@@ -67,10 +67,12 @@ class Member:
     axis: int
     spatial: int = 1
     source: str = ""
+    source_axis: int = 0
 
     def __post_init__(self):
         if not self.source:
             object.__setattr__(self, "source", self.tensor)
+            object.__setattr__(self, "source_axis", self.axis)
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,7 @@ class Unary(Handler):
         stop = _unused_extra_outputs(g, i)
         if stop:
             return stop
-        return Through(outputs=(Member(g.nodes[i].output[0], m.axis, m.spatial, m.source),),
+        return Through(outputs=(Member(g.nodes[i].output[0], m.axis, m.spatial, m.source, m.source_axis),),
                        edits=tuple(edits))
 
 
@@ -213,7 +215,7 @@ class Conv(Handler):
             return Stop("Conv does not read the channel axis as its input channels")
         group = g.attr(i, "group", 1)
         if group == 1 and w.shape[1] == channels:
-            return Exit((Mix(node.input[1], 1, 1, m.source, i),), m.source, m.axis)
+            return Exit((Mix(node.input[1], 1, 1, m.source, i),), m.source, m.source_axis)
         if group == channels and w.shape[0] == channels and w.shape[1] == 1:
             edits = [Slice(node.input[1], 0, i), SetAttr(i, "group")]
             if len(node.input) > 2 and node.input[2]:
@@ -248,7 +250,7 @@ class Gemm(Handler):
         axis = 1 if g.attr(i, "transB", 0) else 0
         if m.axis != -1 or b.shape[axis] != channels * m.spatial:
             return Stop("Gemm's weight does not match the channels")
-        return Exit((Mix(node.input[1], axis, m.spatial, m.source, i),), m.source, m.axis)
+        return Exit((Mix(node.input[1], axis, m.spatial, m.source, i),), m.source, m.source_axis)
 
 
 class MatMul(Handler):
@@ -268,7 +270,7 @@ class MatMul(Handler):
             return Stop("MatMul multiplies the channels with another activation")
         if m.axis != -1 or w.shape[0] != channels * m.spatial:
             return Stop("MatMul's weight does not match the channels")
-        return Exit((Mix(node.input[1], 0, m.spatial, m.source, i),), m.source, m.axis)
+        return Exit((Mix(node.input[1], 0, m.spatial, m.source, i),), m.source, m.source_axis)
 
 
 class Gather(Handler):
@@ -398,7 +400,8 @@ class Flatten(Handler):
         spatial = shape[c + 1:]
         if any(d is None for d in spatial):
             return Stop("Flatten of unknown spatial size")
-        return Through(outputs=(Member(g.nodes[i].output[0], -1, int(np.prod(spatial, dtype=np.int64)), m.source),))
+        flat = int(np.prod(spatial, dtype=np.int64))
+        return Through(outputs=(Member(g.nodes[i].output[0], -1, flat, m.source if flat > 1 else "", m.axis),))
 
 
 class Reshape(Handler):
@@ -435,7 +438,7 @@ class Reshape(Handler):
         elif not (entry == -1 or (entry == 0 and same_axis)):
             return Stop("Reshape target does not name the channels")
         source = m.source if spatial > 1 else ""
-        return Through(outputs=(Member(node.output[0], j - rank, spatial, source),), edits=edits)
+        return Through(outputs=(Member(node.output[0], j - rank, spatial, source, m.axis),), edits=edits)
 
 
 class Squeeze(Handler):

@@ -57,7 +57,7 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, analysis: Analysis, plan: Pla
         original = inits[name]
         new = numpy_helper.from_array(value.astype(numpy_helper.to_array(original).dtype, copy=False), name)
         original.CopyFrom(new)
-    _drop_value_info(out.graph, changed)
+    _drop_value_info(out.graph, changed | set(values))
     return out
 
 

@@ -1,0 +1,190 @@
+"""Tiny ONNX graphs built in code for the tests.
+
+Every builder takes `dup`: when true, the second half of the channels of each prunable group is
+an exact copy of the first half (producer filters, biases and per-channel parameters repeated),
+so pruning to half the width must reproduce the outputs to float precision.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class Builder:
+    def __init__(self, seed: int = 0, constant_nodes: bool = False):
+        self.rng = np.random.default_rng(seed)
+        self.nodes, self.inits = [], []
+        self.constant_nodes = constant_nodes
+        self._n = 0
+
+    def name(self, base: str) -> str:
+        self._n += 1
+        return f"{base}_{self._n}"
+
+    def const(self, base: str, value) -> str:
+        name = self.name(base)
+        value = np.asarray(value)
+        if self.constant_nodes:
+            self.nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name)))
+        else:
+            self.inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def weight(self, base: str, shape, dup_axis: int | None = None, scale: float | None = None) -> str:
+        w = self.random(shape, dup_axis, scale)
+        return self.const(base, w)
+
+    def random(self, shape, dup_axis=None, scale=None):
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        w = self.rng.standard_normal(shape) * (scale if scale is not None else 1 / np.sqrt(fan_in))
+        if dup_axis is not None:
+            half = shape[dup_axis] // 2
+            src = np.take(w, range(half), axis=dup_axis)
+            idx = [slice(None)] * len(shape)
+            idx[dup_axis] = slice(half, 2 * half)
+            w[tuple(idx)] = src
+        return w.astype(np.float32)
+
+    def op(self, op_type: str, inputs, n_out: int = 1, name: str | None = None, **attrs):
+        outs = [self.name(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name or self.name(op_type), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def bn(self, x: str, c: int, dup: bool) -> str:
+        d = 0 if dup else None
+        scale = self.const("bn_scale", 1 + 0.1 * self.random((c,), d, 1.0))
+        bias = self.const("bn_bias", 0.1 * self.random((c,), d, 1.0))
+        mean = self.const("bn_mean", 0.1 * self.random((c,), d, 1.0))
+        var = self.const("bn_var", (1 + 0.1 * np.abs(self.random((c,), d, 1.0))).astype(np.float32))
+        return self.op("BatchNormalization", [x, scale, bias, mean, var])
+
+    def model(self, inputs, outputs, opset: int = 17) -> onnx.ModelProto:
+        ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs]
+        outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs]
+        for vi in outs:
+            vi.type.tensor_type.ClearField("shape")
+        graph = helper.make_graph(self.nodes, "test", ins, outs, initializer=self.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        m.ir_version = 8
+        m = onnx.shape_inference.infer_shapes(m)
+        onnx.checker.check_model(m, full_check=True)
+        return m
+
+
+def mlp(dup: bool = False, hidden_output: bool = False, shared: bool = False) -> onnx.ModelProto:
+    """x[N,16] -> Gemm 32 -> Relu -> Gemm 24 -> Relu -> Gemm 10. With dup, the second half of
+    each hidden layer copies the first (ReLU keeps them copies); with hidden_output the first hidden activation is
+    also a graph output; with shared the two hidden Gemms share one weight (32x32 both)."""
+    b = Builder(1)
+    d = 0 if dup else None
+    w1 = b.weight("w1", (32, 16), d)
+    h = b.op("Relu", [b.op("Gemm", ["x", w1, b.weight("b1", (32,), d, 0.1)], transB=1, name="fc1")])
+    if shared:
+        w2 = b.weight("w2", (32, 32))
+        h2 = b.op("Relu", [b.op("Gemm", [h, w2], transB=1, name="fc2")])
+        h2 = b.op("Relu", [b.op("Gemm", [h2, w2], transB=1, name="fc2b")])
+        width = 32
+    else:
+        w2 = b.weight("w2", (24, 32), d)
+        h2 = b.op("Relu", [b.op("Gemm", [h, w2, b.weight("b2", (24,), d, 0.1)], transB=1, name="fc2")])
+        width = 24
+    y = b.op("Gemm", [h2, b.weight("w3", (10, width)), b.weight("b3", (10,), None, 0.1)], transB=1, name="fc3")
+    outs = [y, h] if hidden_output else [y]
+    return b.model([("x", ["N", 16])], outs)
+
+
+def gelu_ffn(dup: bool = False, use_gelu_op: bool = False) -> onnx.ModelProto:
+    """x[B,S,16] -> MatMul 32 -> Add b -> GELU (the Div-Erf-Add-Mul-Mul pattern of a PyTorch
+    export, or a Gelu node at opset 20) -> MatMul 16 -> Add b -> Add x (residual)."""
+    b = Builder(2)
+    d = 1 if dup else None
+    h = b.op("Add", [b.op("MatMul", ["x", b.weight("w1", (16, 32), d, 0.3)], name="ffn.fc1"),
+                     b.const("b1", b.random((32,), 0 if dup else None, 0.1))])
+    if use_gelu_op:
+        a = b.op("Gelu", [h])
+    else:
+        e = b.op("Erf", [b.op("Div", [h, b.const("sqrt2", np.float32(np.sqrt(2)))])])
+        a = b.op("Mul", [b.op("Mul", [h, b.op("Add", [e, b.const("one", np.float32(1))])]), b.const("half", np.float32(0.5))])
+    y = b.op("Add", [b.op("MatMul", [a, b.weight("w2", (32, 16), None, 0.2)], name="ffn.fc2"), b.const("b2", b.random((16,), None, 0.1))])
+    return b.model([("x", ["B", "S", 16])], [b.op("Add", [y, "x"])], opset=20 if use_gelu_op else 17)
+
+
+def conv_bn_relu(dup: bool = False, constant_nodes: bool = False) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv 8 (3x3) -> BN -> Relu -> Conv 6 (3x3) -> BN -> Relu -> Conv 4 (1x1)."""
+    b = Builder(3, constant_nodes)
+    d = 0 if dup else None
+    h = b.op("Relu", [b.bn(b.op("Conv", ["x", b.weight("c1", (8, 3, 3, 3), d), b.weight("c1b", (8,), d, 0.1)],
+                                pads=[1, 1, 1, 1], name="conv1"), 8, dup)])
+    h = b.op("Relu", [b.bn(b.op("Conv", [h, b.weight("c2", (6, 8, 3, 3), d)], pads=[1, 1, 1, 1], name="conv2"), 6, dup)])
+    y = b.op("Conv", [h, b.weight("c3", (4, 6, 1, 1))], name="conv3")
+    return b.model([("x", ["N", 3, 8, 8])], [y])
+
+
+def depthwise(dup: bool = False) -> onnx.ModelProto:
+    """x[N,4,8,8] -> Conv 1x1 8 -> BN -> HardSwish -> depthwise 3x3 -> BN -> HardSwish -> Conv 1x1 4."""
+    b = Builder(4)
+    d = 0 if dup else None
+    h = b.op("HardSwish", [b.bn(b.op("Conv", ["x", b.weight("pw", (8, 4, 1, 1), d)], name="pw1"), 8, dup)])
+    h = b.op("Conv", [h, b.weight("dw", (8, 1, 3, 3), d), b.weight("dwb", (8,), d, 0.1)], group=8, pads=[1, 1, 1, 1], name="dw")
+    h = b.op("HardSwish", [b.bn(h, 8, dup)])
+    return b.model([("x", ["N", 4, 8, 8])], [b.op("Conv", [h, b.weight("pw2", (4, 8, 1, 1))], name="pw2")])
+
+
+def squeeze_excite(dup: bool = False) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv 8 -> HardSwish = a; gate = HardSigmoid(Conv 8 (Relu(Conv 2 (GAP a))));
+    Conv 1x1 4 (a * gate)."""
+    b = Builder(5)
+    d = 0 if dup else None
+    a = b.op("HardSwish", [b.op("Conv", ["x", b.weight("c1", (8, 3, 3, 3), d)], pads=[1, 1, 1, 1], name="conv1")])
+    s = b.op("Relu", [b.op("Conv", [b.op("GlobalAveragePool", [a]), b.weight("se1", (2, 8, 1, 1), d), b.weight("se1b", (2,), d, 0.1)], name="se.reduce")])
+    gate = b.op("HardSigmoid", [b.op("Conv", [s, b.weight("se2", (8, 2, 1, 1), d), b.weight("se2b", (8,), d, 0.1)], name="se.expand")])
+    y = b.op("Conv", [b.op("Mul", [a, gate]), b.weight("c2", (4, 8, 1, 1))], name="conv2")
+    return b.model([("x", ["N", 3, 8, 8])], [y])
+
+
+def residual(dup: bool = False) -> onnx.ModelProto:
+    """x -> Conv 8 -> BN -> Relu = h; r = BN(Conv 8 3x3 (h)); Relu(h + r) -> Conv 1x1 4."""
+    b = Builder(6)
+    d = 0 if dup else None
+    h = b.op("Relu", [b.bn(b.op("Conv", ["x", b.weight("c1", (8, 3, 3, 3), d)], pads=[1, 1, 1, 1], name="conv1"), 8, dup)])
+    r = b.bn(b.op("Conv", [h, b.weight("c2", (8, 8, 3, 3), d)], pads=[1, 1, 1, 1], name="conv2"), 8, dup)
+    y = b.op("Conv", [b.op("Relu", [b.op("Add", [r, h])]), b.weight("c3", (4, 8, 1, 1))], name="conv3")
+    return b.model([("x", ["N", 3, 8, 8])], [y])
+
+
+def flatten_gemm(dup: bool = False, reshape: bool = False) -> onnx.ModelProto:
+    """x[N,3,4,4] -> Conv 8 (3x3) -> Relu -> Flatten (or Reshape [0, 128]) -> Gemm 10."""
+    b = Builder(7)
+    d = 0 if dup else None
+    h = b.op("Relu", [b.op("Conv", ["x", b.weight("c1", (8, 3, 3, 3), d)], pads=[1, 1, 1, 1], name="conv1")])
+    if reshape:
+        f = b.op("Reshape", [h, b.const("shape", np.array([0, 128], dtype=np.int64))])
+    else:
+        f = b.op("Flatten", [h], axis=1)
+    y = b.op("Gemm", [f, b.weight("fc", (10, 128)), b.weight("fcb", (10,), None, 0.1)], transB=1, name="fc")
+    return b.model([("x", ["N", 3, 4, 4])], [y])
+
+
+def layernorm_after(dup: bool = False) -> onnx.ModelProto:
+    """x[N,16] -> Gemm 32 -> LayerNormalization -> Gemm 8: the channels are normalized together."""
+    b = Builder(8)
+    h = b.op("Gemm", ["x", b.weight("w1", (32, 16))], transB=1, name="fc1")
+    h = b.op("LayerNormalization", [h, b.const("g", np.ones(32, np.float32)), b.const("b", np.zeros(32, np.float32))], axis=-1)
+    return b.model([("x", ["N", 16])], [b.op("Gemm", [h, b.weight("w2", (8, 32))], transB=1, name="fc2")])
+
+
+BUILDERS = {
+    "mlp": (mlp, [("x", (16,))]),
+    "gelu_ffn": (gelu_ffn, [("x", (5, 16))]),
+    "conv_bn_relu": (conv_bn_relu, [("x", (3, 8, 8))]),
+    "depthwise": (depthwise, [("x", (4, 8, 8))]),
+    "squeeze_excite": (squeeze_excite, [("x", (3, 8, 8))]),
+    "residual": (residual, [("x", (3, 8, 8))]),
+    "flatten_gemm": (flatten_gemm, [("x", (3, 4, 4))]),
+}
+
+
+def sample_inputs(spec, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal((n, *shape)).astype(np.float32) for name, shape in spec}
