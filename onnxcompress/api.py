@@ -49,8 +49,9 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     (`config.holdout`) of `calib` is used. With `plan`, its decisions are applied as they are
     (calibration is skipped; data is still used for validation).
 
-    Raises `AgreementError` (exit code 3) when `config.min_agreement` is not met; the output is
-    then not written unless `config.keep_failed`.
+    Raises `AgreementError` (exit code 3, carrying the report) when `config.min_agreement` is not
+    met; the output is then not written, unless `config.keep_failed`, in which case it is written
+    first and the error still raised.
     """
     config = config or Config()
     src = Path(model)
@@ -90,6 +91,8 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     report.output = str(out)
     report.file_size["after"] = sum(p.stat().st_size for p in written)
     report.seconds = timer.seconds
+    if report.gate and not report.gate["passed"]:
+        raise AgreementError(report.gate["message"] + " (output kept: --keep-failed)", report)
     return report
 
 

@@ -1,0 +1,102 @@
+"""The ID maths and the streamed statistics, against direct computations."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxcompress.calibrate import GramAccumulator
+from onnxcompress.interpolate import (best_residual, interpolation_matrix, pivot_order, relative_error,
+                                      selection_matrix)
+
+
+def low_rank(rows=200, channels=12, rank=5, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((rows, rank)) @ rng.standard_normal((rank, channels))
+
+
+def schur_trace(g, s):
+    s = list(s)
+    if not s:
+        return float(np.trace(g))
+    return float(np.trace(g - g[:, s] @ np.linalg.solve(g[np.ix_(s, s)], g[s, :])))
+
+
+def test_residual_curve_matches_schur_complements():
+    z = np.random.default_rng(1).standard_normal((300, 10)) * np.arange(1, 11)
+    g = z.T @ z
+    order, residual = pivot_order(g)
+    assert sorted(order) == list(range(10))
+    for k in range(11):
+        assert residual[k] == pytest.approx(schur_trace(g, order[:k]), rel=1e-8, abs=1e-8 * np.trace(g))
+    assert np.all(np.diff(residual) <= 1e-9)
+
+
+def test_first_pivot_is_the_largest_column():
+    z = np.random.default_rng(2).standard_normal((100, 6))
+    z[:, 3] *= 10
+    order, _ = pivot_order(z.T @ z)
+    assert order[0] == 3
+
+
+def test_exact_for_a_low_rank_activation():
+    z = low_rank(rank=5)
+    g = z.T @ z
+    order, residual = pivot_order(g)
+    assert residual[5] < 1e-9 * residual[0]
+    keep = np.sort(order[:5])
+    t = interpolation_matrix(g, keep)
+    np.testing.assert_allclose(z[:, keep] @ t, z, atol=1e-8 * np.abs(z).max())
+    np.testing.assert_array_equal(t[:, keep], np.eye(5))
+
+
+def test_dead_and_duplicated_channels():
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((100, 4))
+    z = np.concatenate([base, np.zeros((100, 2)), base[:, :2] * 3.0], axis=1)  # 4 live, 2 dead, 2 copies
+    g = z.T @ z
+    order, residual = pivot_order(g)
+    assert not set(order[:4]) & {4, 5}  # dead channels are never picked
+    assert residual[4] < 1e-10 * residual[0]
+    keep = np.sort(order[:4])
+    t = interpolation_matrix(g, keep)
+    np.testing.assert_allclose(z[:, keep] @ t, z, atol=1e-9)
+    np.testing.assert_allclose(t[:, 4:6], 0.0, atol=1e-12)
+    t = interpolation_matrix(g, np.arange(4))  # copies are rebuilt from their originals
+    np.testing.assert_allclose(t[:2, 6:], 3.0 * np.eye(2), atol=1e-9)
+
+
+def test_interpolation_is_least_squares():
+    z = np.random.default_rng(4).standard_normal((80, 7))
+    keep = np.array([0, 2, 5])
+    t = interpolation_matrix(z.T @ z, keep, ridge=0.0)
+    direct = np.linalg.lstsq(z[:, keep], z, rcond=None)[0]
+    np.testing.assert_allclose(t, direct, atol=1e-8)
+
+
+def test_selection_never_beats_the_best_rank_k():
+    z = np.random.default_rng(5).standard_normal((200, 9)) @ np.diag(np.linspace(3, 0.1, 9))
+    g = z.T @ z
+    _, residual = pivot_order(g)
+    best = best_residual(g)
+    assert np.all(best <= residual + 1e-9)
+    assert best[0] == pytest.approx(np.trace(g))
+
+
+def test_relative_error_and_selection_matrix():
+    assert relative_error(np.array([4.0, 1.0, 0.0])).tolist() == [1.0, 0.5, 0.0]
+    t = selection_matrix(4, np.array([1, 3]))
+    np.testing.assert_array_equal(t, [[0, 1, 0, 0], [0, 0, 0, 1]])
+
+
+def test_gram_accumulator_streams_to_the_direct_result():
+    rng = np.random.default_rng(6)
+    blocks = [rng.standard_normal((n, 5)).astype(np.float32) for n in (3, 50, 1, 17)]
+    acc = GramAccumulator(5)
+    for b in blocks:
+        acc.add(b)
+    stats = acc.result()
+    z = np.concatenate(blocks).astype(np.float64)
+    np.testing.assert_allclose(stats.gram, z.T @ z, rtol=1e-12)
+    np.testing.assert_allclose(stats.sums, z.sum(0), rtol=1e-12)
+    assert stats.rows == len(z)
+    np.testing.assert_array_equal(stats.gram, stats.gram.T)
