@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 
 from . import data as data_mod
-from .calibrate import Progress, calibrate, make_session, run
+from .calibrate import Progress, calibrate, make_session, observed_shapes, run
 from .config import Config
 from .cost import cost_items, count_params, node_flops
 from .decide import Budget, decide
@@ -66,13 +66,12 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
         specs = data_mod.input_specs(norm)
         calib_src, val_src = _sources(calib, val, specs, config, report)
         first = next(iter(calib_src))
-        g = GraphIndex(norm, static_shapes(norm, {k: v.shape for k, v in first.items()}))
+        g = GraphIndex(norm, *shapes_at(norm, first))
     with timer("find"):
         analysis = find_groups(g, exclude=config.exclude)
     if plan is None:
         with timer("calibrate"):
-            stats = calibrate(norm, _exit_tensors(analysis), calib_src, types=_weight_types(g, analysis),
-                              progress=progress)
+            stats = calibrate(norm, _exit_tensors(analysis), calib_src, types=g.types, progress=progress)
         with timer("decide"):
             plan = decide(g, analysis, stats, config, _budget(norm, g, analysis))
     with timer("rewrite"):
@@ -120,13 +119,14 @@ def _exit_tensors(analysis: Analysis) -> dict[str, tuple[int, int]]:
     return {e.tensor: (e.axis, grp.channels) for grp in analysis.groups for e in grp.exits}
 
 
-def _weight_types(g: GraphIndex, analysis: Analysis) -> dict[str, int]:
-    """Element type of each exit tensor: the type of the consumer weights that read it."""
-    types = {}
-    for grp in analysis.groups:
-        for mix in grp.mixes():
-            types[mix.source] = g.initializers[mix.tensor].data_type
-    return types
+def shapes_at(model: onnx.ModelProto, feed: dict) -> tuple[dict, dict]:
+    """(shapes, types) of every tensor for `feed`: shape inference, then one ONNX Runtime run for
+    the node outputs whose shapes inference left open."""
+    shapes, types = static_shapes(model, {k: v.shape for k, v in feed.items()})
+    open_ = [o for node in model.graph.node for o in node.output
+             if o and (shapes.get(o) is None or None in shapes[o])]
+    shapes.update(observed_shapes(model, feed, open_, types))
+    return shapes, types
 
 
 def _budget(model: onnx.ModelProto, g: GraphIndex, analysis: Analysis) -> Budget:
@@ -145,7 +145,7 @@ def _smoke_test(model: onnx.ModelProto, feed: dict) -> None:
 
 
 def _fill(report: Report, original, new, g: GraphIndex, analysis: Analysis, plan: Plan, agreement, first) -> None:
-    after = GraphIndex(new, static_shapes(new, {k: v.shape for k, v in first.items()}))
+    after = GraphIndex(new, *shapes_at(new, first))
     report.params = {"before": count_params(original), "after": count_params(new)}
     report.flops = {"before": sum(node_flops(g).values()), "after": sum(node_flops(after).values()),
                     "at_input_shapes": {k: list(v.shape) for k, v in first.items()}}

@@ -105,6 +105,20 @@ def run(session: ort.InferenceSession, names: list[str], feed: dict, where: str)
         raise DataError(f"run: ONNX Runtime failed on {where} ({str(e).splitlines()[0][:300]})") from e
 
 
+def observed_shapes(model: onnx.ModelProto, feed: dict, names: list[str], types: dict[str, int]) -> dict:
+    """Shapes of `names` seen when ONNX Runtime runs `feed` (fills what shape inference left
+    open; tensors of unknown element type are not asked for)."""
+    names = [n for n in names if types.get(n)]
+    if not names:
+        return {}
+    try:
+        values = make_session(model, names, types).run(names, feed)
+    except Exception as e:
+        log.warning("normalize: could not observe intermediate shapes (%s)", str(e).splitlines()[0][:200])
+        return {}
+    return {n: tuple(v.shape) for n, v in zip(names, values)}
+
+
 def calibrate(model: onnx.ModelProto, tensors: dict[str, tuple[int, int]], feeds,
               *, types: dict[str, int] | None = None, progress: Progress | None = None) -> dict[str, Stats]:
     """Stream `feeds` through `model` and return the statistics of each tensor.

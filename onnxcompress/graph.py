@@ -21,11 +21,13 @@ class GraphIndex:
     display name (the node's name, or `<OpType #i>` for unnamed or duplicate-named nodes).
     """
 
-    def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple] | None = None):
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple] | None = None,
+                 types: dict[str, int] | None = None):
         self.model = model
         self.graph = model.graph
         self.nodes = list(self.graph.node)
         self.shapes = shapes or {}
+        self.types = types or {}
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for i, node in enumerate(self.nodes):

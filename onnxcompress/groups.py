@@ -92,7 +92,7 @@ def find_groups(g: GraphIndex, *, exclude: str | None = None) -> Analysis:
             drafts.append(draft)
         elif isinstance(result, str):
             skipped.append(Skipped(g.key(i), node.op_type, result))
-        elif node.op_type in LINEAR_OPS and not _is_depthwise(g, i):
+        elif node.op_type in LINEAR_OPS and node.op_type != "Gather" and not _is_depthwise(g, i):
             skipped.append(Skipped(g.key(i), node.op_type, "not a channel producer"))
     merged = _merge(g, drafts)
     _check_weights(g, merged)

@@ -117,26 +117,33 @@ def _subgraph_inputs(node: onnx.NodeProto) -> list[str]:
     return names
 
 
-def static_shapes(model: onnx.ModelProto, feed_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
-    """Shapes of every tensor of the main graph when fed inputs of `feed_shapes`.
+def static_shapes(model: onnx.ModelProto, feed_shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dict]:
+    """Shapes and element types of the tensors of the main graph for inputs of `feed_shapes`.
 
-    Returns name -> tuple whose entries are ints, or None for a dimension inference could not
-    fix. Tensors inference knows nothing about are absent. Never raises: a model that defeats
-    shape inference yields only the initializer and input shapes.
+    Returns (shapes, types): name -> tuple whose entries are ints, or None for a dimension
+    inference could not fix; name -> TensorProto element type. Tensors inference knows nothing
+    about are absent. Never raises: a model that defeats shape inference yields only the
+    initializer and input shapes.
     """
     skeleton = _skeleton(model, feed_shapes)
     shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
     shapes.update({k: tuple(v) for k, v in feed_shapes.items()})
+    types = {init.name: init.data_type for init in model.graph.initializer}
+    types.update({vi.name: vi.type.tensor_type.elem_type for vi in model.graph.input})
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception as e:  # custom ops, broken value_info, ...
         log.warning("normalize: shape inference failed (%s); continuing without shapes", str(e).splitlines()[0])
-        return shapes
+        return shapes, types
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            dims = vi.type.tensor_type.shape.dim
-            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
-    return shapes
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            continue
+        if tt.elem_type:
+            types[vi.name] = tt.elem_type
+        if tt.HasField("shape"):
+            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+    return shapes, types
 
 
 def _skeleton(model: onnx.ModelProto, feed_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:

@@ -277,7 +277,9 @@ class Gather(Handler):
     def produce(self, g, i):
         node = g.nodes[i]
         table = g.const(node.input[0])
-        if table is None or table.ndim != 2 or g.attr(i, "axis", 0) != 0:
+        if table is None or table.dtype.kind != "f":
+            return None  # indexing a shape or an activation: not a layer
+        if table.ndim != 2 or g.attr(i, "axis", 0) != 0:
             return "not an embedding lookup in a constant table"
         if g.const(node.input[1]) is not None:
             return "constant indices"
@@ -502,6 +504,16 @@ class ShapeOf(Handler):
         return Through()
 
 
+class Mixes(Handler):
+    """Ops known to combine channels non-linearly: the group stops with a precise reason."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+    def consume(self, g, i, pos, m, channels):
+        return Stop(f"{g.nodes[i].op_type} {self.why}")
+
+
 UNARY_OPS = ("Relu LeakyRelu PRelu Sigmoid HardSigmoid HardSwish Tanh Erf Gelu Softplus Elu Selu "
              "Celu Mish Softsign ThresholdedRelu Identity Abs Neg Exp Log Sqrt Reciprocal Sin Cos "
              "Floor Ceil Round Sign Clip Dropout Cast Swish").split()
@@ -517,4 +529,7 @@ HANDLERS: dict[str, Handler] = {
     "Transpose": Transpose(), "Resize": Resize(), "Upsample": Resize(), "Softmax": Softmax(),
     "LogSoftmax": Softmax(), "Flatten": Flatten(), "Reshape": Reshape(), "Squeeze": Squeeze(),
     "Unsqueeze": Squeeze(), "Concat": Concat(), "Shape": ShapeOf(),
+    **{op: Mixes("normalizes across the channels") for op in
+       "LayerNormalization GroupNormalization LpNormalization MeanVarianceNormalization".split()},
+    **{op: Mixes("mixes the channels") for op in "ConvTranspose LSTM GRU RNN Einsum".split()},
 }
