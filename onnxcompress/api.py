@@ -71,7 +71,8 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
         analysis = find_groups(g, exclude=config.exclude)
     if plan is None:
         with timer("calibrate"):
-            stats = calibrate(norm, _exit_tensors(analysis), calib_src, types=g.types, progress=progress)
+            stats = calibrate(norm, _exit_tensors(analysis), calib_src, types=g.types, progress=progress,
+                              max_rows=config.max_rows, seed=config.seed)
         with timer("decide"):
             plan = decide(g, analysis, stats, config, _budget(norm, g, analysis))
     with timer("rewrite"):
@@ -146,7 +147,7 @@ def _smoke_test(model: onnx.ModelProto, feed: dict) -> None:
 
 def _fill(report: Report, original, new, g: GraphIndex, analysis: Analysis, plan: Plan, agreement, first) -> None:
     after = GraphIndex(new, *shapes_at(new, first))
-    report.params = {"before": count_params(original), "after": count_params(new)}
+    report.params = {"before": count_params(g.model), "after": count_params(new)}
     report.flops = {"before": sum(node_flops(g).values()), "after": sum(node_flops(after).values()),
                     "at_input_shapes": {k: list(v.shape) for k, v in first.items()}}
     report.file_size = {"before": os.path.getsize(report.input)}

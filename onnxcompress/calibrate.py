@@ -119,11 +119,25 @@ def observed_shapes(model: onnx.ModelProto, feed: dict, names: list[str], types:
     return {n: tuple(v.shape) for n, v in zip(names, values)}
 
 
+def channel_rows(value: np.ndarray, axis: int, max_rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Z (rows x C): every position of `value` but the channel axis, as rows. With more than
+    `max_rows` positions (large feature maps), a uniform random subset of `max_rows` of them
+    (without replacement), gathered without copying the whole tensor; max_rows=0 keeps all."""
+    v = np.moveaxis(value, axis, -1)
+    rows = int(np.prod(v.shape[:-1], dtype=np.int64))
+    if not max_rows or rows <= max_rows:
+        return v.reshape(rows, v.shape[-1])
+    pick = np.sort(rng.choice(rows, size=max_rows, replace=False))
+    return v[np.unravel_index(pick, v.shape[:-1])]
+
+
 def calibrate(model: onnx.ModelProto, tensors: dict[str, tuple[int, int]], feeds,
-              *, types: dict[str, int] | None = None, progress: Progress | None = None) -> dict[str, Stats]:
+              *, types: dict[str, int] | None = None, progress: Progress | None = None,
+              max_rows: int = 0, seed: int = 0) -> dict[str, Stats]:
     """Stream `feeds` through `model` and return the statistics of each tensor.
 
-    tensors: name -> (negative channel axis, channel count).
+    tensors: name -> (negative channel axis, channel count). max_rows: cap on the rows taken
+    from one tensor of one feed (see `channel_rows`), 0 for all.
     """
     names = sorted(tensors)
     if not names:
@@ -131,12 +145,11 @@ def calibrate(model: onnx.ModelProto, tensors: dict[str, tuple[int, int]], feeds
     session = make_session(model, names, types)
     acc = {n: GramAccumulator(tensors[n][1]) for n in names}
     total = getattr(feeds, "feeds", None)
+    rng = np.random.default_rng(seed)
     for k, feed in enumerate(feeds):
         outs = run(session, names, feed, f"calibration feed {k}")
         for name, value in zip(names, outs):
-            axis, channels = tensors[name]
-            z = np.moveaxis(value, axis, -1).reshape(-1, channels)
-            acc[name].add(z)
+            acc[name].add(channel_rows(value, tensors[name][0], max_rows, rng))
         if progress:
             progress("calibrate", k + 1, total)
     return {n: a.result() for n, a in acc.items()}

@@ -58,6 +58,7 @@ class ProgressBar:
 @click.option("--min-agreement", type=float, help="Gate: every output must reach this (top-1 agreement for score outputs, cosine otherwise); exit 3 below it.")
 @click.option("--keep-failed", is_flag=True, help="Write the output even when the gate fails.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per run for array inputs.")
+@click.option("--max-rows", type=int, default=8192, show_default=True, help="Per feed and tensor, at most this many positions enter the statistics (0: all).")
 @click.option("--holdout", type=float, default=0.2, show_default=True, help="Share of --calib held out for validation when --val is not given.")
 @click.option("--save-plan", type=click.Path(dir_okay=False), help="Write the decisions (kept channels, interpolation matrices) as JSON.")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, exists=True), help="Apply a plan saved with --save-plan instead of calibrating.")
@@ -66,7 +67,7 @@ class ProgressBar:
 @click.option("-v", "--verbose", is_flag=True, help="More logging, and tracebacks on errors.")
 @click.version_option(package_name="onnxcompress")
 def main(model, output, calib, val, report_path, keep, tolerance, flops_target, params_target, min_keep,
-         select, method, exclude, min_agreement, keep_failed, batch_size, holdout, save_plan, plan_path,
+         select, method, exclude, min_agreement, keep_failed, batch_size, max_rows, holdout, save_plan, plan_path,
          force, quiet, verbose):
     """Compress MODEL.onnx into OUTPUT (default: MODEL.compressed.onnx beside it)."""
     logging.basicConfig(format="onnxcompress: %(levelname)s: %(message)s",
@@ -74,7 +75,7 @@ def main(model, output, calib, val, report_path, keep, tolerance, flops_target, 
     try:
         config = Config(keep=keep, tolerance=tolerance, flops_target=flops_target, params_target=params_target,
                         min_keep=min_keep, select=select, method=method, exclude=exclude,
-                        min_agreement=min_agreement, keep_failed=keep_failed, batch_size=batch_size,
+                        min_agreement=min_agreement, keep_failed=keep_failed, batch_size=batch_size, max_rows=max_rows,
                         holdout=holdout, force=force)
         plan = Plan.load(plan_path) if plan_path else None
         report = compress(model, output, config=config, calib=calib, val=val, plan=plan,

@@ -31,6 +31,8 @@ class Config:
     min_keep:        no group is shrunk below this fraction of its channels (budget modes).
     exclude:         regular expression; groups touching a node whose name matches are left alone.
     batch_size:      samples per ONNX Runtime run when the data is one array per input.
+    max_rows:        per feed and exit tensor, at most this many positions (rows of Z) enter the
+                     Gram, sampled uniformly with `seed` (large feature maps); 0 takes all.
     holdout:         share of the calibration data held out for validation when no `val` is given.
     ridge:           relative ridge added to G[S,S] before solving for the interpolation matrix.
     weighted:        weight Gram columns by the consumers' input-column norms before pivoting.
@@ -50,6 +52,7 @@ class Config:
     min_keep: float = 0.05
     exclude: str | None = None
     batch_size: int = 16
+    max_rows: int = 8192
     holdout: float = 0.2
     ridge: float = 1e-9
     weighted: bool = True
@@ -75,6 +78,8 @@ class Config:
             raise UsageError(f"tolerance must be in [0, 1), got {self.tolerance}")
         if not 0 <= self.holdout < 1:
             raise UsageError(f"holdout must be in [0, 1), got {self.holdout}")
+        if self.max_rows < 0:
+            raise UsageError(f"max_rows must be non-negative, got {self.max_rows}")
         if self.batch_size < 1:
             raise UsageError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.ridge < 0:

@@ -100,3 +100,16 @@ def test_gram_accumulator_streams_to_the_direct_result():
     np.testing.assert_allclose(stats.sums, z.sum(0), rtol=1e-12)
     assert stats.rows == len(z)
     np.testing.assert_array_equal(stats.gram, stats.gram.T)
+
+
+def test_channel_rows_caps_large_maps_with_real_positions():
+    from onnxcompress.calibrate import channel_rows
+    value = np.random.default_rng(7).standard_normal((2, 3, 10, 10)).astype(np.float32)
+    every = channel_rows(value, -3, 0, np.random.default_rng(0))
+    assert every.shape == (200, 3)
+    np.testing.assert_array_equal(every[0], value[0, :, 0, 0])
+    some = channel_rows(value, -3, 50, np.random.default_rng(0))
+    assert some.shape == (50, 3)
+    positions = {tuple(r) for r in every.tolist()}
+    assert all(tuple(r) in positions for r in some.tolist())
+    assert len({tuple(r) for r in some.tolist()}) == 50  # without replacement
