@@ -47,8 +47,8 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             continue
         tt = vi.type.tensor_type
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype(np.float32)
-        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim) \
-            if tt.HasField("shape") else None
+        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                      for d in tt.shape.dim) if tt.HasField("shape") else None
         specs.append(InputSpec(vi.name, dtype, shape))
     return specs
 

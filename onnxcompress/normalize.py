@@ -2,6 +2,8 @@
 
 * Constant nodes holding a tensor (every Paddle export keeps its weights there) become
   initializers of the same name, so a weight is always an initializer.
+* Small nodes whose inputs are all constants (a Reshape of a bias, a Cast, an Unsqueeze, ...)
+  are folded into initializers, so per-channel parameters look like constants.
 * Nodes are put in topological order.
 * `static_shapes` infers every tensor shape for one concrete feed, on a weightless skeleton of the
   model (large initializers replaced by typed graph inputs), so it works for any model size; where
@@ -33,7 +35,52 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     if n:
         log.info("normalize: %d Constant nodes became initializers", n)
     topological_sort(out.graph)
+    if out.ir_version >= 4:
+        folded = fold_constants(out.graph, _opset(out))
+        if folded:
+            log.info("normalize: %d nodes on constants folded", folded)
     return out
+
+
+FOLDABLE = set("Reshape Unsqueeze Squeeze Cast Transpose Identity Flatten Concat Add Sub Mul Div Neg "
+               "Sqrt Reciprocal Pow Abs Exp Log".split())
+FOLD_LIMIT = 2**20  # elements: larger results stay computed at run time
+
+
+def fold_constants(graph: onnx.GraphProto, opset: int) -> int:
+    """Replace FOLDABLE nodes whose inputs are all initializers (and whose outputs are not graph
+    outputs) by initializers holding their results. Returns the number of nodes folded."""
+    from onnx.reference import ReferenceEvaluator
+
+    values = {t.name: t for t in graph.initializer}
+    outputs = {vi.name for vi in graph.output}
+    keep, folded = [], 0
+    for node in graph.node:
+        inputs = [n for n in node.input if n]
+        if (node.op_type not in FOLDABLE or node.domain not in ("", "ai.onnx") or not inputs
+                or any(n not in values for n in inputs) or any(o in outputs for o in node.output)
+                or sum(np.prod(values[n].dims, dtype=np.int64) for n in inputs) > FOLD_LIMIT):
+            keep.append(node)
+            continue
+        try:
+            feed = {n: numpy_helper.to_array(values[n]) for n in inputs}
+            results = ReferenceEvaluator(node, opsets={"": opset}).run(None, feed)
+        except Exception:  # an op the reference cannot evaluate stays as it is
+            keep.append(node)
+            continue
+        for name, value in zip(node.output, results):
+            t = numpy_helper.from_array(np.asarray(value), name)
+            graph.initializer.append(t)
+            values[name] = t
+        folded += 1
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return folded
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def constants_to_initializers(graph: onnx.GraphProto, *, needs_input: bool = False) -> int:

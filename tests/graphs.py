@@ -174,6 +174,22 @@ def layernorm_after(dup: bool = False) -> onnx.ModelProto:
     return b.model([("x", ["N", 16])], [b.op("Gemm", [h, b.weight("w2", (8, 32))], transB=1, name="fc2")])
 
 
+def reshaped_bias(dup: bool = False, batch_dim=-1) -> onnx.ModelProto:
+    """Paddle's SE style: x[-1,3,8,8] -> Conv 8 -> Add(Reshape(Constant bias, [1,8,1,1])) -> Relu
+    -> Conv 4. The bias only looks per-channel once the Reshape of constants is folded; the
+    input declares its batch dimension as -1, as Paddle exports do."""
+    b = Builder(9, constant_nodes=True)
+    d = 0 if dup else None
+    h = b.op("Conv", ["x", b.weight("c1", (8, 3, 3, 3), d)], pads=[1, 1, 1, 1], name="conv1")
+    bias = b.op("Reshape", [b.const("bias", b.random((8,), d, 0.1)), b.const("shape", np.array([1, 8, 1, 1]))])
+    y = b.op("Conv", [b.op("Relu", [b.op("Add", [h, bias])]), b.weight("c2", (4, 8, 1, 1))], name="conv2")
+    m = b.model([("x", [1, 3, 8, 8])], [y])
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch_dim
+    del m.graph.value_info[:]
+    m.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    return m
+
+
 BUILDERS = {
     "mlp": (mlp, [("x", (16,))]),
     "gelu_ffn": (gelu_ffn, [("x", (5, 16))]),
@@ -182,6 +198,7 @@ BUILDERS = {
     "squeeze_excite": (squeeze_excite, [("x", (3, 8, 8))]),
     "residual": (residual, [("x", (3, 8, 8))]),
     "flatten_gemm": (flatten_gemm, [("x", (3, 4, 4))]),
+    "reshaped_bias": (reshaped_bias, [("x", (3, 8, 8))]),
 }
 
 
