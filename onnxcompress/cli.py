@@ -54,6 +54,7 @@ class ProgressBar:
 @click.option("--min-keep", type=float, default=0.05, show_default=True, help="Budget modes never shrink a group below this fraction.")
 @click.option("--select", type=click.Choice(SELECTIONS), default="id", show_default=True, help="id: interpolative decomposition with correction; norm: largest-norm channels, no correction (baseline).")
 @click.option("--method", type=click.Choice(METHODS), default="id", show_default=True)
+@click.option("--intercept/--no-intercept", default=True, show_default=True, help="Fold each kept tensor's mean correction into the consumers' biases where they have one.")
 @click.option("--exclude", help="Regular expression: groups touching a node whose name matches are left alone.")
 @click.option("--min-agreement", type=float, help="Gate: every output must reach this (top-1 agreement for score outputs, cosine otherwise); exit 3 below it.")
 @click.option("--keep-failed", is_flag=True, help="Write the output even when the gate fails.")
@@ -67,14 +68,14 @@ class ProgressBar:
 @click.option("-v", "--verbose", is_flag=True, help="More logging, and tracebacks on errors.")
 @click.version_option(package_name="onnxcompress")
 def main(model, output, calib, val, report_path, keep, tolerance, flops_target, params_target, min_keep,
-         select, method, exclude, min_agreement, keep_failed, batch_size, max_rows, holdout, save_plan, plan_path,
+         select, method, intercept, exclude, min_agreement, keep_failed, batch_size, max_rows, holdout, save_plan, plan_path,
          force, quiet, verbose):
     """Compress MODEL.onnx into OUTPUT (default: MODEL.compressed.onnx beside it)."""
     logging.basicConfig(format="onnxcompress: %(levelname)s: %(message)s",
                         level=logging.ERROR if quiet else (logging.INFO if verbose else logging.WARNING))
     try:
         config = Config(keep=keep, tolerance=tolerance, flops_target=flops_target, params_target=params_target,
-                        min_keep=min_keep, select=select, method=method, exclude=exclude,
+                        min_keep=min_keep, select=select, method=method, intercept=intercept, exclude=exclude,
                         min_agreement=min_agreement, keep_failed=keep_failed, batch_size=batch_size, max_rows=max_rows,
                         holdout=holdout, force=force)
         plan = Plan.load(plan_path) if plan_path else None

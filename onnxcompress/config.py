@@ -36,6 +36,8 @@ class Config:
     holdout:         share of the calibration data held out for validation when no `val` is given.
     ridge:           relative ridge added to G[S,S] before solving for the interpolation matrix.
     weighted:        weight Gram columns by the consumers' input-column norms before pivoting.
+    intercept:       fit Z ~ Z[:,S] T + 1 c0 and fold c0 into the consumers' biases where every
+                     consumer has one (no padding); off: the plain seed-000 ID.
     min_agreement:   the gate: every output must reach this agreement (top-1 for score outputs,
                      cosine otherwise); below it the output is not written and exit code is 3.
     keep_failed:     write the output even when the gate fails.
@@ -56,6 +58,7 @@ class Config:
     holdout: float = 0.2
     ridge: float = 1e-9
     weighted: bool = True
+    intercept: bool = True
     min_agreement: float | None = None
     keep_failed: bool = False
     force: bool = False

@@ -12,6 +12,11 @@ order and the error for every size at once; the size rule picks k:
   the model's total is at most R of the original or every group is at `min_keep`.
 
 Then, per exit tensor, T_e = G_e[S,S]^-1 G_e[S,:] (or the plain selection for `select="norm"`).
+
+Intercept (`intercept=True`, ID only): where every consumer of an exit tensor has a bias that can
+absorb a constant (see `ops.Shift`), the fit is Z ~ Z[:,S] T + 1 c0, least squares with an
+intercept: T from the centered Gram G - s s^T / n, c0 = mu - mu[S] T with mu = s / n, and
+pivoting also runs on the centered Gram (the mean of a channel then costs nothing to keep).
 """
 from __future__ import annotations
 
@@ -46,6 +51,8 @@ class Curve:
     group: Group
     gram: np.ndarray          # selection Gram (consumer-weighted, trace-normalized sum)
     weights: dict             # exit tensor -> consumer column norms D_e (C,)
+    grams: dict               # exit tensor -> the Gram fitted (centered where an intercept is used)
+    means: dict               # exit tensor -> channel means mu (C,), only where an intercept is used
     order: np.ndarray
     residual: np.ndarray      # residual[k] / residual[0], k = 0..C
 
@@ -60,12 +67,17 @@ def consumer_norms(g: GraphIndex, group: Group, source: str) -> np.ndarray:
     return np.sqrt(sq)
 
 
-def group_curve(g: GraphIndex, group: Group, stats: dict, weighted: bool) -> Curve:
+def group_curve(g: GraphIndex, group: Group, stats: dict, config: Config) -> Curve:
     gsel = np.zeros((group.channels, group.channels))
-    weights = {}
+    weights, grams, means = {}, {}, {}
     for e in group.exits:
-        gram = stats[e.tensor].gram
-        d = consumer_norms(g, group, e.tensor) if weighted else np.ones(group.channels)
+        st = stats[e.tensor]
+        gram = st.gram
+        if config.intercept and config.select == "id" and group.can_shift(e.tensor) and st.rows > 0:
+            means[e.tensor] = st.sums / st.rows
+            gram = gram - np.outer(st.sums, st.sums) / st.rows
+        grams[e.tensor] = gram
+        d = consumer_norms(g, group, e.tensor) if config.weighted else np.ones(group.channels)
         weights[e.tensor] = d
         part = gram * np.outer(d, d)
         tr = float(np.trace(part))
@@ -73,7 +85,7 @@ def group_curve(g: GraphIndex, group: Group, stats: dict, weighted: bool) -> Cur
             gsel += part / tr
     order, residual = pivot_order(gsel)
     norm = residual / residual[0] if residual[0] > 0 else residual
-    return Curve(group, gsel, weights, order, norm)
+    return Curve(group, gsel, weights, grams, means, order, norm)
 
 
 def norm_order(g: GraphIndex, group: Group) -> np.ndarray:
@@ -86,31 +98,35 @@ def norm_order(g: GraphIndex, group: Group) -> np.ndarray:
 
 
 def decide(g: GraphIndex, analysis: Analysis, stats: dict, config: Config, budget: Budget) -> Plan:
-    curves = [group_curve(g, grp, stats, config.weighted) for grp in analysis.groups]
+    curves = [group_curve(g, grp, stats, config) for grp in analysis.groups]
     sizes = choose_sizes(curves, config, budget)
     plans = []
     for curve in curves:
         grp, k = curve.group, sizes[curve.group.id]
         order = curve.order if config.select == "id" else norm_order(g, grp)
         keep = np.sort(order[:k])
-        interp = {}
+        interp, intercept = {}, {}
         for e in grp.exits:
-            gram = stats[e.tensor].gram
+            gram = curve.grams[e.tensor]
             interp[e.tensor] = (interpolation_matrix(gram, keep, config.ridge) if config.select == "id"
                                 else selection_matrix(grp.channels, keep))
-        err = selection_error(curve, stats, keep, interp)
+            if e.tensor in curve.means:
+                mu = curve.means[e.tensor]
+                intercept[e.tensor] = mu - mu[keep] @ interp[e.tensor]
+        err = selection_error(curve, keep, interp)
         best = best_residual(curve.gram)
         best_err = math.sqrt(max(best[k], 0.0) / best[0]) if best[0] > 0 else 0.0
-        plans.append(GroupPlan(grp.id, grp.channels, tuple(int(c) for c in keep), interp, err, best_err))
+        plans.append(GroupPlan(grp.id, grp.channels, tuple(int(c) for c in keep), interp, err, best_err,
+                               intercept))
     return Plan(config.method, config.select, tuple(plans))
 
 
-def selection_error(curve: Curve, stats: dict, keep: np.ndarray, interp: dict) -> float:
-    """Relative consumer-weighted error sqrt(sum_e ||(Z_e - Z_e[:,S] T_e) D_e||^2 / ||Z_e D_e||^2),
-    each exit normalized as in the selection Gram."""
+def selection_error(curve: Curve, keep: np.ndarray, interp: dict) -> float:
+    """Relative consumer-weighted error sqrt(mean_e ||(Z_e - Z_e[:,S] T_e) D_e||^2 / ||Z_e D_e||^2)
+    over the exits, on the Gram each exit fits (centered where an intercept is used)."""
     num = den = 0.0
     for tensor, t in interp.items():
-        gram, d = stats[tensor].gram, curve.weights[tensor]
+        gram, d = curve.grams[tensor], curve.weights[tensor]
         d2 = d * d
         total = float(np.dot(d2, np.diag(gram)))
         if total <= 0:

@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .graph import GraphIndex
-from .ops import HANDLERS, Exit, Member, Mix, Produce, SetAttr, ShapeEntry, Slice, Stop, Through
+from .ops import HANDLERS, Exit, Member, Mix, Produce, SetAttr, ShapeEntry, Shift, Slice, Stop, Through
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul", "Gather", "ConvTranspose")
 
@@ -40,6 +40,14 @@ class Group:
 
     def mixes(self, source: str | None = None) -> list[Mix]:
         return [e for e in self.edits if isinstance(e, Mix) and (source is None or e.source == source)]
+
+    def shifts(self, source: str) -> list[Shift]:
+        return [e for e in self.edits if isinstance(e, Shift) and e.source == source]
+
+    def can_shift(self, source: str) -> bool:
+        """Every consumer reading `source` has a bias to take an intercept."""
+        mixes, weights = self.mixes(source), {s.weight for s in self.shifts(source)}
+        return bool(mixes) and all(m.tensor in weights for m in mixes)
 
 
 @dataclass(frozen=True)
@@ -229,7 +237,7 @@ def _check_weights(g: GraphIndex, drafts: list[_Draft]) -> None:
         readers = {j for j, _ in g.users(name)}
         per_axis: dict[tuple, set[int]] = defaultdict(set)
         for d, e in uses:
-            per_axis[(type(e) is ShapeEntry, getattr(e, "axis", getattr(e, "index", 0)))].add(id(d))
+            per_axis[_edit_slot(e)].add(id(d))
         reason = None
         if name in graph_inputs:
             reason = f"weight {name!r} is also a graph input"
@@ -243,6 +251,16 @@ def _check_weights(g: GraphIndex, drafts: list[_Draft]) -> None:
         if reason:
             for d, _ in uses:
                 d.stop(reason)
+
+
+def _edit_slot(e) -> tuple:
+    """What part of a constant an edit changes: an axis (Slice, Mix), an entry, or the values
+    (Shift). Two groups may not change the same part."""
+    if isinstance(e, ShapeEntry):
+        return ("entry", e.index)
+    if isinstance(e, Shift):
+        return ("shift",)
+    return ("axis", e.axis)
 
 
 def _freeze(g: GraphIndex, d: _Draft) -> Group:

@@ -18,7 +18,7 @@ channel (Flatten/Reshape before a Gemm); only exits may read such a tensor.
 Edits say what the rewrite does with channel selection S (k kept of C) and interpolation T (k x C):
 `Slice` keeps entries S along an axis, `Mix` replaces the C-long input axis (C*spatial, channel-
 major) of a weight by T applied to it, `SetAttr` sets an attribute to k, `ShapeEntry` sets entry
-`index` of a shape constant to k*spatial.
+`index` of a shape constant to k*spatial, `Shift` folds a constant intercept into a bias.
 """
 from __future__ import annotations
 
@@ -43,6 +43,22 @@ class Mix:
     spatial: int
     source: str  # the group tensor whose Gram gives this exit's interpolation matrix
     node: int
+
+
+@dataclass(frozen=True)
+class Shift:
+    """Add the consumer's response to a constant input c0 (C,) to its bias:
+    bias[o] += scale * sum over every axis but `out_axis` of W[..., c*spatial + s, ...] c0[c],
+    computed from the original weight. Exact only where every output sees the whole kernel
+    (no padding), which the handlers check."""
+    tensor: str       # the bias
+    weight: str
+    in_axis: int
+    out_axis: int
+    spatial: int
+    source: str
+    node: int
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -215,7 +231,11 @@ class Conv(Handler):
             return Stop("Conv does not read the channel axis as its input channels")
         group = g.attr(i, "group", 1)
         if group == 1 and w.shape[1] == channels:
-            return Exit((Mix(node.input[1], 1, 1, m.source, i),), m.source, m.source_axis)
+            edits = [Mix(node.input[1], 1, 1, m.source, i)]
+            unpadded = not any(g.attr(i, "pads", [0])) and g.attr(i, "auto_pad", b"NOTSET") in (b"NOTSET", b"VALID")
+            if unpadded and len(node.input) > 2 and g.const(node.input[2]) is not None:
+                edits.append(Shift(node.input[2], node.input[1], 1, 0, 1, m.source, i))
+            return Exit(tuple(edits), m.source, m.source_axis)
         if group == channels and w.shape[0] == channels and w.shape[1] == 1:
             edits = [Slice(node.input[1], 0, i), SetAttr(i, "group")]
             if len(node.input) > 2 and node.input[2]:
@@ -250,7 +270,13 @@ class Gemm(Handler):
         axis = 1 if g.attr(i, "transB", 0) else 0
         if m.axis != -1 or b.shape[axis] != channels * m.spatial:
             return Stop("Gemm's weight does not match the channels")
-        return Exit((Mix(node.input[1], axis, m.spatial, m.source, i),), m.source, m.source_axis)
+        edits = [Mix(node.input[1], axis, m.spatial, m.source, i)]
+        c = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        beta = g.attr(i, "beta", 1.0)
+        if c is not None and c.size == b.shape[1 - axis] and c.size > 1 and beta != 0:
+            edits.append(Shift(node.input[2], node.input[1], axis, 1 - axis, m.spatial, m.source, i,
+                               g.attr(i, "alpha", 1.0) / beta))
+        return Exit(tuple(edits), m.source, m.source_axis)
 
 
 class MatMul(Handler):
@@ -270,7 +296,27 @@ class MatMul(Handler):
             return Stop("MatMul multiplies the channels with another activation")
         if m.axis != -1 or w.shape[0] != channels * m.spatial:
             return Stop("MatMul's weight does not match the channels")
-        return Exit((Mix(node.input[1], 0, m.spatial, m.source, i),), m.source, m.source_axis)
+        edits = [Mix(node.input[1], 0, m.spatial, m.source, i)]
+        bias = _following_bias(g, i, w.shape[1])
+        if bias is not None:
+            edits.append(Shift(bias[1], node.input[1], 0, 1, m.spatial, m.source, bias[0]))
+        return Exit(tuple(edits), m.source, m.source_axis)
+
+
+def _following_bias(g: GraphIndex, i: int, width: int) -> tuple[int, str] | None:
+    """(Add node, bias name) when the only reader of node i's output is an Add of a constant
+    vector of `width` entries (the bias of a Linear exported as MatMul + Add)."""
+    users = g.users(g.nodes[i].output[0])
+    if len(users) != 1 or g.nodes[i].output[0] in g.graph_outputs:
+        return None
+    j, pos = users[0]
+    node = g.nodes[j]
+    if node.op_type != "Add" or len(node.input) != 2:
+        return None
+    c = g.const(node.input[1 - pos])
+    if c is None or c.size != width or c.shape[-1] != width:
+        return None
+    return j, node.input[1 - pos]
 
 
 class Gather(Handler):

@@ -26,6 +26,7 @@ class GroupPlan:
     interpolation: dict[str, np.ndarray] = field(compare=False)
     error: float = 0.0        # relative (consumer-weighted) error of the selection, estimated
     best_error: float = 0.0   # relative error of the best rank-k approximation, same weighting
+    intercept: dict[str, np.ndarray] = field(default_factory=dict, compare=False)  # exit -> c0 (C,)
 
     @property
     def kept(self) -> int:
@@ -36,13 +37,15 @@ class GroupPlan:
              "keep": list(self.keep), "error": self.error, "best_error": self.best_error}
         if matrices:
             d["interpolation"] = {k: _encode(v) for k, v in self.interpolation.items()}
+            d["intercept"] = {k: _encode(v) for k, v in self.intercept.items()}
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "GroupPlan":
         return cls(group=d["group"], channels=int(d["channels"]), keep=tuple(int(k) for k in d["keep"]),
                    interpolation={k: _decode(v) for k, v in d.get("interpolation", {}).items()},
-                   error=float(d.get("error", 0.0)), best_error=float(d.get("best_error", 0.0)))
+                   error=float(d.get("error", 0.0)), best_error=float(d.get("best_error", 0.0)),
+                   intercept={k: _decode(v) for k, v in d.get("intercept", {}).items()})
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,10 @@ For a group with kept channels S (k of C) and interpolation matrices T_e (k x C)
   W'' with W''[..., j*spatial + s, ...] = sum_c W'[..., c*spatial + s, ...] T_e[j, c], i.e.
   W' T_e^T on the channel axis (kron(T_e, I_spatial) for a channel-major flatten);
 * `SetAttr` sets the depthwise Conv's `group` to k; `ShapeEntry` sets a Reshape/Resize shape entry
-  to k*spatial.
+  to k*spatial;
+* `Shift` adds W' c0 (the consumer's response to the intercept c0) to the consumer's bias. Shifts
+  run first, on the original weights and full-width biases, so a bias later sliced by another
+  group is sliced after its shift.
 
 Weights keep their dtype (the maths runs in float64). Stale `value_info` of every changed tensor is
 dropped. The result is what `onnx.checker` and ONNX Runtime then verify.
@@ -22,7 +25,7 @@ from onnx import helper, numpy_helper
 from .errors import UsageError
 from .graph import GraphIndex
 from .groups import Analysis
-from .ops import Mix, SetAttr, ShapeEntry, Slice
+from .ops import Mix, SetAttr, ShapeEntry, Shift, Slice
 from .plan import Plan
 
 
@@ -39,9 +42,17 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, analysis: Analysis, plan: Pla
         grp = groups.get(gp.group)
         if grp is None or grp.channels != gp.channels:
             raise UsageError(f"plan: group {gp.group!r} does not match this model")
+        for e in grp.edits:
+            if isinstance(e, Shift) and e.source in gp.intercept:
+                base = values.get(e.tensor, g.const(e.tensor))
+                values[e.tensor] = shift(base, g.const(e.weight), e, gp.intercept[e.source])
+    for gp in plan.groups:
+        grp = groups[gp.group]
         keep = np.asarray(gp.keep, dtype=np.int64)
         changed.update(grp.tensors)
         for e in grp.edits:
+            if isinstance(e, Shift):
+                continue
             if isinstance(e, SetAttr):
                 _set_attr(out.graph.node[e.node], e.name, len(keep))
                 continue
@@ -71,6 +82,18 @@ def _apply(e, value: np.ndarray, keep: np.ndarray, interpolation: dict) -> np.nd
         value[e.index] = len(keep) * e.spatial
         return value
     raise TypeError(f"unknown edit {e!r}")
+
+
+def shift(bias: np.ndarray, w: np.ndarray, e: Shift, c0: np.ndarray) -> np.ndarray:
+    """bias + scale * (W contracted with c0 over its input-channel axis, summed over every axis
+    but the output axis), in float64, in the bias's shape."""
+    c = len(c0)
+    moved = np.moveaxis(np.asarray(w, dtype=np.float64), e.in_axis, -1)
+    out_axis = e.out_axis if e.out_axis < e.in_axis else e.out_axis - 1
+    blocks = moved.reshape(*moved.shape[:-1], c, e.spatial)
+    response = np.einsum("...cs,c->...", blocks, c0)
+    response = np.moveaxis(response, out_axis, 0).reshape(response.shape[out_axis], -1).sum(axis=1)
+    return np.asarray(bias, dtype=np.float64) + e.scale * response.reshape(np.shape(bias))
 
 
 def mix(w: np.ndarray, axis: int, spatial: int, t: np.ndarray) -> np.ndarray:

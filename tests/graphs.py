@@ -190,6 +190,17 @@ def reshaped_bias(dup: bool = False, batch_dim=-1) -> onnx.ModelProto:
     return m
 
 
+def offset_copies() -> onnx.ModelProto:
+    """x[N,16] -> Gemm 32 -> Identity -> Gemm 10: units 16..31 are units 0..15 plus 1.0, an exact
+    linear combination only with an intercept (the constant is folded into the next bias)."""
+    b = Builder(10)
+    w1, b1 = b.random((32, 16), 0), b.random((32,), 0, 0.1)
+    b1[16:] += 1.0
+    h = b.op("Identity", [b.op("Gemm", ["x", b.const("w1", w1), b.const("b1", b1)], transB=1, name="fc1")])
+    y = b.op("Gemm", [h, b.weight("w2", (10, 32)), b.weight("b2", (10,), None, 0.1)], transB=1, name="fc2")
+    return b.model([("x", ["N", 16])], [y])
+
+
 BUILDERS = {
     "mlp": (mlp, [("x", (16,))]),
     "gelu_ffn": (gelu_ffn, [("x", (5, 16))]),

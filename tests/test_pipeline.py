@@ -142,6 +142,20 @@ def test_constant_node_weights_are_pruned(tmp_path):
     assert_same_outputs(path, out, feed, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("intercept", [True, False])
+def test_intercept_folds_constant_offsets_into_the_bias(tmp_path, intercept):
+    path = save(tmp_path, graphs.offset_copies())
+    feed = graphs.sample_inputs([("x", (16,))], 64)
+    out = tmp_path / "out.onnx"
+    report = compress(path, out, config=Config(keep=0.5, intercept=intercept), calib=feed, val=feed)
+    assert report.groups[0]["kept"] == 16
+    if intercept:
+        assert_same_outputs(path, out, feed, rtol=1e-3, atol=1e-4)
+        assert report.groups[0]["error"] < 1e-6
+    else:
+        assert report.agreement[0]["rel_l2"] > 1e-3  # without it the offsets are lost
+
+
 def test_tolerance_finds_the_rank(tmp_path):
     *_, report, _ = compress_pattern(tmp_path, "mlp", dup=True, tolerance=1e-6)
     fc1 = next(g for g in report.groups if g["group"] == "fc1")
