@@ -51,8 +51,11 @@ RUNS = (
     Run("minilm-flops70", "minilm", ("--flops-target", "0.7")),
     Run("ocr_rec-keep75", "ocr_rec", ("--keep", "0.75")),
     Run("ocr_rec-flops70", "ocr_rec", ("--flops-target", "0.7")),
+    Run("ocr_rec-flops70-norm", "ocr_rec", ("--flops-target", "0.7", "--select", "norm")),
+    Run("ocr_det-flops70", "ocr_det", ("--flops-target", "0.7")),
     Run("ocr_det-keep75", "ocr_det", ("--keep", "0.75")),
     Run("ocr_cls-keep75", "ocr_cls", ("--keep", "0.75")),
+    Run("ocr_cls-keep90", "ocr_cls", ("--keep", "0.9")),
     Run("magika-keep75", "magika", ("--keep", "0.75")),
     Run("magika-flops70", "magika", ("--flops-target", "0.7")),
 )
