@@ -17,7 +17,7 @@ import onnx
 
 from .graph import FLOAT_TYPES, GraphIndex
 from .groups import Analysis
-from .ops import Mix, SetAttr, Slice
+from .edits import Mix, SetAttr, Slice
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ order and the error for every size at once; the size rule picks k:
 Then, per exit tensor, T_e = G_e[S,S]^-1 G_e[S,:] (or the plain selection for `select="norm"`).
 
 Intercept (`intercept=True`, ID only): where every consumer of an exit tensor has a bias that can
-absorb a constant (see `ops.Shift`), the fit is Z ~ Z[:,S] T + 1 c0, least squares with an
+absorb a constant (see `edits.Shift`), the fit is Z ~ Z[:,S] T + 1 c0, least squares with an
 intercept: T from the centered Gram G - s s^T / n, c0 = mu - mu[S] T with mu = s / n, and
 pivoting also runs on the centered Gram (the mean of a channel then costs nothing to keep).
 """

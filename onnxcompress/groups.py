@@ -14,7 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .graph import GraphIndex
-from .ops import HANDLERS, Exit, Member, Mix, Produce, SetAttr, ShapeEntry, Shift, Slice, Stop, Through
+from .edits import Exit, Member, Mix, Produce, SetAttr, ShapeEntry, Shift, Slice, Stop, Through
+from .ops import HANDLERS
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul", "Gather", "ConvTranspose")
 

@@ -11,151 +11,17 @@ be removed together. Each handler answers two questions about its op:
   is linear in the channels: its weight absorbs the interpolation matrix) or `Stop` (why the group
   must be left alone).
 
-Channel axes are negative (counted from the right), which survives broadcasting. `spatial` > 1
-marks a tensor whose channel axis was flattened channel-major with `spatial` trailing elements per
-channel (Flatten/Reshape before a Gemm); only exits may read such a tensor.
-
-Edits say what the rewrite does with channel selection S (k kept of C) and interpolation T (k x C):
-`Slice` keeps entries S along an axis, `Mix` replaces the C-long input axis (C*spatial, channel-
-major) of a weight by T applied to it, `SetAttr` sets an attribute to k, `ShapeEntry` sets entry
-`index` of a shape constant to k*spatial, `Shift` folds a constant intercept into a bias.
+The shape and layout ops (Transpose, Reshape, Flatten, Squeeze, Concat, ...) live in
+`ops_layout.py`; the shared vocabulary in `edits.py`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from .edits import (Exit, Handler, Member, Mix, Produce, SetAttr, Shift, Slice, Stop, Through,
+                    const_channel_edit, flat_only, through_to, unused_extra_outputs)
 from .graph import GraphIndex
-
-
-@dataclass(frozen=True)
-class Slice:
-    tensor: str
-    axis: int
-    node: int
-
-
-@dataclass(frozen=True)
-class Mix:
-    tensor: str
-    axis: int
-    spatial: int
-    source: str  # the group tensor whose Gram gives this exit's interpolation matrix
-    node: int
-
-
-@dataclass(frozen=True)
-class Shift:
-    """Add the consumer's response to a constant input c0 (C,) to its bias:
-    bias[o] += scale * sum over every axis but `out_axis` of W[..., c*spatial + s, ...] c0[c],
-    computed from the original weight. Exact only where every output sees the whole kernel
-    (no padding), which the handlers check."""
-    tensor: str       # the bias
-    weight: str
-    in_axis: int
-    out_axis: int
-    spatial: int
-    source: str
-    node: int
-    scale: float = 1.0
-
-
-@dataclass(frozen=True)
-class SetAttr:
-    node: int
-    name: str
-
-
-@dataclass(frozen=True)
-class ShapeEntry:
-    tensor: str
-    index: int
-    spatial: int
-    node: int
-
-
-@dataclass(frozen=True)
-class Member:
-    """A tensor of a group: its negative channel axis, the block size per channel, and the
-    unflattened tensor its values come from (itself unless spatial > 1)."""
-    tensor: str
-    axis: int
-    spatial: int = 1
-    source: str = ""
-    source_axis: int = 0
-
-    def __post_init__(self):
-        if not self.source:
-            object.__setattr__(self, "source", self.tensor)
-            object.__setattr__(self, "source_axis", self.axis)
-
-
-@dataclass(frozen=True)
-class Produce:
-    output: str
-    axis: int
-    channels: int
-    edits: tuple
-    weight: Slice  # the main weight, for norm-based selection
-
-
-@dataclass(frozen=True)
-class Through:
-    outputs: tuple = ()        # Members
-    edits: tuple = ()
-    joins: tuple = ()          # other activations that must belong to the same group (name, axis)
-
-
-@dataclass(frozen=True)
-class Exit:
-    edits: tuple
-    source: str
-    axis: int
-
-
-@dataclass(frozen=True)
-class Stop:
-    reason: str
-
-
-class Handler:
-    """Default: never a producer, and a group reaching it stops."""
-
-    def produce(self, g: GraphIndex, i: int):
-        return None
-
-    def consume(self, g: GraphIndex, i: int, pos: int, m: Member, channels: int):
-        return Stop(f"{g.nodes[i].op_type} is not understood")
-
-
-def _flat_only(m: Member, op: str) -> Stop | None:
-    return Stop(f"flattened channels reach {op}") if m.spatial > 1 else None
-
-
-def _const_channel_edit(g: GraphIndex, name: str, m: Member, channels: int, i: int):
-    """Edits for a constant broadcast against member m: none if it does not vary along the
-    channels, a Slice if it has exactly `channels` entries there, else a Stop."""
-    c = g.const(name)
-    if c is None:
-        return None
-    pos = c.ndim + m.axis
-    if pos < 0 or c.shape[pos] == 1:
-        return ()
-    if c.shape[pos] == channels and m.spatial == 1:
-        return (Slice(name, pos, i),)
-    return Stop(f"constant {name!r} does not broadcast along the channels")
-
-
-def _out(g: GraphIndex, i: int, m: Member, axis: int | None = None) -> Through:
-    return Through(outputs=(Member(g.nodes[i].output[0], m.axis if axis is None else axis),))
-
-
-def _unused_extra_outputs(g: GraphIndex, i: int) -> Stop | None:
-    for extra in g.nodes[i].output[1:]:
-        if extra and (g.users(extra) or extra in g.graph_outputs):
-            return Stop(f"second output {extra!r} of {g.nodes[i].op_type} is used")
-    return None
+from .ops_layout import Concat, Flatten, Reshape, Resize, ShapeOf, Softmax, Squeeze, Transpose
 
 
 class Unary(Handler):
@@ -169,15 +35,15 @@ class Unary(Handler):
         for name in g.nodes[i].input[1:]:
             if not name:
                 continue
-            e = _const_channel_edit(g, name, m, channels, i)
+            e = const_channel_edit(g, name, m, channels, i)
             if e is None:
                 return Stop(f"{g.nodes[i].op_type} has a non-constant parameter {name!r}")
             if isinstance(e, Stop):
                 return e
             edits.extend(e)
         if m.spatial > 1 and edits:
-            return _flat_only(m, g.nodes[i].op_type)
-        stop = _unused_extra_outputs(g, i)
+            return flat_only(m, g.nodes[i].op_type)
+        stop = unused_extra_outputs(g, i)
         if stop:
             return stop
         return Through(outputs=(Member(g.nodes[i].output[0], m.axis, m.spatial, m.source, m.source_axis),),
@@ -192,13 +58,13 @@ class Binary(Unary):
     def consume(self, g, i, pos, m, channels):
         node = g.nodes[i]
         if m.spatial > 1:
-            return _flat_only(m, node.op_type)
+            return flat_only(m, node.op_type)
         other = node.input[1 - pos] if pos in (0, 1) and len(node.input) == 2 else None
         if other is None:
             return Stop(f"{node.op_type} with {len(node.input)} inputs")
         if g.const(other) is None:
             return Through(outputs=(Member(node.output[0], m.axis),), joins=((other, m.axis),))
-        e = _const_channel_edit(g, other, m, channels, i)
+        e = const_channel_edit(g, other, m, channels, i)
         if isinstance(e, Stop):
             return e
         return Through(outputs=(Member(node.output[0], m.axis),), edits=e)
@@ -349,7 +215,7 @@ class PerChannelNorm(Handler):
             if c is None or c.shape != (channels,):
                 return Stop(f"{node.op_type} parameter {name!r} is not a per-channel constant")
             edits.append(Slice(name, 0, i))
-        return _unused_extra_outputs(g, i) or Through(outputs=(Member(node.output[0], m.axis),), edits=tuple(edits))
+        return unused_extra_outputs(g, i) or Through(outputs=(Member(node.output[0], m.axis),), edits=tuple(edits))
 
 
 class Pool(Handler):
@@ -359,7 +225,7 @@ class Pool(Handler):
         rank = g.rank(m.tensor)
         if m.spatial > 1 or rank is None or m.axis != 1 - rank:
             return Stop(f"{g.nodes[i].op_type} does not pool along the spatial axes")
-        return _unused_extra_outputs(g, i) or _out(g, i, m)
+        return unused_extra_outputs(g, i) or through_to(g, i, m)
 
 
 class Reduce(Handler):
@@ -378,176 +244,9 @@ class Reduce(Handler):
         if c in axes:
             return Stop(f"{node.op_type} reduces over the channels")
         if g.attr(i, "keepdims", 1):
-            return _out(g, i, m)
+            return through_to(g, i, m)
         newpos = c - sum(a < c for a in axes)
-        return _out(g, i, m, newpos - (rank - len(axes)))
-
-
-class Transpose(Handler):
-    def consume(self, g, i, pos, m, channels):
-        perm = g.attr(i, "perm")
-        rank = g.rank(m.tensor) if perm is None else len(perm)
-        if m.spatial > 1 or rank is None:
-            return Stop("Transpose of unknown rank")
-        perm = list(perm) if perm is not None else list(range(rank))[::-1]
-        return _out(g, i, m, perm.index(rank + m.axis) - rank)
-
-
-class Resize(Handler):
-    """Resize/Upsample with scale 1 (or size = channels) along the channel axis."""
-
-    def consume(self, g, i, pos, m, channels):
-        node = g.nodes[i]
-        rank = g.rank(m.tensor)
-        if pos != 0 or m.spatial > 1 or rank is None:
-            return Stop(f"{node.op_type} of unknown rank")
-        c = rank + m.axis
-        names = list(node.input[1:])
-        scales_name = names[-1] if node.op_type == "Upsample" else (names[1] if len(names) > 1 else "")
-        sizes_name = names[2] if node.op_type == "Resize" and len(names) > 2 else ""
-        if sizes_name:
-            sizes = g.const(sizes_name)
-            if sizes is None or len(sizes) != rank:
-                return Stop(f"{node.op_type} sizes are not constant")
-            if g.attr(i, "axes") is not None:
-                return Stop(f"{node.op_type} with axes")
-            return Through(outputs=(Member(node.output[0], m.axis),),
-                           edits=(ShapeEntry(sizes_name, c, 1, i),))
-        scales = g.const(scales_name) if scales_name else g.attr(i, "scales")
-        if scales is None or len(scales) != rank or float(np.ravel(scales)[c]) != 1.0:
-            return Stop(f"{node.op_type} scales the channel axis or its scales are not constant")
-        return _out(g, i, m)
-
-
-class Softmax(Handler):
-    def consume(self, g, i, pos, m, channels):
-        rank = g.rank(m.tensor)
-        default = -1 if g.opset >= 13 else 1
-        axis = g.attr(i, "axis", default)
-        if rank is None or m.spatial > 1:
-            return Stop("Softmax of unknown rank")
-        if g.opset < 13 and axis % rank <= rank + m.axis:
-            return Stop("Softmax (opset < 13) flattens across the channels")
-        if axis % rank == rank + m.axis:
-            return Stop("Softmax over the channels")
-        return _out(g, i, m)
-
-
-class Flatten(Handler):
-    """Flatten at the channel axis: the channels become channel-major blocks of the last axis."""
-
-    def consume(self, g, i, pos, m, channels):
-        shape = g.shape(m.tensor)
-        if shape is None or m.spatial > 1:
-            return Stop("Flatten of unknown shape")
-        rank = len(shape)
-        c = rank + m.axis
-        axis = g.attr(i, "axis", 1) % max(rank, 1)
-        if axis != c:
-            return Stop("Flatten does not start at the channel axis")
-        spatial = shape[c + 1:]
-        if any(d is None for d in spatial):
-            return Stop("Flatten of unknown spatial size")
-        flat = int(np.prod(spatial, dtype=np.int64))
-        return Through(outputs=(Member(g.nodes[i].output[0], -1, flat, m.source if flat > 1 else "", m.axis),))
-
-
-class Reshape(Handler):
-    """Reshape that keeps the channel axis whole (merging or splitting only other axes), or that
-    flattens it channel-major with the axes after it."""
-
-    def consume(self, g, i, pos, m, channels):
-        node = g.nodes[i]
-        src, dst, target = g.shape(m.tensor), g.shape(node.output[0]), g.const(node.input[1])
-        if pos != 0 or src is None or dst is None or None in src or None in dst or m.spatial > 1:
-            return Stop("Reshape of unknown shape")
-        if target is None:
-            return Stop("Reshape to a computed shape")
-        c = len(src) + m.axis
-        before = int(np.prod(src[:c], dtype=np.int64))
-        after = int(np.prod(src[c + 1:], dtype=np.int64))
-        for j in range(len(dst)):
-            if int(np.prod(dst[:j], dtype=np.int64)) != before:
-                continue
-            tail = int(np.prod(dst[j + 1:], dtype=np.int64))
-            if dst[j] == channels and tail == after:
-                return self._through(node, i, j, len(dst), int(target[j]), channels, 1, m, j == c)
-            if dst[j] == channels * after and j == len(dst) - 1:
-                return self._through(node, i, j, len(dst), int(target[j]), channels, after, m, False)
-        return Stop("Reshape splits the channel axis")
-
-    @staticmethod
-    def _through(node, i, j, rank, entry, channels, spatial, m, same_axis):
-        """Output channel axis at position j of `rank`; the target entry j names the channels
-        (edited), is -1 (inferred) or 0 copying the channel axis itself."""
-        edits = ()
-        if entry == channels * spatial:
-            edits = (ShapeEntry(node.input[1], j, spatial, i),)
-        elif not (entry == -1 or (entry == 0 and same_axis)):
-            return Stop("Reshape target does not name the channels")
-        source = m.source if spatial > 1 else ""
-        return Through(outputs=(Member(node.output[0], j - rank, spatial, source, m.axis),), edits=edits)
-
-
-class Squeeze(Handler):
-    """Squeeze/Unsqueeze of axes other than the channels."""
-
-    def consume(self, g, i, pos, m, channels):
-        node = g.nodes[i]
-        src, dst = g.rank(m.tensor), g.rank(node.output[0])
-        if pos != 0 or src is None or dst is None or m.spatial > 1:
-            return Stop(f"{node.op_type} of unknown rank")
-        axes = g.attr(i, "axes")
-        if axes is None and len(node.input) > 1:
-            axes = g.const(node.input[1])
-        if axes is None:
-            return Stop(f"{node.op_type} over unknown axes")
-        c = src + m.axis
-        if node.op_type == "Squeeze":
-            axes = sorted(int(a) % src for a in np.ravel(axes))
-            if c in axes:
-                return Stop("Squeeze removes the channel axis")
-            newpos = c - sum(a < c for a in axes)
-        else:
-            axes = sorted(int(a) % dst for a in np.ravel(axes))
-            newpos = c
-            for a in axes:
-                if a <= newpos:
-                    newpos += 1
-        return _out(g, i, m, newpos - dst)
-
-
-class Concat(Handler):
-    """Concatenation along an axis other than the channels joins its inputs into one group."""
-
-    def consume(self, g, i, pos, m, channels):
-        node = g.nodes[i]
-        rank = g.rank(m.tensor)
-        if rank is None or m.spatial > 1:
-            return Stop("Concat of unknown rank")
-        if g.attr(i, "axis") % rank == rank + m.axis:
-            return Stop("Concat along the channels")
-        joins = tuple((n, m.axis) for k, n in enumerate(node.input) if k != pos and n)
-        if any(g.const(n) is not None for n, _ in joins):
-            return Stop("Concat with a constant")
-        return Through(outputs=(Member(node.output[0], m.axis),), joins=joins)
-
-
-class ShapeOf(Handler):
-    """Shape: harmless when only dimensions other than the channels are read from it."""
-
-    def consume(self, g, i, pos, m, channels):
-        rank = g.rank(m.tensor)
-        if rank is None or g.attr(i, "start") is not None or g.attr(i, "end") is not None:
-            return Stop("its shape is read by a Shape node")
-        c = rank + m.axis
-        for j, p in g.users(g.nodes[i].output[0]):
-            idx = g.const(g.nodes[j].input[1]) if g.nodes[j].op_type == "Gather" and p == 0 else None
-            if idx is None or any(int(k) % rank == c for k in np.ravel(idx)):
-                return Stop("its channel count is read by a Shape node")
-        if g.nodes[i].output[0] in g.graph_outputs:
-            return Stop("its shape is a graph output")
-        return Through()
+        return through_to(g, i, m, newpos - (rank - len(axes)))
 
 
 class Mixes(Handler):

@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 from .errors import UsageError
 from .graph import GraphIndex
 from .groups import Analysis
-from .ops import Mix, SetAttr, ShapeEntry, Shift, Slice
+from .edits import Mix, SetAttr, ShapeEntry, Shift, Slice
 from .plan import Plan
 
 

@@ -1,0 +1,146 @@
+"""The vocabulary shared by the handlers (`ops.py`, `ops_layout.py`), the group search
+(`groups.py`) and the rewrite: group members, handler results and rewrite edits.
+
+Channel axes are negative (counted from the right), which survives broadcasting. `spatial` > 1
+marks a tensor whose channel axis was flattened channel-major with `spatial` trailing elements per
+channel (Flatten/Reshape before a Gemm); only exits may read such a tensor.
+
+Edits say what the rewrite does with channel selection S (k kept of C) and interpolation T (k x C):
+`Slice` keeps entries S along an axis, `Mix` replaces the C-long input axis (C*spatial, channel-
+major) of a weight by T applied to it, `SetAttr` sets an attribute to k, `ShapeEntry` sets entry
+`index` of a shape constant to k*spatial, `Shift` folds a constant intercept into a bias.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .graph import GraphIndex
+
+
+@dataclass(frozen=True)
+class Slice:
+    tensor: str
+    axis: int
+    node: int
+
+
+@dataclass(frozen=True)
+class Mix:
+    tensor: str
+    axis: int
+    spatial: int
+    source: str  # the group tensor whose Gram gives this exit's interpolation matrix
+    node: int
+
+
+@dataclass(frozen=True)
+class Shift:
+    """Add the consumer's response to a constant input c0 (C,) to its bias:
+    bias[o] += scale * sum over every axis but `out_axis` of W[..., c*spatial + s, ...] c0[c],
+    computed from the original weight. Exact only where every output sees the whole kernel
+    (no padding), which the handlers check."""
+    tensor: str       # the bias
+    weight: str
+    in_axis: int
+    out_axis: int
+    spatial: int
+    source: str
+    node: int
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class SetAttr:
+    node: int
+    name: str
+
+
+@dataclass(frozen=True)
+class ShapeEntry:
+    tensor: str
+    index: int
+    spatial: int
+    node: int
+
+
+@dataclass(frozen=True)
+class Member:
+    """A tensor of a group: its negative channel axis, the block size per channel, and the
+    unflattened tensor its values come from (itself unless spatial > 1)."""
+    tensor: str
+    axis: int
+    spatial: int = 1
+    source: str = ""
+    source_axis: int = 0
+
+    def __post_init__(self):
+        if not self.source:
+            object.__setattr__(self, "source", self.tensor)
+            object.__setattr__(self, "source_axis", self.axis)
+
+
+@dataclass(frozen=True)
+class Produce:
+    output: str
+    axis: int
+    channels: int
+    edits: tuple
+    weight: Slice  # the main weight, for norm-based selection
+
+
+@dataclass(frozen=True)
+class Through:
+    outputs: tuple = ()        # Members
+    edits: tuple = ()
+    joins: tuple = ()          # other activations that must belong to the same group (name, axis)
+
+
+@dataclass(frozen=True)
+class Exit:
+    edits: tuple
+    source: str
+    axis: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    reason: str
+
+
+class Handler:
+    """Default: never a producer, and a group reaching it stops."""
+
+    def produce(self, g: GraphIndex, i: int):
+        return None
+
+    def consume(self, g: GraphIndex, i: int, pos: int, m: Member, channels: int):
+        return Stop(f"{g.nodes[i].op_type} is not understood")
+
+
+def flat_only(m: Member, op: str) -> Stop | None:
+    return Stop(f"flattened channels reach {op}") if m.spatial > 1 else None
+
+
+def const_channel_edit(g: GraphIndex, name: str, m: Member, channels: int, i: int):
+    """Edits for a constant broadcast against member m: none if it does not vary along the
+    channels, a Slice if it has exactly `channels` entries there, else a Stop."""
+    c = g.const(name)
+    if c is None:
+        return None
+    pos = c.ndim + m.axis
+    if pos < 0 or c.shape[pos] == 1:
+        return ()
+    if c.shape[pos] == channels and m.spatial == 1:
+        return (Slice(name, pos, i),)
+    return Stop(f"constant {name!r} does not broadcast along the channels")
+
+
+def through_to(g: GraphIndex, i: int, m: Member, axis: int | None = None) -> Through:
+    return Through(outputs=(Member(g.nodes[i].output[0], m.axis if axis is None else axis),))
+
+
+def unused_extra_outputs(g: GraphIndex, i: int) -> Stop | None:
+    for extra in g.nodes[i].output[1:]:
+        if extra and (g.users(extra) or extra in g.graph_outputs):
+            return Stop(f"second output {extra!r} of {g.nodes[i].op_type} is used")
+    return None
