@@ -12,18 +12,20 @@ from pathlib import Path
 import onnx
 
 from . import data as data_mod
-from .calibrate import Progress, calibrate, make_session, observed_shapes, run
+from .calibrate import ChannelGram, Progress, calibrate, make_session, observed_shapes, run
 from .config import Config
 from .cost import cost_items, count_params, node_flops
 from .decide import Budget, decide
+from .factorize import factorize
 from .errors import AgreementError, RewriteError
 from .graph import GraphIndex
 from .groups import Analysis, find_groups
+from .layers import find_layers
 from .modelio import check_output_path, load_model, save_model
 from .normalize import normalize, static_shapes
 from .plan import Plan
 from .report import Report, StageTimer
-from .rewrite import rewrite
+from .rewrite import rewrite, split
 from .validate import score_outputs, validate
 
 log = logging.getLogger(__name__)
@@ -67,17 +69,10 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
         calib_src, val_src = _sources(calib, val, specs, config, report)
         first = next(iter(calib_src))
         g = GraphIndex(norm, *shapes_at(norm, first))
-    with timer("find"):
-        analysis = find_groups(g, exclude=config.exclude)
-    if plan is None:
-        with timer("calibrate"):
-            stats = calibrate(norm, _exit_tensors(analysis), calib_src, types=g.types, progress=progress,
-                              max_rows=config.max_rows, seed=config.seed)
-        with timer("decide"):
-            plan = decide(g, analysis, stats, config, _budget(norm, g, analysis))
-    with timer("rewrite"):
-        new = rewrite(norm, g, analysis, plan) if plan.groups else norm
-        _smoke_test(new, first)
+    if config.method == "id":
+        analysis, new, plan = _prune(norm, g, config, calib_src, first, plan, timer, progress)
+    else:
+        analysis, new, plan = _split(norm, g, config, calib_src, first, plan, timer, progress)
     with timer("validate"):
         agreement = validate(original, new, val_src, scores=score_outputs(g), progress=progress)
     _fill(report, original, new, g, analysis, plan, agreement, first)
@@ -94,6 +89,44 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     if report.gate and not report.gate["passed"]:
         raise AgreementError(report.gate["message"] + " (output kept: --keep-failed)", report)
     return report
+
+
+def _prune(norm, g: GraphIndex, config: Config, calib_src, first, plan, timer, progress):
+    """find groups -> calibrate -> decide -> rewrite, for ID channel pruning."""
+    with timer("find"):
+        analysis = find_groups(g, exclude=config.exclude, include=config.include)
+    if plan is None:
+        with timer("calibrate"):
+            requests = _exit_requests(analysis)
+            found = calibrate(norm, requests.values(), calib_src, types=g.types, progress=progress,
+                              max_rows=config.max_rows, seed=config.seed)
+            stats = {name: found[r] for name, r in requests.items()}
+        with timer("decide"):
+            plan = decide(g, analysis, stats, config, _budget(norm, g, analysis))
+    with timer("rewrite"):
+        new = rewrite(norm, g, analysis, plan) if plan.groups else norm
+        _smoke_test(new, first)
+    return analysis, new, plan
+
+
+def _split(norm, g: GraphIndex, config: Config, calib_src, first, plan, timer, progress):
+    """find layers -> calibrate -> factorize -> split, for the low-rank methods."""
+    with timer("find"):
+        layers = find_layers(g, include=config.include, exclude=config.exclude, max_patch=config.max_patch)
+    skipped = layers.skipped
+    if plan is None:
+        with timer("calibrate"):
+            stats = calibrate(norm, [x.request for x in layers.layers], calib_src, types=g.types,
+                              progress=progress, max_rows=config.max_rows, seed=config.seed)
+        with timer("decide"):
+            totals = (float(count_params(norm)), float(sum(node_flops(g).values())))
+            plans, left = factorize(g, layers, stats, config, totals)
+            plan = Plan(config.method, config.select, (), plans)
+            skipped = skipped + left
+    with timer("rewrite"):
+        new = split(norm, g, {x.key: x for x in layers.layers}, plan) if plan.layers else norm
+        _smoke_test(new, first)
+    return Analysis((), tuple(skipped)), new, plan
 
 
 def _sources(calib, val, specs, config: Config, report: Report):
@@ -116,8 +149,8 @@ def _sources(calib, val, specs, config: Config, report: Report):
     return calib_src, val_src
 
 
-def _exit_tensors(analysis: Analysis) -> dict[str, tuple[int, int]]:
-    return {e.tensor: (e.axis, grp.channels) for grp in analysis.groups for e in grp.exits}
+def _exit_requests(analysis: Analysis) -> dict[str, ChannelGram]:
+    return {e.tensor: ChannelGram(e.tensor, e.axis, grp.channels) for grp in analysis.groups for e in grp.exits}
 
 
 def shapes_at(model: onnx.ModelProto, feed: dict) -> tuple[dict, dict]:
@@ -159,10 +192,14 @@ def _fill(report: Report, original, new, g: GraphIndex, analysis: Analysis, plan
                      for gp in plan.groups]
     for row in report.groups:
         row.pop("keep")
+    report.layers = [{**lp.to_dict(matrices=False),
+                      "error_ratio": (lp.error / lp.best_error) if lp.best_error > 0 else None}
+                     for lp in plan.layers]
     report.skipped = [vars(s) for s in analysis.skipped]
     report.agreement = [a.to_dict() for a in agreement]
-    if not analysis.groups:
-        report.warnings.append("no compressible channel group was found; the output computes the same function")
+    if not plan.groups and not plan.layers:
+        what = "channel group" if plan.method == "id" else "layer to split"
+        report.warnings.append(f"no compressible {what} was found; the output computes the same function")
 
 
 def _gate(report: Report, agreement, config: Config) -> None:

@@ -1,9 +1,19 @@
 """Calibrate: stream feeds through ONNX Runtime and accumulate second-order statistics.
 
-For each exit tensor (channel axis c), every other axis is flattened into rows, Z (rows x C),
-and G = sum Z^T Z is accumulated in float64 together with the row count and per-channel sums.
-Rows are buffered up to a fixed budget and folded in with one symmetric rank-k update (BLAS
-`dsyrk`), so memory is bounded by the statistics and the buffer, never by the sample count.
+What is collected is said by requests, one per (tensor, statistic):
+
+* `ChannelGram` (ID exits, linear-layer inputs): with channel axis c, every other axis is
+  flattened into rows, Z (rows x C), and G = sum Z^T Z is accumulated with the row count and the
+  per-channel sums;
+* `PatchGram` (Conv inputs for low rank): Z holds the im2col patches, one row per output
+  position, columns ordered (channel, kernel offsets) as in the weight's (in x kh x kw) flattening,
+  zero padding included, so G is (C*kh*kw) square;
+* `TokenCounts` (Gather inputs): how often each row of the table is read (the one-hot Gram is
+  diag(counts)).
+
+Grams are float64; rows are buffered up to a fixed budget and folded in with one symmetric rank-k
+update (BLAS `dsyrk`), so memory is bounded by the statistics and the buffer, never by the sample
+count. Feature maps with more positions than `max_rows` contribute a uniform random subset.
 """
 from __future__ import annotations
 
@@ -11,7 +21,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Union
 
 import numpy as np
 import onnx
@@ -131,25 +141,132 @@ def channel_rows(value: np.ndarray, axis: int, max_rows: int, rng: np.random.Gen
     return v[np.unravel_index(pick, v.shape[:-1])]
 
 
-def calibrate(model: onnx.ModelProto, tensors: dict[str, tuple[int, int]], feeds,
-              *, types: dict[str, int] | None = None, progress: Progress | None = None,
-              max_rows: int = 0, seed: int = 0) -> dict[str, Stats]:
-    """Stream `feeds` through `model` and return the statistics of each tensor.
+class CountAccumulator:
+    """Occurrences of each index in [0, size) (negative indices count from the end)."""
 
-    tensors: name -> (negative channel axis, channel count). max_rows: cap on the rows taken
-    from one tensor of one feed (see `channel_rows`), 0 for all.
+    def __init__(self, size: int):
+        self.size = size
+        self._counts = np.zeros(size, dtype=np.int64)
+
+    def add(self, idx: np.ndarray) -> None:
+        flat = np.asarray(idx, dtype=np.int64).ravel()
+        flat = np.where(flat < 0, flat + self.size, flat)
+        flat = flat[(flat >= 0) & (flat < self.size)]
+        self._counts += np.bincount(flat, minlength=self.size)
+
+    def result(self) -> np.ndarray:
+        return self._counts.copy()
+
+
+@dataclass(frozen=True)
+class ChannelGram:
+    """Gram over the channel axis `axis` (negative) of `tensor`, which has `channels` channels."""
+    tensor: str
+    axis: int
+    channels: int
+
+    def accumulator(self) -> GramAccumulator:
+        return GramAccumulator(self.channels)
+
+    def rows(self, value: np.ndarray, max_rows: int, rng: np.random.Generator) -> np.ndarray:
+        return channel_rows(value, self.axis, max_rows, rng)
+
+
+@dataclass(frozen=True)
+class PatchGram:
+    """Gram of the im2col patches a Conv (NC + spatial layout) reads from `tensor`."""
+    tensor: str
+    channels: int
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]        # begins then ends, as the Conv attribute
+    dilations: tuple[int, ...]
+    auto_pad: str = "NOTSET"
+
+    def accumulator(self) -> GramAccumulator:
+        return GramAccumulator(self.channels * int(np.prod(self.kernel)))
+
+    def rows(self, value: np.ndarray, max_rows: int, rng: np.random.Generator) -> np.ndarray:
+        return patch_rows(value, self, max_rows, rng)
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    """How often each of `size` rows is gathered by the indices in `tensor`."""
+    tensor: str
+    size: int
+
+    def accumulator(self) -> CountAccumulator:
+        return CountAccumulator(self.size)
+
+    def rows(self, value: np.ndarray, max_rows: int, rng: np.random.Generator) -> np.ndarray:
+        return value
+
+
+Request = Union[ChannelGram, PatchGram, TokenCounts]
+
+
+def conv_pads(spatial: tuple[int, ...], req: PatchGram) -> list[tuple[int, int]]:
+    """(begin, end) zero padding per spatial axis, resolving auto_pad as ONNX defines it."""
+    n = len(spatial)
+    if req.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        out = []
+        for d, k, s, dil in zip(spatial, req.kernel, req.strides, req.dilations):
+            total = max(0, (-(-d // s) - 1) * s + (k - 1) * dil + 1 - d)
+            small, large = total // 2, total - total // 2
+            out.append((small, large) if req.auto_pad == "SAME_UPPER" else (large, small))
+        return out
+    if req.auto_pad == "VALID" or not req.pads:
+        return [(0, 0)] * n
+    return list(zip(req.pads[:n], req.pads[n:]))
+
+
+def patch_rows(value: np.ndarray, req: PatchGram, max_rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Z (positions x C*prod(kernel)): the patch under every output position of the Conv
+    (a random `max_rows` of them when there are more), columns in (channel, offsets) order."""
+    n, c = value.shape[:2]
+    spatial = value.shape[2:]
+    pads = conv_pads(spatial, req)
+    x = np.pad(value, [(0, 0), (0, 0), *pads])
+    outs = [(d + b + e - (k - 1) * dil - 1) // s + 1
+            for d, (b, e), k, s, dil in zip(spatial, pads, req.kernel, req.strides, req.dilations)]
+    total = n * int(np.prod(outs, dtype=np.int64))
+    pick = np.arange(total) if not max_rows or total <= max_rows else np.sort(
+        rng.choice(total, size=max_rows, replace=False))
+    pos = np.unravel_index(pick, (n, *outs))
+    rank = len(spatial)
+    index = [pos[0].reshape(-1, *[1] * rank)]
+    for a in range(rank):
+        shape = [1] * rank
+        shape[a] = req.kernel[a]
+        offsets = (np.arange(req.kernel[a]) * req.dilations[a]).reshape(shape)
+        index.append(pos[a + 1].reshape(-1, *[1] * rank) * req.strides[a] + offsets)
+    # x[n, :, i1, i2, ...] with advanced indices around the channel slice: (P, *kernel, C)
+    patches = x[(index[0], slice(None), *index[1:])] if rank else x[index[0]]
+    patches = np.moveaxis(patches, -1, 1)
+    return patches.reshape(len(pick), c * int(np.prod(req.kernel)))
+
+
+def calibrate(model: onnx.ModelProto, requests: Iterable[Request], feeds,
+              *, types: dict[str, int] | None = None, progress: Progress | None = None,
+              max_rows: int = 0, seed: int = 0) -> dict:
+    """Stream `feeds` through `model` and return, per request, its statistic: `Stats` for the
+    Grams, a counts vector for `TokenCounts`.
+
+    max_rows: cap on the rows (positions) taken from one tensor of one feed, 0 for all.
     """
-    names = sorted(tensors)
-    if not names:
+    reqs = sorted(set(requests), key=repr)
+    if not reqs:
         return {}
+    names = sorted({r.tensor for r in reqs})
     session = make_session(model, names, types)
-    acc = {n: GramAccumulator(tensors[n][1]) for n in names}
+    acc = {r: r.accumulator() for r in reqs}
     total = getattr(feeds, "feeds", None)
     rng = np.random.default_rng(seed)
     for k, feed in enumerate(feeds):
-        outs = run(session, names, feed, f"calibration feed {k}")
-        for name, value in zip(names, outs):
-            acc[name].add(channel_rows(value, tensors[name][0], max_rows, rng))
+        values = dict(zip(names, run(session, names, feed, f"calibration feed {k}")))
+        for r in reqs:
+            acc[r].add(r.rows(values[r.tensor], max_rows, rng))
         if progress:
             progress("calibrate", k + 1, total)
-    return {n: a.result() for n, a in acc.items()}
+    return {r: a.result() for r, a in acc.items()}

@@ -53,7 +53,14 @@ class ProgressBar:
 @click.option("--params-target", type=float, help="Keep at most this fraction of the model's parameters (greedy allocation).")
 @click.option("--min-keep", type=float, default=0.05, show_default=True, help="Budget modes never shrink a group below this fraction.")
 @click.option("--select", type=click.Choice(SELECTIONS), default="id", show_default=True, help="id: interpolative decomposition with correction; norm: largest-norm channels, no correction (baseline).")
-@click.option("--method", type=click.Choice(METHODS), default="id", show_default=True)
+@click.option("--method", type=click.Choice(METHODS), default="id", show_default=True,
+              help="id: prune channels (interpolative decomposition); svd / aasvd / lp: split each layer in two "
+                   "low-rank factors (plain, activation-aware, robust l_p).")
+@click.option("--include", help="Regular expression: only layers (low rank) or groups with a producer (id) whose node name matches.")
+@click.option("--p", "p", type=float, default=1.0, show_default=True, help="Exponent of --method lp, in [1, 2].")
+@click.option("--lp-weighted", is_flag=True, help="--method lp weighs an embedding table's rows by token counts.")
+@click.option("--smoothing", type=float, help="Token-count smoothing for embedding tables, as a multiple of the mean count (default: from the data).")
+@click.option("--max-patch", type=int, default=4096, show_default=True, help="Conv inputs: Gram of im2col patches up to this length, channel Gram beyond.")
 @click.option("--intercept/--no-intercept", default=True, show_default=True, help="Fold each kept tensor's mean correction into the consumers' biases where they have one.")
 @click.option("--exclude", help="Regular expression: groups touching a node whose name matches are left alone.")
 @click.option("--min-agreement", type=float, help="Gate: every output must reach this (top-1 agreement for score outputs, cosine otherwise); exit 3 below it.")
@@ -68,7 +75,7 @@ class ProgressBar:
 @click.option("-v", "--verbose", is_flag=True, help="More logging, and tracebacks on errors.")
 @click.version_option(package_name="onnxcompress")
 def main(model, output, calib, val, report_path, keep, tolerance, flops_target, params_target, min_keep,
-         select, method, intercept, exclude, min_agreement, keep_failed, batch_size, max_rows, holdout, save_plan, plan_path,
+         select, method, include, p, lp_weighted, smoothing, max_patch, intercept, exclude, min_agreement, keep_failed, batch_size, max_rows, holdout, save_plan, plan_path,
          force, quiet, verbose):
     """Compress MODEL.onnx into OUTPUT (default: MODEL.compressed.onnx beside it)."""
     logging.basicConfig(format="onnxcompress: %(levelname)s: %(message)s",
@@ -76,6 +83,7 @@ def main(model, output, calib, val, report_path, keep, tolerance, flops_target, 
     try:
         config = Config(keep=keep, tolerance=tolerance, flops_target=flops_target, params_target=params_target,
                         min_keep=min_keep, select=select, method=method, intercept=intercept, exclude=exclude,
+                        include=include, p=p, lp_weighted=lp_weighted, smoothing=smoothing, max_patch=max_patch,
                         min_agreement=min_agreement, keep_failed=keep_failed, batch_size=batch_size, max_rows=max_rows,
                         holdout=holdout, force=force)
         plan = Plan.load(plan_path) if plan_path else None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 
-METHODS = ("id",)
+METHODS = ("id", "svd", "aasvd", "lp")
 SELECTIONS = ("id", "norm")
 
 
@@ -19,17 +19,30 @@ SELECTIONS = ("id", "norm")
 class Config:
     """How to compress.
 
-    method:          "id" (interpolative-decomposition channel pruning, seed 000).
+    method:          "id": interpolative-decomposition channel pruning (seed 000); or a low-rank
+                     split of each Gemm/MatMul/Conv/Gather weight into two nodes: "svd" (plain,
+                     seed 001), "aasvd" (activation-aware: the calibration-output optimum;
+                     frequency-weighted for embedding tables), "lp" (robust l_p subspace, seed 002).
     select:          "id" picks channels by pivoted Cholesky of the (consumer-weighted) Gram and
                      folds the interpolation matrix into the consumers; "norm" keeps the
                      largest-norm producer channels with no correction (a baseline).
-    keep:            fraction of channels kept in every group, in (0, 1].
+    keep:            fraction of channels kept in every group (id), or of parameters kept in
+                     every split layer (low rank), in (0, 1].
     tolerance:       per group, the smallest size whose relative ID error is at most this.
     flops_target:    keep at most this fraction of the model's Conv/Gemm/MatMul FLOPs, sizes chosen
                      greedily by estimated error per FLOP saved.
     params_target:   the same for the parameter count.
     min_keep:        no group is shrunk below this fraction of its channels (budget modes).
     exclude:         regular expression; groups touching a node whose name matches are left alone.
+    include:         regular expression; only layers whose node name matches are split (low
+                     rank), only groups with a matching producer are pruned (id).
+    p:               the exponent of "lp", in [1, 2] (2 is plain SVD).
+    lp_weighted:     "lp" on an embedding table weighs its rows by smoothed token counts.
+    smoothing:       pseudo-counts for token weights, as a multiple of the mean count (so an unseen
+                     token weighs `smoothing` times an average one); inf means no weighting; None
+                     picks it from the data (`lowrank.token_weights`).
+    max_patch:       Conv inputs use the Gram of their im2col patches up to this patch length,
+                     their channel Gram (G ~ kron(G_c, I)) beyond.
     batch_size:      samples per ONNX Runtime run when the data is one array per input.
     max_rows:        per feed and exit tensor, at most this many positions (rows of Z) enter the
                      Gram, sampled uniformly with `seed` (large feature maps); 0 takes all.
@@ -53,6 +66,11 @@ class Config:
     params_target: float | None = None
     min_keep: float = 0.05
     exclude: str | None = None
+    include: str | None = None
+    p: float = 1.0
+    lp_weighted: bool = False
+    smoothing: float | None = None
+    max_patch: int = 4096
     batch_size: int = 16
     max_rows: int = 8192
     holdout: float = 0.2
@@ -87,11 +105,20 @@ class Config:
             raise UsageError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.ridge < 0:
             raise UsageError(f"ridge must be non-negative, got {self.ridge}")
-        if self.exclude is not None:
-            try:
-                re.compile(self.exclude)
-            except re.error as e:
-                raise UsageError(f"exclude is not a valid regular expression: {e}") from e
+        if self.select != "id" and self.method != "id":
+            raise UsageError(f"select {self.select!r} applies to method 'id' only, not {self.method!r}")
+        if not 1 <= self.p <= 2:
+            raise UsageError(f"p must be in [1, 2], got {self.p}")
+        if self.smoothing is not None and not self.smoothing >= 0:
+            raise UsageError(f"smoothing must be non-negative, got {self.smoothing}")
+        if self.max_patch < 1:
+            raise UsageError(f"max_patch must be at least 1, got {self.max_patch}")
+        for name in ("exclude", "include"):
+            if getattr(self, name) is not None:
+                try:
+                    re.compile(getattr(self, name))
+                except re.error as e:
+                    raise UsageError(f"{name} is not a valid regular expression: {e}") from e
 
     @property
     def size_rule(self) -> tuple[str, float]:

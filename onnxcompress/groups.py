@@ -87,9 +87,10 @@ class _Draft:
             self.reasons.append(reason)
 
 
-def find_groups(g: GraphIndex, *, exclude: str | None = None) -> Analysis:
+def find_groups(g: GraphIndex, *, exclude: str | None = None, include: str | None = None) -> Analysis:
     """Trace every producer's channels and return the groups that can be compressed, plus a
-    reason for every linear node that is left alone."""
+    reason for every linear node that is left alone. With `include`, only groups with a producer
+    whose node name matches are kept (the others are skipped, with that reason)."""
     drafts, skipped = [], []
     for i, node in enumerate(g.nodes):
         handler = HANDLERS.get(node.op_type)
@@ -107,9 +108,12 @@ def find_groups(g: GraphIndex, *, exclude: str | None = None) -> Analysis:
     _check_weights(g, merged)
     subgraph_names = g.subgraph_uses()
     pattern = re.compile(exclude) if exclude else None
+    wanted = re.compile(include) if include else None
     groups = []
     for d in merged:
         _check_members(g, d, subgraph_names, pattern)
+        if wanted and not any(wanted.search(g.nodes[p].name) for p in d.producers):
+            d.reasons.append(f"no producer matches --include {include!r}")
         if d.reasons:
             reason = "; ".join(d.reasons)
             skipped.extend(Skipped(g.key(p), g.nodes[p].op_type, reason) for p in sorted(d.producers))

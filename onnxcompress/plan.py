@@ -1,8 +1,10 @@
 """The Plan: what the rewrite will do, as data. It can be written to JSON, read back and applied
 to the same model without calibrating again.
 
-Per group: the kept channels (sorted, so channel order is preserved) and, per exit tensor, the
-interpolation matrix T (k x C) that the consumers' weights absorb (W' -> W' T^T).
+Per group (ID): the kept channels (sorted, so channel order is preserved) and, per exit tensor,
+the interpolation matrix T (k x C) that the consumers' weights absorb (W' -> W' T^T).
+Per layer (low rank): the rank and the factors A (out x r), B (r x in) with W ~ A B, W viewed as
+`layers.weight_matrix` defines it.
 """
 from __future__ import annotations
 
@@ -49,21 +51,53 @@ class GroupPlan:
 
 
 @dataclass(frozen=True)
+class LayerPlan:
+    layer: str
+    kind: str
+    out: int
+    inputs: int
+    rank: int
+    left: np.ndarray = field(compare=False)    # A (out x rank)
+    right: np.ndarray = field(compare=False)   # B (rank x inputs)
+    error: float = 0.0        # relative calibration output error of A B (NaN: no statistic)
+    best_error: float = 0.0   # the activation-aware optimum at this rank, same measure
+    statistic: str = ""       # what the input statistic was: channels / patches / counts / none
+
+    def to_dict(self, *, matrices: bool = True) -> dict:
+        d = {"layer": self.layer, "kind": self.kind, "shape": [self.out, self.inputs], "rank": self.rank,
+             "params_before": self.out * self.inputs, "params_after": self.rank * (self.out + self.inputs),
+             "error": self.error, "best_error": self.best_error, "statistic": self.statistic}
+        if matrices:
+            d["left"], d["right"] = _encode(self.left), _encode(self.right)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerPlan":
+        return cls(layer=d["layer"], kind=d["kind"], out=int(d["shape"][0]), inputs=int(d["shape"][1]),
+                   rank=int(d["rank"]), left=_decode(d["left"]), right=_decode(d["right"]),
+                   error=float(d.get("error", 0.0)), best_error=float(d.get("best_error", 0.0)),
+                   statistic=d.get("statistic", ""))
+
+
+@dataclass(frozen=True)
 class Plan:
     method: str
     select: str
     groups: tuple[GroupPlan, ...]
+    layers: tuple[LayerPlan, ...] = ()
 
     def to_dict(self) -> dict:
         return {"version": PLAN_VERSION, "method": self.method, "select": self.select,
-                "groups": [gp.to_dict() for gp in self.groups]}
+                "groups": [gp.to_dict() for gp in self.groups],
+                "layers": [lp.to_dict() for lp in self.layers]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         if d.get("version") != PLAN_VERSION:
             raise UsageError(f"plan: unsupported plan version {d.get('version')!r}")
         return cls(method=d["method"], select=d["select"],
-                   groups=tuple(GroupPlan.from_dict(g) for g in d["groups"]))
+                   groups=tuple(GroupPlan.from_dict(g) for g in d["groups"]),
+                   layers=tuple(LayerPlan.from_dict(x) for x in d.get("layers", [])))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict()))

@@ -34,6 +34,7 @@ class Report:
     file_size: dict = field(default_factory=dict)   # before / after, bytes
     data: dict = field(default_factory=dict)        # calibration / validation source and counts
     groups: list = field(default_factory=list)
+    layers: list = field(default_factory=list)      # low-rank splits
     skipped: list = field(default_factory=list)
     agreement: list = field(default_factory=list)
     gate: dict | None = None
@@ -57,6 +58,13 @@ class Report:
             for grp in self.groups:
                 kept = f"{grp['kept']}/{grp['channels']}"
                 lines.append(f"{_short(grp['group'], 40):<40} {kept:>11} {grp['error']:8.4f} {grp['best_error']:8.4f}")
+        if self.layers:
+            lines.append("")
+            lines.append(f"{'layer':<40} {'rank':>6} {'params':>9} {'error':>8} {'optimum':>8}")
+            for x in self.layers:
+                kept = x["params_after"] / x["params_before"]
+                lines.append(f"{_short(x['layer'], 40):<40} {x['rank']:>6} {kept:9.1%} {x['error']:8.4f} "
+                             f"{x['best_error']:8.4f}")
         if self.skipped:
             lines.append("")
             lines.append(f"{len(self.skipped)} layers left alone:")
