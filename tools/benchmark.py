@@ -58,6 +58,17 @@ RUNS = (
     Run("ocr_cls-keep90", "ocr_cls", ("--keep", "0.9")),
     Run("magika-keep75", "magika", ("--keep", "0.75")),
     Run("magika-flops70", "magika", ("--flops-target", "0.7")),
+    # low rank (issue 3): the word embedding at 72% of its parameters, l_2 / l_1 / frequency-weighted
+    Run("minilm-emb72-svd", "minilm", ("--method", "svd", "--include", "word_embeddings", "--keep", "0.72")),
+    Run("minilm-emb72-l1", "minilm", ("--method", "lp", "--p", "1", "--include", "word_embeddings", "--keep", "0.72")),
+    Run("minilm-emb72-aasvd", "minilm", ("--method", "aasvd", "--include", "word_embeddings", "--keep", "0.72")),
+    # every encoder linear at 90% of its parameters: plain vs activation-aware SVD
+    Run("minilm-lin90-svd", "minilm", ("--method", "svd", "--include", "encoder", "--keep", "0.9")),
+    Run("minilm-lin90-aasvd", "minilm", ("--method", "aasvd", "--include", "encoder", "--keep", "0.9")),
+    # the whole model, embedding included, ranks allocated greedily
+    Run("minilm-params70-aasvd", "minilm", ("--method", "aasvd", "--params-target", "0.7")),
+    # RapidOCR recognition: Conv and MatMul layers at 80% of their parameters
+    Run("ocr_rec-aasvd80", "ocr_rec", ("--method", "aasvd", "--keep", "0.8")),
 )
 
 
