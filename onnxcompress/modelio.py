@@ -66,7 +66,10 @@ def _check_external(model: onnx.ModelProto, base: Path, path: Path) -> None:
         info = external_data_helper.ExternalDataInfo(tensor)
         location = Path(info.location)
         target = (base / location).resolve()
-        if location.is_absolute() or not target.is_relative_to(base_real):
+        if location.is_absolute():
+            raise ModelError(f"load: {path}: external data of tensor {tensor.name!r} has an absolute "
+                             f"location ({info.location!r}); refused")
+        if not target.is_relative_to(base_real):
             raise ModelError(f"load: {path}: external data of tensor {tensor.name!r} points outside "
                              f"the model's folder ({info.location!r}); refused")
         if not target.is_file():
