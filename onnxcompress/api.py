@@ -16,8 +16,8 @@ from .calibrate import ChannelGram, Progress, calibrate, make_session, observed_
 from .config import Config
 from .cost import cost_items, count_params, node_flops
 from .decide import Budget, decide
+from .errors import AgreementError, RewriteError, UsageError
 from .factorize import factorize
-from .errors import AgreementError, RewriteError
 from .graph import GraphIndex
 from .groups import Analysis, find_groups
 from .layers import find_layers
@@ -39,6 +39,34 @@ def default_output(model_path: str | os.PathLike) -> Path:
     return p.with_name(stem + ".compressed.onnx")
 
 
+def _check_arguments(model, output, config, calib, val, plan) -> tuple[Config, Path, Path, list[Path]]:
+    """Types and consistency of `compress`'s arguments, before anything is read: a `UsageError`
+    for what the caller got wrong. Returns (config, model path, output path, data files)."""
+    config = Config() if config is None else config
+    if not isinstance(config, Config):
+        raise UsageError(f"config must be an onnxcompress.Config, got {type(config).__name__}")
+    for name, value in (("model", model), ("output", output)):
+        if not isinstance(value, (str, os.PathLike)) and not (name == "output" and value is None):
+            raise UsageError(f"{name} must be a path, got {type(value).__name__}")
+    if plan is not None:
+        if not isinstance(plan, Plan):
+            raise UsageError(f"plan must be an onnxcompress.Plan, got {type(plan).__name__}")
+        given = [n for n in ("keep", "tolerance", "flops_target", "params_target") if getattr(config, n) is not None]
+        if given:
+            raise UsageError(f"a plan fixes the sizes; {given[0]} contradicts it")
+    src = Path(model)
+    out = Path(output) if output is not None else default_output(src)
+    inputs = []
+    for spec in (calib, val):
+        if isinstance(spec, (str, os.PathLike)):
+            p = Path(spec)
+            try:
+                inputs += sorted(p.iterdir()) if p.is_dir() else [p]
+            except OSError:  # unreadable: the data stage says so
+                inputs.append(p)
+    return config, src, out, inputs
+
+
 def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, *,
              config: Config | None = None, calib=None, val=None, plan: Plan | None = None,
              progress: Progress | None = None) -> Report:
@@ -55,10 +83,8 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     met; the output is then not written, unless `config.keep_failed`, in which case it is written
     first and the error still raised.
     """
-    config = config or Config()
-    src = Path(model)
-    out = Path(output) if output is not None else default_output(src)
-    check_output_path(out, force=config.force, source=src)
+    config, src, out, inputs = _check_arguments(model, output, config, calib, val, plan)
+    check_output_path(out, force=config.force, source=src, inputs=inputs)
     timer = StageTimer()
     report = Report(input=str(src), output=None, config=config.to_dict())
     with timer("load"):
@@ -69,7 +95,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
         calib_src, val_src = _sources(calib, val, specs, config, report)
         first = next(iter(calib_src))
         g = GraphIndex(norm, *shapes_at(norm, first))
-    if config.method == "id":
+    if (plan.method if plan is not None else config.method) == "id":
         analysis, new, plan = _prune(norm, g, config, calib_src, first, plan, timer, progress)
     else:
         analysis, new, plan = _split(norm, g, config, calib_src, first, plan, timer, progress)
@@ -82,7 +108,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     if report.gate and not report.gate["passed"] and not config.keep_failed:
         raise AgreementError(report.gate["message"], report)
     with timer("save"):
-        written = save_model(new, out, force=config.force)
+        written = save_model(new, out, force=config.force, inputs=[src, *inputs])
     report.output = str(out)
     report.file_size["after"] = sum(p.stat().st_size for p in written)
     report.seconds = timer.seconds

@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
-from .api import compress
+from .api import compress, default_output
 from .config import METHODS, SELECTIONS, Config
-from .errors import AgreementError, OnnxCompressError
+from .errors import AgreementError, OnnxCompressError, OutputError, UsageError
+from .modelio import check_output_path
 from .plan import Plan
 
 log = logging.getLogger("onnxcompress")
@@ -41,12 +43,29 @@ class ProgressBar:
         sys.stderr.flush()
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.argument("output", required=False, type=click.Path(dir_okay=False))
+class _OneLineUsageError(click.ClickException):
+    """A parse error (unknown flag, bad value, missing argument) shown as one line, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"onnxcompress: error: {' '.join(self.format_message().split())} (see --help)", err=True)
+
+
+class _Command(click.Command):
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            raise _OneLineUsageError(e.format_message()) from e
+
+
+@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path())
+@click.argument("output", required=False, type=click.Path())
 @click.option("--calib", type=click.Path(), help=".npz (keys = input names, samples on axis 0), .npy, or a directory of such files, one feed each.")
 @click.option("--val", type=click.Path(), help="Validation inputs, same formats (default: a held-out share of --calib).")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
 @click.option("--keep", type=float, help="Fraction of channels kept in every group (default 0.75).")
 @click.option("--tolerance", type=float, help="Per group, the smallest size whose relative ID error is at most this.")
 @click.option("--flops-target", type=float, help="Keep at most this fraction of the model's FLOPs (greedy allocation).")
@@ -68,7 +87,7 @@ class ProgressBar:
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per run for array inputs.")
 @click.option("--max-rows", type=int, default=8192, show_default=True, help="Per feed and tensor, at most this many positions enter the statistics (0: all).")
 @click.option("--holdout", type=float, default=0.2, show_default=True, help="Share of --calib held out for validation when --val is not given.")
-@click.option("--save-plan", type=click.Path(dir_okay=False), help="Write the decisions (kept channels, interpolation matrices) as JSON.")
+@click.option("--save-plan", type=click.Path(), help="Write the decisions (kept channels, interpolation matrices) as JSON.")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, exists=True), help="Apply a plan saved with --save-plan instead of calibrating.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
@@ -80,38 +99,68 @@ def main(model, output, calib, val, report_path, keep, tolerance, flops_target, 
     """Compress MODEL.onnx into OUTPUT (default: MODEL.compressed.onnx beside it)."""
     logging.basicConfig(format="onnxcompress: %(levelname)s: %(message)s",
                         level=logging.ERROR if quiet else (logging.INFO if verbose else logging.WARNING))
+    written = False
     try:
         config = Config(keep=keep, tolerance=tolerance, flops_target=flops_target, params_target=params_target,
                         min_keep=min_keep, select=select, method=method, intercept=intercept, exclude=exclude,
                         include=include, p=p, lp_weighted=lp_weighted, smoothing=smoothing, max_patch=max_patch,
                         min_agreement=min_agreement, keep_failed=keep_failed, batch_size=batch_size, max_rows=max_rows,
                         holdout=holdout, force=force)
+        _check_side_outputs(model, output, calib, val, plan_path, report=report_path, save_plan=save_plan)
         plan = Plan.load(plan_path) if plan_path else None
-        report = compress(model, output, config=config, calib=calib, val=val, plan=plan,
-                          progress=ProgressBar(not quiet and sys.stderr.isatty()))
-    except AgreementError as e:
-        _finish(e.report, report_path, quiet)
-        _fail(e, verbose)
+        try:
+            report = compress(model, output, config=config, calib=calib, val=val, plan=plan,
+                              progress=ProgressBar(not quiet and sys.stderr.isatty()))
+        except AgreementError as e:
+            written = e.report is not None and e.report.output is not None
+            _finish(e.report, report_path, quiet)
+            raise
+        written = True
+        if save_plan:
+            _write("plan", save_plan, report.plan.save)
+        _finish(report, report_path, quiet)
     except OnnxCompressError as e:
         _fail(e, verbose)
     except KeyboardInterrupt:
-        click.echo("onnxcompress: interrupted; no output was written", err=True)
+        click.echo("onnxcompress: interrupted; " + ("the output model had been written" if written
+                                                     else "no output was written"), err=True)
         sys.exit(130)
     except Exception as e:  # a bug: say so in one line, traceback with -v
         if verbose:
             traceback.print_exc()
         click.echo(f"onnxcompress: internal error: {type(e).__name__}: {e}", err=True)
         sys.exit(1)
-    if save_plan:
-        report.plan.save(save_plan)
-    _finish(report, report_path, quiet)
+
+
+def _check_side_outputs(model, output, calib, val, plan_path, **paths) -> None:
+    """--report and --save-plan are checked before any work: an existing folder, writable, not a
+    directory, not an input and not the output model (an existing report or plan is replaced)."""
+    given = {"--" + name.replace("_", "-"): Path(p) for name, p in paths.items() if p}
+    out = Path(output) if output else default_output(model)
+    inputs = [Path(p) for p in (model, calib, val, plan_path) if p]
+    for flag, path in given.items():
+        if path.resolve() == out.resolve():
+            raise OutputError(f"{flag}: {path} is the output model")
+        try:
+            check_output_path(path, force=True, source=Path(model), inputs=inputs)
+        except OutputError as e:
+            raise OutputError(f"{flag}: {e}") from e
+    if len(given) == 2 and given["--report"].resolve() == given["--save-plan"].resolve():
+        raise UsageError("--report and --save-plan name the same file")
+
+
+def _write(what: str, path, save) -> None:
+    try:
+        save(path)
+    except OSError as e:
+        raise OutputError(f"{what}: {path}: cannot write ({e.strerror or e})") from e
 
 
 def _finish(report, report_path, quiet: bool) -> None:
     if report is None:
         return
     if report_path:
-        report.save(report_path)
+        _write("report", report_path, report.save)
     if not quiet:
         click.echo(report.table())
 

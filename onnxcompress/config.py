@@ -6,6 +6,7 @@ Sizes are chosen by exactly one of `keep`, `tolerance`, `flops_target`, `params_
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from dataclasses import dataclass
 
@@ -83,10 +84,11 @@ class Config:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_types(self)
         chosen = [n for n in ("keep", "tolerance", "flops_target", "params_target")
                   if getattr(self, n) is not None]
         if len(chosen) > 1:
-            raise UsageError(f"options {', '.join(chosen)} contradict each other: give only one size rule")
+            raise UsageError(f"options {' and '.join(map(_named, chosen))} contradict each other: give only one size rule")
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.select not in SELECTIONS:
@@ -100,10 +102,10 @@ class Config:
         if not 0 <= self.holdout < 1:
             raise UsageError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.max_rows < 0:
-            raise UsageError(f"max_rows must be non-negative, got {self.max_rows}")
+            raise UsageError(f"{_named('max_rows')} must be non-negative, got {self.max_rows}")
         if self.batch_size < 1:
-            raise UsageError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.ridge < 0:
+            raise UsageError(f"{_named('batch_size')} must be at least 1, got {self.batch_size}")
+        if not self.ridge >= 0:  # also refuses NaN
             raise UsageError(f"ridge must be non-negative, got {self.ridge}")
         if self.select != "id" and self.method != "id":
             raise UsageError(f"select {self.select!r} applies to method 'id' only, not {self.method!r}")
@@ -133,10 +135,38 @@ class Config:
         return dataclasses.asdict(self)
 
 
+_OPTIONAL = ("keep", "tolerance", "flops_target", "params_target", "min_agreement", "exclude")
+_KINDS = {"a number": (("keep", "tolerance", "flops_target", "params_target", "min_keep", "holdout",
+                        "ridge", "min_agreement"), lambda v: isinstance(v, numbers.Real)),
+          "an integer": (("batch_size", "max_rows", "seed"), lambda v: isinstance(v, numbers.Integral)),
+          "True or False": (("weighted", "intercept", "keep_failed", "force"), lambda v: True),
+          "a string": (("method", "select", "exclude"), lambda v: isinstance(v, str))}
+
+
+def _check_types(config: Config) -> None:
+    """From Python, a wrong type is a usage error too (the command line's parser checks its own)."""
+    for kind, (names, ok) in _KINDS.items():
+        for name in names:
+            value = getattr(config, name)
+            if value is None and name in _OPTIONAL:
+                continue
+            if isinstance(value, bool) != (kind == "True or False") or not ok(value):
+                raise UsageError(f"{_named(name)} must be {kind}, got {value!r}")
+
+
+_NO_FLAG = ("ridge", "weighted", "seed")
+
+
+def _named(name: str) -> str:
+    """A field as the user may know it: `min_agreement (--min-agreement)`."""
+    flag = name.replace("_", "-")
+    return name if name == flag or name in _NO_FLAG else f"{name} (--{flag})"
+
+
 def _check_fraction(name: str, value: float | None, *, open_low: bool) -> None:
     if value is None:
         return
     low_ok = value > 0 if open_low else value >= 0
     if not (low_ok and value <= 1):
         bound = "(0, 1]" if open_low else "[0, 1]"
-        raise UsageError(f"{name} must be in {bound}, got {value}")
+        raise UsageError(f"{_named(name)} must be in {bound}, got {value}")

@@ -100,15 +100,29 @@ def _open_path(path: Path, specs: list[InputSpec], batch_size: int) -> FeedSourc
     return _from_arrays(str(path), arrays, specs, batch_size)
 
 
+_NPY_MAGIC, _ZIP_MAGICS = b"\x93NUMPY", (b"PK\x03\x04", b"PK\x05\x06")
+
+
 def _read_file(path: Path, specs: list[InputSpec]) -> Feed:
+    """One file's arrays. The format is taken from the first bytes, not trusted from the suffix:
+    anything that is not an .npy array or a zip of them (a pickle above all) is refused unread."""
+    if path.suffix not in (".npz", ".npy"):
+        raise DataError(f"data: {path}: expected a .npz or .npy file or a directory")
+    if path.suffix == ".npy" and len(specs) != 1:
+        raise DataError(f"data: {path}: a .npy file serves a single-input model; this model "
+                        f"has inputs {', '.join(s.name for s in specs)} (use .npz)")
     try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+        want = _NPY_MAGIC if path.suffix == ".npy" else _ZIP_MAGICS
+        if not head:
+            raise DataError(f"data: {path}: the file is empty")
+        if not head.startswith(want):
+            kind = ("pickled data" if head[:1] == b"\x80" else "a .npy array" if head == _NPY_MAGIC
+                    else "a zip archive" if head[:4] in _ZIP_MAGICS else "not numpy data")
+            raise DataError(f"data: {path}: not a {path.suffix} file ({kind}); refused")
         if path.suffix == ".npy":
-            if len(specs) != 1:
-                raise DataError(f"data: {path}: a .npy file serves a single-input model; this model "
-                                f"has inputs {', '.join(s.name for s in specs)} (use .npz)")
             return {specs[0].name: np.load(path, allow_pickle=False)}
-        if path.suffix != ".npz":
-            raise DataError(f"data: {path}: expected a .npz or .npy file or a directory")
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except DataError:
@@ -233,7 +247,10 @@ def check_feed(feed: Feed, specs: list[InputSpec], where: str) -> Feed:
         if a.size == 0:
             raise DataError(f"data: {where}: input {s.name!r} is empty (shape {a.shape})")
         if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
-            raise DataError(f"data: {where}: input {s.name!r} holds NaN or Inf values")
+            bad = np.argwhere(~np.isfinite(a))[0]
+            what = "NaN" if np.isnan(a[tuple(bad)]) else "Inf"
+            raise DataError(f"data: {where}: input {s.name!r} holds {what} values (first at index "
+                            f"{tuple(int(i) for i in bad)})")
         out[s.name] = a
     return out
 
