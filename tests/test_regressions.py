@@ -38,3 +38,20 @@ def test_error_estimate_sees_the_nonlinearity(tmp_path):
     assert est > 1e-3
     assert measured < 10 * est  # the estimate bounds the output error (consumer-weighted)
     assert_valid_output(path, tmp_path / "o.onnx", {"x": feed["x"][:8]})
+
+
+def test_copies_are_recognized_across_several_exits(tmp_path):
+    """A residual group read by two consumers (fc2 reads h, the head reads h + fc2(h)) whose
+    second half copies its first: at half width every pair keeps one channel and the outputs
+    are unchanged. Weighting each exit's Gram by its own consumer's column norms made copies
+    look distinct in the summed selection Gram, and both copies of a channel were kept."""
+    b = graphs.Builder(6)
+    h = b.op("Gemm", ["x", b.weight("w1", (6, 6), 0), b.weight("b1", (6,), 0, 0.5)], transB=1, name="fc1")
+    r = b.op("Add", [b.op("Gemm", [h, b.weight("w2", (6, 6), 0), b.weight("b2", (6,), 0, 0.5)], transB=1, name="fc2"), h])
+    y = b.op("Gemm", [r, b.weight("w3", (1, 6)), b.weight("b3", (1,), None, 0.5)], transB=1, name="head")
+    path = save(tmp_path, b.model([("x", ["N", 6])], [y]))
+    feed = graphs.sample_inputs([("x", (6,))], 24, 1)
+    report = compress(path, tmp_path / "o.onnx", config=Config(keep=0.5), calib=feed, val=feed)
+    assert [(g["producers"], g["kept"]) for g in report.groups] == [(["fc1", "fc2"], 3)]
+    assert sorted(k % 3 for k in report.plan.groups[0].keep) == [0, 1, 2]
+    assert_valid_output(path, tmp_path / "o.onnx", feed, same=True, rtol=1e-3, atol=1e-4)
