@@ -16,7 +16,7 @@ from .calibrate import ChannelGram, Progress, calibrate, make_session, observed_
 from .config import Config
 from .cost import cost_items, count_params, node_flops
 from .decide import Budget, decide
-from .errors import AgreementError, RewriteError, UsageError
+from .errors import AgreementError, ModelError, RewriteError, UsageError
 from .factorize import factorize
 from .graph import GraphIndex
 from .groups import Analysis, find_groups
@@ -131,7 +131,7 @@ def _prune(norm, g: GraphIndex, config: Config, calib_src, first, plan, timer, p
             plan = decide(g, analysis, stats, config, _budget(norm, g, analysis))
     with timer("rewrite"):
         new = rewrite(norm, g, analysis, plan) if plan.groups else norm
-        _smoke_test(new, first)
+        _smoke_test(new, first, rewritten=new is not norm)
     return analysis, new, plan
 
 
@@ -151,7 +151,7 @@ def _split(norm, g: GraphIndex, config: Config, calib_src, first, plan, timer, p
             skipped = skipped + left
     with timer("rewrite"):
         new = split(norm, g, {x.key: x for x in layers.layers}, plan) if plan.layers else norm
-        _smoke_test(new, first)
+        _smoke_test(new, first, rewritten=new is not norm)
     return Analysis((), tuple(skipped)), new, plan
 
 
@@ -195,12 +195,15 @@ def _budget(model: onnx.ModelProto, g: GraphIndex, analysis: Analysis) -> Budget
     return Budget(float(count_params(model)), float(sum(flops.values())), tuple(p_items), tuple(f_items))
 
 
-def _smoke_test(model: onnx.ModelProto, feed: dict) -> None:
-    """The rewritten model must load and run in ONNX Runtime before anything else is measured."""
+def _smoke_test(model: onnx.ModelProto, feed: dict, *, rewritten: bool = True) -> None:
+    """The rewritten model must load and run in ONNX Runtime before anything else is measured.
+    When nothing was rewritten, a failure is the input model's (`ModelError`), not the rewrite's."""
     try:
         session = make_session(model)
         run(session, [o.name for o in model.graph.output], feed, "the first feed")
     except Exception as e:
+        if not rewritten:
+            raise ModelError(f"run: ONNX Runtime cannot run the model ({str(e).splitlines()[0]})") from e
         raise RewriteError(f"rewrite: the compressed model does not run ({str(e).splitlines()[0]})") from e
 
 

@@ -31,6 +31,7 @@ from scipy.linalg import blas
 
 from .errors import DataError, ModelError
 from .modelio import PROTOBUF_LIMIT
+from .normalize import unique_node_names
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,15 @@ class GramAccumulator:
 def make_session(model: onnx.ModelProto, outputs: Iterable[str] = (),
                  types: dict[str, int] | None = None) -> ort.InferenceSession:
     """An ONNX Runtime CPU session of `model` with `outputs` exposed in addition to the graph
-    outputs (types from `types`, float by default). The argument is not modified."""
+    outputs (types from `types`, float by default) and repeated node names made unique. The
+    argument is not modified."""
     extra = [o for o in outputs if o not in {vi.name for vi in model.graph.output}]
+    named = [node.name for node in model.graph.node if node.name]
     m = model
-    if extra:
+    if extra or len(set(named)) < len(named):
         m = onnx.ModelProto()
         m.CopyFrom(model)
+        unique_node_names(m.graph)  # ONNX Runtime refuses repeated node names
         for name in extra:
             elem = (types or {}).get(name, onnx.TensorProto.FLOAT)
             m.graph.output.append(helper.make_tensor_value_info(name, elem, None))

@@ -68,6 +68,11 @@ def consumer_norms(g: GraphIndex, group: Group, source: str) -> np.ndarray:
 
 
 def group_curve(g: GraphIndex, group: Group, stats: dict, config: Config) -> Curve:
+    """The selection Gram sums each exit's Gram, trace-normalized, with one per-channel weight
+    shared by all exits: the rms over exits of each exit's (rms-normalized) consumer norms.
+    Exit-specific weights would break the collinearity the exits share (a channel that copies
+    another in every exit tensor would no longer look like a copy), so the pivots could keep
+    both copies and lose a channel."""
     gsel = np.zeros((group.channels, group.channels))
     weights, grams, means = {}, {}, {}
     for e in group.exits:
@@ -77,8 +82,9 @@ def group_curve(g: GraphIndex, group: Group, stats: dict, config: Config) -> Cur
             means[e.tensor] = st.sums / st.rows
             gram = gram - np.outer(st.sums, st.sums) / st.rows
         grams[e.tensor] = gram
-        d = consumer_norms(g, group, e.tensor) if config.weighted else np.ones(group.channels)
-        weights[e.tensor] = d
+        weights[e.tensor] = consumer_norms(g, group, e.tensor) if config.weighted else np.ones(group.channels)
+    d = _shared_weight(list(weights.values()), group.channels)
+    for gram in grams.values():
         part = gram * np.outer(d, d)
         tr = float(np.trace(part))
         if tr > 0:
@@ -86,6 +92,16 @@ def group_curve(g: GraphIndex, group: Group, stats: dict, config: Config) -> Cur
     order, residual = pivot_order(gsel)
     norm = residual / residual[0] if residual[0] > 0 else residual
     return Curve(group, gsel, weights, grams, means, order, norm)
+
+
+def _shared_weight(per_exit: list[np.ndarray], channels: int) -> np.ndarray:
+    """sqrt(mean_e d_e^2 / mean(d_e^2)): each exit's consumer norms count equally."""
+    sq = np.zeros(channels)
+    for d in per_exit:
+        ms = float(np.mean(d * d))
+        if ms > 0:
+            sq += d * d / ms
+    return np.sqrt(sq / max(len(per_exit), 1))
 
 
 def norm_order(g: GraphIndex, group: Group) -> np.ndarray:

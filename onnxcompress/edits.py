@@ -144,3 +144,16 @@ def unused_extra_outputs(g: GraphIndex, i: int) -> Stop | None:
         if extra and (g.users(extra) or extra in g.graph_outputs):
             return Stop(f"second output {extra!r} of {g.nodes[i].op_type} is used")
     return None
+
+
+def computed_weight(g: GraphIndex, name: str, what: str = "weight") -> str | None:
+    """Why `name`, a weight slot that holds no constant, is left alone when it is computed from
+    constants only (a DequantizeLinear of quantized weights, a Cast of float16 storage, ...);
+    None when it is an activation or a graph input."""
+    i = g.producer.get(name)
+    if i is None or not all(g.const(n) is not None for n in g.nodes[i].input if n):
+        return None
+    op = g.nodes[i].op_type
+    if op == "DequantizeLinear":
+        return f"{what} is quantized (DequantizeLinear node {g.key(i)}); quantized weights are left as they are"
+    return f"{what} is computed by {op} node {g.key(i)}, not stored as a constant"

@@ -18,6 +18,7 @@ from .edits import Exit, Member, Mix, Produce, SetAttr, ShapeEntry, Shift, Slice
 from .ops import HANDLERS
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul", "Gather", "ConvTranspose")
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,11 @@ def find_groups(g: GraphIndex, *, exclude: str | None = None, include: str | Non
             skipped.append(Skipped(g.key(i), node.op_type, result))
         elif node.op_type in LINEAR_OPS and node.op_type != "Gather" and not _is_depthwise(g, i):
             skipped.append(Skipped(g.key(i), node.op_type, "not a channel producer"))
+        elif node.op_type in RECURRENT_OPS:
+            skipped.append(Skipped(g.key(i), node.op_type, "recurrent layer: its weights are not compressed"))
     merged = _merge(g, drafts)
-    _check_weights(g, merged)
     subgraph_names = g.subgraph_uses()
+    _check_weights(g, merged, subgraph_names)
     pattern = re.compile(exclude) if exclude else None
     wanted = re.compile(include) if include else None
     groups = []
@@ -227,10 +230,11 @@ def _check_members(g: GraphIndex, d: _Draft, subgraph_names: set[str], pattern) 
             d.stop(f"excluded by --exclude (node {hits[0]})")
 
 
-def _check_weights(g: GraphIndex, drafts: list[_Draft]) -> None:
+def _check_weights(g: GraphIndex, drafts: list[_Draft], subgraph_names: set[str]) -> None:
     """A constant may only be edited where every node reading it edits it the same way: a weight
-    shared with a node outside the group, or edited by two groups through different nodes,
-    stops the groups involved."""
+    shared with a node outside the group (also one inside an If/Loop/Scan body, or a graph
+    input or output), or edited by two groups through different nodes, stops the groups
+    involved."""
     by_tensor: dict[str, list[tuple[_Draft, object]]] = defaultdict(list)
     for d in drafts:
         for e in d.edits:
@@ -246,6 +250,10 @@ def _check_weights(g: GraphIndex, drafts: list[_Draft]) -> None:
         reason = None
         if name in graph_inputs:
             reason = f"weight {name!r} is also a graph input"
+        elif name in g.graph_outputs:
+            reason = f"weight {name!r} is also a graph output"
+        elif name in subgraph_names:
+            reason = f"weight {name!r} is also read inside a subgraph"
         elif readers - editors:
             other = g.key(min(readers - editors))
             reason = f"weight {name!r} is shared with node {other} outside the group"

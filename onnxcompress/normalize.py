@@ -4,7 +4,7 @@
   initializers of the same name, so a weight is always an initializer.
 * Small nodes whose inputs are all constants (a Reshape of a bias, a Cast, an Unsqueeze, ...)
   are folded into initializers, so per-channel parameters look like constants.
-* Nodes are put in topological order.
+* Nodes are put in topological order; repeated node names are made unique.
 * `static_shapes` infers every tensor shape for one concrete feed, on a weightless skeleton of the
   model (large initializers replaced by typed graph inputs), so it works for any model size; where
   inference fails it degrades to "unknown" rather than failing.
@@ -13,6 +13,7 @@ Opsets, untouched nodes and subgraphs (If/Loop/Scan bodies) stay as they were.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections import defaultdict, deque
 
@@ -28,9 +29,14 @@ _CONSTANT_ATTRS = ("value", "value_float", "value_floats", "value_int", "value_i
 
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return a normalized copy of `model` (the argument is not changed)."""
+    """Return a normalized copy of `model` (the argument is not changed). Raises `ModelError`
+    for a model ONNX Runtime cannot run (see `check_known_ops`)."""
+    check_known_ops(model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    renamed = unique_node_names(out.graph)
+    if renamed:
+        log.info("normalize: %d nodes renamed to make node names unique", renamed)
     n = constants_to_initializers(out.graph, needs_input=out.ir_version < 4)
     if n:
         log.info("normalize: %d Constant nodes became initializers", n)
@@ -42,19 +48,71 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def unique_node_names(graph: onnx.GraphProto) -> int:
+    """Give every node after the first of a repeated (non-empty) name the name `<name>_<k>`, unique
+    in the graph: ONNX Runtime refuses a graph with two nodes of one name. Returns the number of
+    nodes renamed."""
+    names = [node.name for node in graph.node]
+    taken, seen, renamed = set(names), set(), 0
+    for node in graph.node:
+        if node.name and node.name in seen:
+            k = 1
+            while f"{node.name}_{k}" in taken:
+                k += 1
+            node.name = f"{node.name}_{k}"
+            taken.add(node.name)
+            renamed += 1
+        seen.add(node.name)
+    return renamed
+
+
+def check_known_ops(model: onnx.ModelProto) -> None:
+    """Raise `ModelError` naming the first node (of any subgraph) whose op is in a domain other
+    than ONNX's that neither ONNX Runtime nor the model's own functions define: calibration and
+    validation run the model in ONNX Runtime, so such a model cannot be compressed."""
+    local = {(f.domain, f.name) for f in model.functions}
+    unknown = [node for node in _all_nodes(model.graph)
+               if node.domain not in ("", "ai.onnx") and (node.domain, node.op_type) not in local
+               and (node.domain, node.op_type) not in _runtime_ops()]
+    if unknown:
+        node = unknown[0]
+        more = f" (and {len(unknown) - 1} more such nodes)" if len(unknown) > 1 else ""
+        raise ModelError(f"normalize: node {node.name or node.op_type!r} uses op {node.domain}:{node.op_type}, "
+                         f"which ONNX Runtime does not know{more}; onnxcompress runs the model to "
+                         "calibrate and validate, so it cannot compress it")
+
+
+@functools.lru_cache(maxsize=1)
+def _runtime_ops() -> frozenset:
+    """(domain, op) of every op ONNX Runtime has a schema for."""
+    from onnxruntime.capi import _pybind_state
+    return frozenset((s.domain, s.name) for s in _pybind_state.get_all_operator_schema())
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from _all_nodes(g)
+
+
 FOLDABLE = set("Reshape Unsqueeze Squeeze Cast Transpose Identity Flatten Concat Add Sub Mul Div Neg "
                "Sqrt Reciprocal Pow Abs Exp Log".split())
 FOLD_LIMIT = 2**20  # elements: larger results stay computed at run time
+GROW_LIMIT = 4096   # elements: a result stored in more bytes than its inputs (a Cast of float16
+                    # weights to float) is only folded when this small, so weights keep their dtype
 
 
 def fold_constants(graph: onnx.GraphProto, opset: int) -> int:
     """Replace FOLDABLE nodes whose inputs are all initializers (and whose outputs are not graph
-    outputs) by initializers holding their results. Returns the number of nodes folded."""
+    outputs) by initializers holding their results; initializers only those nodes read are
+    dropped. Returns the number of nodes folded."""
     from onnx.reference import ReferenceEvaluator
 
     values = {t.name: t for t in graph.initializer}
     outputs = {vi.name for vi in graph.output}
-    keep, folded = [], 0
+    keep, folded, used_by_folded = [], 0, set()
     for node in graph.node:
         inputs = [n for n in node.input if n]
         if (node.op_type not in FOLDABLE or node.domain not in ("", "ai.onnx") or not inputs
@@ -64,19 +122,39 @@ def fold_constants(graph: onnx.GraphProto, opset: int) -> int:
             continue
         try:
             feed = {n: numpy_helper.to_array(values[n]) for n in inputs}
-            results = ReferenceEvaluator(node, opsets={"": opset}).run(None, feed)
+            results = [np.asarray(v) for v in ReferenceEvaluator(node, opsets={"": opset}).run(None, feed)]
         except Exception:  # an op the reference cannot evaluate stays as it is
             keep.append(node)
             continue
+        size = sum(r.size for r in results)
+        if size > GROW_LIMIT and sum(r.nbytes for r in results) > sum(v.nbytes for v in feed.values()):
+            keep.append(node)
+            continue
         for name, value in zip(node.output, results):
-            t = numpy_helper.from_array(np.asarray(value), name)
+            t = numpy_helper.from_array(value, name)
             graph.initializer.append(t)
             values[name] = t
+        used_by_folded.update(inputs)
         folded += 1
     if folded:
         del graph.node[:]
         graph.node.extend(keep)
+        _drop_unused_initializers(graph, used_by_folded)
     return folded
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Remove the initializers among `names` that no node (of any subgraph), graph input or
+    graph output refers to any more."""
+    used = {vi.name for vi in graph.input} | {vi.name for vi in graph.output}
+    for node in graph.node:
+        used.update(node.input)
+        used.update(_subgraph_inputs(node))
+    dead = names - used
+    if dead:
+        keep = [t for t in graph.initializer if t.name not in dead]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
 
 
 def _opset(model: onnx.ModelProto) -> int:

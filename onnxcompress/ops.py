@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .edits import (Exit, Handler, Member, Mix, Produce, SetAttr, Shift, Slice, Stop, Through,
-                    const_channel_edit, flat_only, through_to, unused_extra_outputs)
+                    computed_weight, const_channel_edit, flat_only, through_to, unused_extra_outputs)
 from .graph import GraphIndex
 from .ops_layout import Concat, Flatten, Reshape, Resize, ShapeOf, Softmax, Squeeze, Transpose
 
@@ -41,13 +41,16 @@ class Unary(Handler):
             if isinstance(e, Stop):
                 return e
             edits.extend(e)
-        if m.spatial > 1 and edits:
+        same_values = g.nodes[i].op_type in VALUE_PRESERVING
+        if m.spatial > 1 and (edits or not same_values):
             return flat_only(m, g.nodes[i].op_type)
         stop = unused_extra_outputs(g, i)
         if stop:
             return stop
-        return Through(outputs=(Member(g.nodes[i].output[0], m.axis, m.spatial, m.source, m.source_axis),),
-                       edits=tuple(edits))
+        # the output's own values feed the exits' Grams, except through ops that copy them
+        out = (Member(g.nodes[i].output[0], m.axis, m.spatial, m.source, m.source_axis) if same_values
+               else Member(g.nodes[i].output[0], m.axis))
+        return Through(outputs=(out,), edits=tuple(edits))
 
 
 class Binary(Unary):
@@ -75,7 +78,7 @@ class Conv(Handler):
         node = g.nodes[i]
         w = g.const(node.input[1])
         if w is None:
-            return "weight is not a constant"
+            return computed_weight(g, node.input[1]) or "weight is not a constant"
         group = g.attr(i, "group", 1)
         if group != 1:
             if group == w.shape[0] and w.shape[1] == 1:
@@ -91,8 +94,10 @@ class Conv(Handler):
     def consume(self, g, i, pos, m, channels):
         node = g.nodes[i]
         w = g.const(node.input[1])
-        if pos != 0 or w is None:
+        if pos != 0:
             return Stop("Conv reads the channels as its weight")
+        if w is None:
+            return Stop("Conv's " + (computed_weight(g, node.input[1]) or "weight is not a constant"))
         if m.spatial > 1 or m.axis != -(w.ndim - 1):
             return Stop("Conv does not read the channel axis as its input channels")
         group = g.attr(i, "group", 1)
@@ -115,7 +120,7 @@ class Gemm(Handler):
         node = g.nodes[i]
         b = g.const(node.input[1])
         if b is None or b.ndim != 2:
-            return "weight is not a constant matrix"
+            return (b is None and computed_weight(g, node.input[1])) or "weight is not a constant matrix"
         axis = 0 if g.attr(i, "transB", 0) else 1
         edits = [Slice(node.input[1], axis, i)]
         if len(node.input) > 2 and node.input[2]:
@@ -131,8 +136,10 @@ class Gemm(Handler):
     def consume(self, g, i, pos, m, channels):
         node = g.nodes[i]
         b = g.const(node.input[1])
-        if pos != 0 or b is None or g.attr(i, "transA", 0):
+        if pos != 0 or g.attr(i, "transA", 0):
             return Stop("Gemm does not read the channels as its input features")
+        if b is None:
+            return Stop("Gemm's " + (computed_weight(g, node.input[1]) or "weight is not a constant"))
         axis = 1 if g.attr(i, "transB", 0) else 0
         if m.axis != -1 or b.shape[axis] != channels * m.spatial:
             return Stop("Gemm's weight does not match the channels")
@@ -150,7 +157,8 @@ class MatMul(Handler):
         node = g.nodes[i]
         a, w = g.const(node.input[0]), g.const(node.input[1])
         if w is None:
-            return "constant on the left" if a is not None else "no constant weight (product of two activations)"
+            return ("constant on the left" if a is not None else computed_weight(g, node.input[1])
+                    or "no constant weight (product of two activations)")
         if w.ndim != 2:
             return "batched constant weight"
         return Produce(node.output[0], -1, w.shape[1], (Slice(node.input[1], 1, i),), Slice(node.input[1], 1, i))
@@ -158,6 +166,9 @@ class MatMul(Handler):
     def consume(self, g, i, pos, m, channels):
         node = g.nodes[i]
         w = g.const(node.input[1])
+        reason = computed_weight(g, node.input[1]) if pos == 0 and w is None else None
+        if reason:
+            return Stop("MatMul's " + reason)
         if pos != 0 or w is None or w.ndim != 2:
             return Stop("MatMul multiplies the channels with another activation")
         if m.axis != -1 or w.shape[0] != channels * m.spatial:
@@ -263,6 +274,7 @@ UNARY_OPS = ("Relu LeakyRelu PRelu Sigmoid HardSigmoid HardSwish Tanh Erf Gelu S
              "Celu Mish Softsign ThresholdedRelu Identity Abs Neg Exp Log Sqrt Reciprocal Sin Cos "
              "Floor Ceil Round Sign Clip Dropout Cast Swish").split()
 BINARY_OPS = "Add Sub Mul Div Pow Max Min".split()
+VALUE_PRESERVING = {"Identity", "Dropout"}  # output values are the input's (at inference)
 
 HANDLERS: dict[str, Handler] = {
     **{op: Unary() for op in UNARY_OPS},

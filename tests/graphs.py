@@ -61,9 +61,12 @@ class Builder:
 
     def model(self, inputs, outputs, opset: int = 17) -> onnx.ModelProto:
         ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs]
-        outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs]
-        for vi in outs:
-            vi.type.tensor_type.ClearField("shape")
+        outs = []
+        for n in outputs:  # a name (shape left to inference) or (name, shape)
+            name, shape = n if isinstance(n, tuple) else (n, None)
+            outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+            if shape is None:
+                outs[-1].type.tensor_type.ClearField("shape")
         graph = helper.make_graph(self.nodes, "test", ins, outs, initializer=self.inits)
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
         m.ir_version = 8
@@ -216,3 +219,232 @@ BUILDERS = {
 def sample_inputs(spec, n: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {name: rng.standard_normal((n, *shape)).astype(np.float32) for name, shape in spec}
+
+
+# ---- models that must pass through safely (test_passthrough.py) ----
+
+def _vi(name, shape=None, elem=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def subgraph_reader(kind: str, reads: str = "h") -> onnx.ModelProto:
+    """mlp (fc1 -> Relu = h -> fc2 -> Relu = h2 -> fc3 = y) plus a control-flow node whose body
+    reads `reads` from the outer scope (`h`, the hidden activation of fc1's group, or `w1`,
+    fc1's weight). kind: "If", "Loop", "Scan", or "nested" (an If inside an If's branch). The
+    control-flow result is a second graph output `z` of shape [N, 1]."""
+    b = Builder(11)
+    w1 = b.weight("w1", (32, 16), 0)
+    h = b.op("Relu", [b.op("Gemm", ["x", w1, b.weight("b1", (32,), 0, 0.1)], transB=1, name="fc1")], name="relu1")
+    h2 = b.op("Relu", [b.op("Gemm", [h, b.weight("w2", (24, 32), 0), b.weight("b2", (24,), 0, 0.1)], transB=1, name="fc2")])
+    y = b.op("Gemm", [h2, b.weight("w3", (10, 24)), b.weight("b3", (10,), None, 0.1)], transB=1, name="fc3")
+    outer = {"h": h, "w1": w1}[reads]
+    one = b.const("one", np.array([1], dtype=np.int64))
+
+    def body_sum(prefix, extra_inputs=()):
+        """Nodes computing ReduceSum(outer read, axis 1) -> [N, 1] (or [1, 1] for Scan state)."""
+        nodes = []
+        src = outer
+        if reads == "w1":  # use the weight as a Gemm weight on the outer x
+            nodes.append(helper.make_node("Gemm", ["x", w1], [prefix + "_g"], transB=1))
+            src = prefix + "_g"
+        nodes.append(helper.make_node("ReduceSum", [src, one], [prefix + "_s"], keepdims=1))
+        return nodes, prefix + "_s"
+
+    s0 = b.op("ReduceSum", ["x", one], keepdims=1)  # [N, 1]
+    if kind in ("If", "nested"):
+        cond = b.op("Greater", [b.op("ReduceSum", ["x"], keepdims=0), b.const("zero", np.float32(0))])
+        nodes, out = body_sum("then")
+        then = helper.make_graph(nodes, "then", [], [_vi(out, ["N", 1])])
+        if kind == "nested":
+            inner = helper.make_node("If", [cond], ["inner_z"], then_branch=then,
+                                     else_branch=helper.make_graph([helper.make_node("Identity", [s0], ["e2"])], "e2", [], [_vi("e2", ["N", 1])]))
+            then = helper.make_graph([inner], "outer_then", [], [_vi("inner_z", ["N", 1])])
+        els = helper.make_graph([helper.make_node("Neg", [s0], ["neg"])], "else", [], [_vi("neg", ["N", 1])])
+        z = b.op("If", [cond], then_branch=then, else_branch=els)
+    elif kind == "Loop":
+        nodes, out = body_sum("body")
+        nodes.append(helper.make_node("Add", ["v_in", out], ["v_out"]))
+        nodes.append(helper.make_node("Identity", ["cond_in"], ["cond_out"]))
+        body = helper.make_graph(nodes, "body", [_vi("i", [], TensorProto.INT64), _vi("cond_in", [], TensorProto.BOOL),
+                                                 _vi("v_in", ["N", 1])],
+                                 [_vi("cond_out", [], TensorProto.BOOL), _vi("v_out", ["N", 1])])
+        z = b.op("Loop", [b.const("trips", np.array(2, dtype=np.int64)), "", s0], body=body)
+    elif kind == "Scan":
+        nodes, out = body_sum("body")
+        nodes.append(helper.make_node("ReduceSum", [out], ["body_t"], keepdims=0))
+        nodes.append(helper.make_node("Add", ["state_in", "body_t"], ["state_out"]))
+        nodes.append(helper.make_node("Identity", ["x_t"], ["scan_out"]))
+        body = helper.make_graph(nodes, "body", [_vi("state_in", []), _vi("x_t", [16])],
+                                 [_vi("state_out", []), _vi("scan_out", [16])])
+        state, _ = b.op("Scan", [b.const("state0", np.float32(0)), "x"], n_out=2, body=body, num_scan_inputs=1)
+        z = b.op("Mul", [s0, state])
+    else:
+        raise ValueError(kind)
+    return b.model([("x", ["N", 16])], [y, (z, ["N", 1])])
+
+
+def recurrent(cell: str = "LSTM", dup: bool = False) -> onnx.ModelProto:
+    """x[S,B,8] -> MatMul 16 -> Add b -> Relu -> LSTM/GRU (hidden 12) -> Squeeze (directions)
+    -> MatMul 20 -> Relu -> MatMul 6: the group before the cell stops there; the one after it
+    is compressible."""
+    b = Builder(12)
+    d = 1 if dup else None
+    h = b.op("Relu", [b.op("Add", [b.op("MatMul", ["x", b.weight("w0", (8, 16))], name="pre"),
+                                   b.weight("b0", (16,), None, 0.1)])])
+    gates = {"LSTM": 4, "GRU": 3}[cell]
+    y, _ = b.op(cell, [h, b.weight("W", (1, gates * 12, 16)), b.weight("R", (1, gates * 12, 12))],
+                n_out=2, hidden_size=12, name="cell")
+    y = b.op("Squeeze", [y, b.const("axis1", np.array([1], dtype=np.int64))])
+    h2 = b.op("Relu", [b.op("MatMul", [y, b.weight("w1", (12, 20), d)], name="post")])
+    return b.model([("x", ["S", "B", 8])], [b.op("MatMul", [h2, b.weight("w2", (20, 6))], name="head")])
+
+
+def custom_op(domain: str = "com.example") -> onnx.ModelProto:
+    """mlp whose hidden activation goes through an op of a made-up domain."""
+    b = Builder(13)
+    h = b.op("Relu", [b.op("Gemm", ["x", b.weight("w1", (32, 16))], transB=1, name="fc1")])
+    b.nodes.append(helper.make_node("FancyScale", [h], ["fancy"], name="fancy", domain=domain, alpha=2.0))
+    y = b.op("Gemm", ["fancy", b.weight("w2", (10, 32))], transB=1, name="fc2")
+    ins = [_vi("x", ["N", 16])]
+    graph = helper.make_graph(b.nodes, "custom", ins, [_vi(y, ["N", 10])], initializer=b.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def half_mlp(elem: int = TensorProto.FLOAT16, dup: bool = False) -> onnx.ModelProto:
+    """The mlp with every weight, input and output in float16 (elem=FLOAT16), or float32
+    compute on weights stored as float16/bfloat16 and Cast to float (elem=BFLOAT16 / the
+    pattern `cast=`): see `cast_weights`."""
+    b = Builder(14)
+    d = 0 if dup else None
+    np_t = helper.tensor_dtype_to_np_dtype(elem)
+    w = lambda base, shape, dup_axis=None, scale=None: b.const(base, b.random(shape, dup_axis, scale).astype(np_t))
+    h = b.op("Relu", [b.op("Gemm", ["x", w("w1", (32, 16), d), w("b1", (32,), d, 0.1)], transB=1, name="fc1")])
+    h = b.op("Relu", [b.op("Gemm", [h, w("w2", (24, 32), d), w("b2", (24,), d, 0.1)], transB=1, name="fc2")])
+    y = b.op("Gemm", [h, w("w3", (10, 24)), w("b3", (10,), None, 0.1)], transB=1, name="fc3")
+    graph = helper.make_graph(b.nodes, "half", [_vi("x", ["N", 16], elem)], [_vi(y, ["N", 10], elem)], initializer=b.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def cast_weights(elem: int = TensorProto.BFLOAT16, big: bool = True, dup: bool = False) -> onnx.ModelProto:
+    """Float32 compute, weights stored in `elem` (bfloat16/float16) and Cast to float before
+    use (mixed-precision storage). fc1/fc2 weights are Cast nodes on 16-bit initializers; their
+    biases are float32."""
+    b = Builder(15)
+    d = 0 if dup else None
+    np_t = helper.tensor_dtype_to_np_dtype(elem)
+    width = 96 if big else 32
+
+    def w(base, shape, dup_axis=None):
+        raw = b.const(base, b.random(shape, dup_axis).astype(np_t))
+        return b.op("Cast", [raw], to=TensorProto.FLOAT)
+
+    h = b.op("Relu", [b.op("Gemm", ["x", w("w1", (width, 64), d), b.weight("b1", (width,), d, 0.1)], transB=1, name="fc1")])
+    h = b.op("Relu", [b.op("Gemm", [h, w("w2", (48, width), d), b.weight("b2", (48,), d, 0.1)], transB=1, name="fc2")])
+    y = b.op("Gemm", [h, b.weight("w3", (10, 48)), b.weight("b3", (10,), None, 0.1)], transB=1, name="fc3")
+    return b.model([("x", ["N", 64])], [y])
+
+
+def qdq_mlp(dup: bool = False) -> onnx.ModelProto:
+    """An int8 QDQ model: every Gemm weight is DequantizeLinear(int8, scale) and every
+    activation entering a Gemm goes through QuantizeLinear -> DequantizeLinear (uint8)."""
+    b = Builder(16)
+
+    def qweight(base, shape):
+        w = b.random(shape)
+        scale = np.float32(np.abs(w).max() / 127)
+        q = b.const(base, np.clip(np.round(w / scale), -127, 127).astype(np.int8))
+        return b.op("DequantizeLinear", [q, b.const(base + "_scale", scale), b.const(base + "_zp", np.int8(0))])
+
+    def qact(x):
+        s, zp = b.const("act_scale", np.float32(0.05)), b.const("act_zp", np.uint8(128))
+        return b.op("DequantizeLinear", [b.op("QuantizeLinear", [x, s, zp]), s, zp])
+
+    h = b.op("Relu", [b.op("Gemm", [qact("x"), qweight("w1", (32, 16)), b.weight("b1", (32,), None, 0.1)], transB=1, name="fc1")])
+    h = b.op("Relu", [b.op("Gemm", [qact(h), qweight("w2", (24, 32)), b.weight("b2", (24,), None, 0.1)], transB=1, name="fc2")])
+    y = b.op("Gemm", [qact(h), qweight("w3", (10, 24)), b.weight("b3", (10,), None, 0.1)], transB=1, name="fc3")
+    return b.model([("x", ["N", 16])], [y], opset=13)
+
+
+def versioned(opset: int, dup: bool = False) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv 8 -> BN -> Clip(0, 6) = a; gate = Sigmoid(Conv 8 (Relu(Conv 4
+    (ReduceMean_{2,3} a)))); Conv 1x1 6 (a * gate) -> Relu -> GlobalAveragePool -> Squeeze ->
+    Gemm 10 -> Softmax. The ops whose signature changed across opsets (ReduceMean and Squeeze
+    axes as attribute or input, Clip bounds as inputs, Softmax's axis) are built as `opset`
+    wants them."""
+    b = Builder(17)
+    d = 0 if dup else None
+    a = b.op("Conv", ["x", b.weight("c1", (8, 3, 3, 3), d), b.weight("c1b", (8,), d, 0.1)], pads=[1, 1, 1, 1], name="conv1")
+    a = b.op("Clip", [b.bn(a, 8, dup), b.const("lo", np.float32(0)), b.const("hi", np.float32(6))])
+    if opset < 18:
+        s = b.op("ReduceMean", [a], axes=[2, 3], keepdims=1)
+    else:
+        s = b.op("ReduceMean", [a, b.const("hw", np.array([2, 3], dtype=np.int64))], keepdims=1)
+    s = b.op("Relu", [b.op("Conv", [s, b.weight("se1", (4, 8, 1, 1), d), b.weight("se1b", (4,), d, 0.1)], name="se.reduce")])
+    gate = b.op("Sigmoid", [b.op("Conv", [s, b.weight("se2", (8, 4, 1, 1), d), b.weight("se2b", (8,), d, 0.1)], name="se.expand")])
+    h = b.op("Relu", [b.op("Conv", [b.op("Mul", [a, gate]), b.weight("c2", (6, 8, 1, 1), d)], name="conv2")])
+    h = b.op("GlobalAveragePool", [h])
+    if opset < 13:
+        h = b.op("Squeeze", [h], axes=[2, 3])
+    else:
+        h = b.op("Squeeze", [h, b.const("sq", np.array([2, 3], dtype=np.int64))])
+    y = b.op("Gemm", [h, b.weight("fc", (10, 6)), b.weight("fcb", (10,), None, 0.1)], transB=1, name="fc")
+    return b.model([("x", ["N", 3, 8, 8])], [b.op("Softmax", [y], axis=1)], opset=opset)
+
+
+def siamese(dup: bool = False) -> onnx.ModelProto:
+    """x[N,16]: Relu(Gemm(x, W, b)) + Relu(Gemm(-x, W, b)) -> Gemm 10. Both producers read the
+    same weight and bias and join in one group (the weight is edited once)."""
+    b = Builder(18)
+    d = 0 if dup else None
+    w, bias = b.weight("w", (32, 16), d), b.weight("b", (32,), d, 0.1)
+    left = b.op("Relu", [b.op("Gemm", ["x", w, bias], transB=1, name="left")])
+    right = b.op("Relu", [b.op("Gemm", [b.op("Neg", ["x"]), w, bias], transB=1, name="right")])
+    y = b.op("Gemm", [b.op("Add", [left, right]), b.weight("w2", (10, 32)), b.weight("b2", (10,), None, 0.1)], transB=1, name="fc2")
+    return b.model([("x", ["N", 16])], [y])
+
+
+def shared_bias() -> onnx.ModelProto:
+    """Two parallel Gemm 24 branches on x whose producers share one bias initializer but have
+    their own weights: one constant, two groups editing it -> both left alone."""
+    b = Builder(19)
+    bias = b.weight("b", (24,), None, 0.1)
+    outs = []
+    for k in range(2):
+        h = b.op("Relu", [b.op("Gemm", ["x", b.weight(f"w{k}", (24, 16)), bias], transB=1, name=f"branch{k}")])
+        outs.append(b.op("Gemm", [h, b.weight(f"head{k}", (4, 24))], transB=1, name=f"head{k}"))
+    return b.model([("x", ["N", 16])], [b.op("Add", outs)])
+
+
+def local_function_op() -> onnx.ModelProto:
+    """mlp whose hidden activation goes through `com.example:Double`, an op the model defines
+    itself as a local function (x * 2): ONNX Runtime can run it."""
+    m = custom_op()
+    for node in m.graph.node:
+        if node.op_type == "FancyScale":
+            node.op_type = "Double"
+            del node.attribute[:]
+    two = helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.float32(2), "two"))
+    fn = helper.make_function("com.example", "Double", ["X"], ["Y"],
+                              [two, helper.make_node("Mul", ["X", "two"], ["Y"])],
+                              [helper.make_opsetid("", 17)])
+    m.functions.append(fn)
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def ffn_flat(dup: bool = False) -> onnx.ModelProto:
+    """x[B,S,16] -> Reshape [-1, 16] -> MatMul 32 -> Add b -> Relu -> MatMul 16 -> Reshape to
+    Shape(x): the sequence length only exists at run time."""
+    b = Builder(20)
+    d = 1 if dup else None
+    flat = b.op("Reshape", ["x", b.const("flat", np.array([-1, 16], dtype=np.int64))])
+    h = b.op("Relu", [b.op("Add", [b.op("MatMul", [flat, b.weight("w1", (16, 32), d, 0.3)], name="fc1"),
+                                   b.const("b1", b.random((32,), 0 if dup else None, 0.1))])])
+    y = b.op("MatMul", [h, b.weight("w2", (32, 16), None, 0.2)], name="fc2")
+    return b.model([("x", ["B", "S", 16])], [b.op("Reshape", [y, b.op("Shape", ["x"])])])
