@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .calibrate import ChannelGram, PatchGram, Request, TokenCounts
 from .graph import GraphIndex
 
 
@@ -107,8 +108,42 @@ class Stop:
     reason: str
 
 
+@dataclass(frozen=True)
+class Layer:
+    key: str                # the node's display name (GraphIndex.key)
+    node: int
+    kind: str               # "gemm" | "matmul" | "matmul_left" | "conv" | "gather"
+    weight: str             # the constant's name
+    out: int                # rows of W
+    inputs: int             # columns of W (in * prod(kernel) for a Conv)
+    request: Request        # the input statistic
+    kernel: tuple[int, ...] = ()
+    rows: float = 0.0       # positions per feed (output elements / out), for FLOPs
+
+    @property
+    def params(self) -> int:
+        return self.out * self.inputs
+
+    def split_params(self, rank: int) -> int:
+        return rank * (self.out + self.inputs)
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank whose split is smaller than the layer (0: none is)."""
+        return min((self.params - 1) // (self.out + self.inputs), self.out, self.inputs)
+
+    @property
+    def statistic(self) -> str:
+        return {ChannelGram: "channels", PatchGram: "patches", TokenCounts: "counts"}[type(self.request)]
+
+
 class Handler:
-    """Default: never a producer, and a group reaching it stops."""
+    """Default: never a producer, never a layer to split, and a group reaching it stops."""
+
+    def layer(self, g: GraphIndex, i: int, max_patch: int):
+        """A `Layer` if node i is a constant-weight layer a low-rank split can replace, a reason
+        string if it is such an op but cannot be split, None if the op is never one."""
+        return None
 
     def produce(self, g: GraphIndex, i: int):
         return None

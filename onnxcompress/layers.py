@@ -18,7 +18,8 @@ the cost of a rank-r split, r (in + out) parameters instead of in * out:
   its Gram is diag(token counts) (`TokenCounts`). Split: Gather(B^T, idx) then MatMul(., A^T).
 
 Weights read by any other node (a tied output projection, shared Q/K weights) are skipped, with
-the reason, as are layers no rank >= 1 makes smaller.
+the reason, as are layers no rank >= 1 makes smaller. Per-op knowledge (which node is a layer,
+its W and statistic) is the `layer` method of the op's handler in `ops.py`.
 """
 from __future__ import annotations
 
@@ -27,38 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .calibrate import ChannelGram, PatchGram, Request, TokenCounts
+from .edits import Layer
 from .graph import FLOAT_TYPES, GraphIndex
 from .groups import Skipped
-
-
-@dataclass(frozen=True)
-class Layer:
-    key: str                # the node's display name (GraphIndex.key)
-    node: int
-    kind: str               # "gemm" | "matmul" | "matmul_left" | "conv" | "gather"
-    weight: str             # the constant's name
-    out: int                # rows of W
-    inputs: int             # columns of W (in * prod(kernel) for a Conv)
-    request: Request        # the input statistic
-    kernel: tuple[int, ...] = ()
-    rows: float = 0.0       # positions per feed (output elements / out), for FLOPs
-
-    @property
-    def params(self) -> int:
-        return self.out * self.inputs
-
-    def split_params(self, rank: int) -> int:
-        return rank * (self.out + self.inputs)
-
-    @property
-    def max_rank(self) -> int:
-        """The largest rank whose split is smaller than the layer (0: none is)."""
-        return min((self.params - 1) // (self.out + self.inputs), self.out, self.inputs)
-
-    @property
-    def statistic(self) -> str:
-        return {ChannelGram: "channels", PatchGram: "patches", TokenCounts: "counts"}[type(self.request)]
+from .ops import HANDLERS
 
 
 @dataclass(frozen=True)
@@ -74,12 +47,15 @@ def find_layers(g: GraphIndex, *, include: str | None = None, exclude: str | Non
     exc = re.compile(exclude) if exclude else None
     layers, skipped = [], []
     for i, node in enumerate(g.nodes):
-        if node.op_type not in _VIEWS:
+        handler = HANDLERS.get(node.op_type)
+        if handler is None or node.domain not in ("", "ai.onnx"):
             continue
         key = g.key(i)
         if (inc and not inc.search(node.name)) or (exc and exc.search(node.name)):
             continue
-        found = _VIEWS[node.op_type](g, i, max_patch)
+        found = handler.layer(g, i, max_patch)
+        if found is None:
+            continue
         if isinstance(found, str):
             if found:
                 skipped.append(Skipped(key, node.op_type, found))
@@ -116,80 +92,3 @@ def _check(g: GraphIndex, layer: Layer) -> str:
     if layer.max_rank < 1:
         return f"no rank makes a {layer.out} x {layer.inputs} weight smaller"
     return ""
-
-
-def _positions(g: GraphIndex, output: str, per: int) -> float:
-    shape = g.shape(output)
-    if shape is None or None in shape:
-        return 0.0
-    return float(np.prod(shape, dtype=np.float64)) / per
-
-
-def _gemm(g: GraphIndex, i: int, max_patch: int):
-    node = g.nodes[i]
-    w = g.const(node.input[1])
-    if w is None:
-        return "Gemm with a computed right operand" if g.const(node.input[0]) is None else \
-            "Gemm with a constant left operand"
-    if w.ndim != 2:
-        return "Gemm weight is not 2-D"
-    n_in, n_out = w.shape[::-1] if g.attr(i, "transB", 0) else w.shape
-    axis = -2 if g.attr(i, "transA", 0) else -1
-    return Layer(g.key(i), i, "gemm", node.input[1], int(n_out), int(n_in),
-                 ChannelGram(node.input[0], axis, int(n_in)), rows=_positions(g, node.output[0], n_out))
-
-
-def _matmul(g: GraphIndex, i: int, max_patch: int):
-    node = g.nodes[i]
-    left, right = g.const(node.input[0]), g.const(node.input[1])
-    if right is not None and left is None:
-        if right.ndim != 2:
-            return "MatMul weight is not 2-D"
-        n_in, n_out = right.shape
-        return Layer(g.key(i), i, "matmul", node.input[1], int(n_out), int(n_in),
-                     ChannelGram(node.input[0], -1, int(n_in)), rows=_positions(g, node.output[0], n_out))
-    if left is not None and right is None:
-        if left.ndim != 2:
-            return "MatMul weight is not 2-D"
-        n_out, n_in = left.shape
-        return Layer(g.key(i), i, "matmul_left", node.input[0], int(n_out), int(n_in),
-                     ChannelGram(node.input[1], -2, int(n_in)), rows=_positions(g, node.output[0], n_out))
-    return "" if left is None else "MatMul of two constants"
-
-
-def _conv(g: GraphIndex, i: int, max_patch: int):
-    node = g.nodes[i]
-    w = g.const(node.input[1])
-    if w is None:
-        return "Conv with a computed weight"
-    if g.attr(i, "group", 1) != 1:
-        return "grouped or depthwise Conv" if w.shape[1] == 1 else "grouped Conv"
-    kernel = tuple(int(k) for k in w.shape[2:])
-    n = len(kernel)
-    span = int(w.shape[1]) * int(np.prod(kernel, dtype=np.int64))
-    strides = tuple(g.attr(i, "strides", [1] * n))
-    dilations = tuple(g.attr(i, "dilations", [1] * n))
-    pads = tuple(g.attr(i, "pads", [0] * 2 * n))
-    auto_pad = g.attr(i, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if span <= max_patch:
-        req = PatchGram(node.input[0], int(w.shape[1]), kernel, strides, pads, dilations, auto_pad)
-    else:
-        req = ChannelGram(node.input[0], -(n + 1), int(w.shape[1]))
-    return Layer(g.key(i), i, "conv", node.input[1], int(w.shape[0]), span, req, kernel,
-                 rows=_positions(g, node.output[0], int(w.shape[0])))
-
-
-def _gather(g: GraphIndex, i: int, max_patch: int):
-    node = g.nodes[i]
-    table = g.const(node.input[0])
-    if table is None or table.ndim != 2 or g.const(node.input[1]) is not None:
-        return ""   # Gather on shapes or activations: not a layer
-    if g.attr(i, "axis", 0) != 0:
-        return "Gather along the embedding axis"
-    vocab, d = table.shape
-    return Layer(g.key(i), i, "gather", node.input[0], int(d), int(vocab),
-                 TokenCounts(node.input[1], int(vocab)), rows=_positions(g, node.output[0], d))
-
-
-_VIEWS = {"Gemm": _gemm, "MatMul": _matmul, "Conv": _conv, "Gather": _gather}

@@ -1,7 +1,7 @@
 """Per-op knowledge, in one table of handlers with one interface.
 
 A channel group (see `groups.py`) is a set of tensors sharing one channel axis whose channels can
-be removed together. Each handler answers two questions about its op:
+be removed together. Each handler answers three questions about its op:
 
 * `produce(g, i)`: does node i create channels from a constant weight (Gemm, MatMul with a
   constant right operand, Conv with group=1, Gather on a table)? Returns `Produce`, a reason
@@ -10,6 +10,9 @@ be removed together. Each handler answers two questions about its op:
   channels pass to its outputs unchanged, maybe slicing per-channel constants), `Exit` (the node
   is linear in the channels: its weight absorbs the interpolation matrix) or `Stop` (why the group
   must be left alone).
+* `layer(g, i, max_patch)`: can a low-rank split replace node i (see `layers.py`)? Returns a
+  `Layer` (its weight viewed as W (out x in), the input statistic it needs), a reason string, or
+  None when the op is never a layer.
 
 The shape and layout ops (Transpose, Reshape, Flatten, Squeeze, Concat, ...) live in
 `ops_layout.py`; the shared vocabulary in `edits.py`.
@@ -18,7 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .edits import (Exit, Handler, Member, Mix, Produce, SetAttr, Shift, Slice, Stop, Through,
+from .calibrate import ChannelGram, PatchGram, TokenCounts
+from .edits import (Exit, Handler, Layer, Member, Mix, Produce, SetAttr, Shift, Slice, Stop, Through,
                     computed_weight, const_channel_edit, flat_only, through_to, unused_extra_outputs)
 from .graph import GraphIndex
 from .ops_layout import Concat, Flatten, Reshape, Resize, ShapeOf, Softmax, Squeeze, Transpose
@@ -73,7 +77,37 @@ class Binary(Unary):
         return Through(outputs=(Member(node.output[0], m.axis),), edits=e)
 
 
+def positions(g: GraphIndex, output: str, per: int) -> float:
+    """Output positions per feed (output elements / `per` channels), 0 when the shape is open."""
+    shape = g.shape(output)
+    if shape is None or None in shape:
+        return 0.0
+    return float(np.prod(shape, dtype=np.float64)) / per
+
+
 class Conv(Handler):
+    def layer(self, g: GraphIndex, i: int, max_patch: int):
+        node = g.nodes[i]
+        w = g.const(node.input[1])
+        if w is None:
+            return "Conv with a computed weight"
+        if g.attr(i, "group", 1) != 1:
+            return "grouped or depthwise Conv" if w.shape[1] == 1 else "grouped Conv"
+        kernel = tuple(int(k) for k in w.shape[2:])
+        n = len(kernel)
+        span = int(w.shape[1]) * int(np.prod(kernel, dtype=np.int64))
+        strides = tuple(g.attr(i, "strides", [1] * n))
+        dilations = tuple(g.attr(i, "dilations", [1] * n))
+        pads = tuple(g.attr(i, "pads", [0] * 2 * n))
+        auto_pad = g.attr(i, "auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if span <= max_patch:
+            req = PatchGram(node.input[0], int(w.shape[1]), kernel, strides, pads, dilations, auto_pad)
+        else:
+            req = ChannelGram(node.input[0], -(n + 1), int(w.shape[1]))
+        return Layer(g.key(i), i, "conv", node.input[1], int(w.shape[0]), span, req, kernel,
+                     rows=positions(g, node.output[0], int(w.shape[0])))
+
     def produce(self, g, i):
         node = g.nodes[i]
         w = g.const(node.input[1])
@@ -116,6 +150,19 @@ class Conv(Handler):
 
 
 class Gemm(Handler):
+    def layer(self, g: GraphIndex, i: int, max_patch: int):
+        node = g.nodes[i]
+        w = g.const(node.input[1])
+        if w is None:
+            return "Gemm with a computed right operand" if g.const(node.input[0]) is None else \
+                "Gemm with a constant left operand"
+        if w.ndim != 2:
+            return "Gemm weight is not 2-D"
+        n_in, n_out = w.shape[::-1] if g.attr(i, "transB", 0) else w.shape
+        axis = -2 if g.attr(i, "transA", 0) else -1
+        return Layer(g.key(i), i, "gemm", node.input[1], int(n_out), int(n_in),
+                     ChannelGram(node.input[0], axis, int(n_in)), rows=positions(g, node.output[0], n_out))
+
     def produce(self, g, i):
         node = g.nodes[i]
         b = g.const(node.input[1])
@@ -153,6 +200,22 @@ class Gemm(Handler):
 
 
 class MatMul(Handler):
+    def layer(self, g: GraphIndex, i: int, max_patch: int):
+        """X W (constant on the right: W^T is the layer, channels on X's last axis) or W X
+        (constant on the left: channels on X's second-to-last axis)."""
+        node = g.nodes[i]
+        left, right = g.const(node.input[0]), g.const(node.input[1])
+        if (left is None) == (right is None):
+            return "" if left is None else "MatMul of two constants"
+        pos = 1 if left is None else 0
+        w = right if left is None else left
+        if w.ndim != 2:
+            return "MatMul weight is not 2-D"
+        n_in, n_out = w.shape if pos == 1 else w.shape[::-1]
+        kind, axis = ("matmul", -1) if pos == 1 else ("matmul_left", -2)
+        return Layer(g.key(i), i, kind, node.input[pos], int(n_out), int(n_in),
+                     ChannelGram(node.input[1 - pos], axis, int(n_in)), rows=positions(g, node.output[0], n_out))
+
     def produce(self, g, i):
         node = g.nodes[i]
         a, w = g.const(node.input[0]), g.const(node.input[1])
@@ -197,6 +260,17 @@ def _following_bias(g: GraphIndex, i: int, width: int) -> tuple[int, str] | None
 
 
 class Gather(Handler):
+    def layer(self, g: GraphIndex, i: int, max_patch: int):
+        node = g.nodes[i]
+        table = g.const(node.input[0])
+        if table is None or table.ndim != 2 or g.const(node.input[1]) is not None:
+            return ""   # Gather on shapes or activations: not a layer
+        if g.attr(i, "axis", 0) != 0:
+            return "Gather along the embedding axis"
+        vocab, d = table.shape
+        return Layer(g.key(i), i, "gather", node.input[0], int(d), int(vocab),
+                     TokenCounts(node.input[1], int(vocab)), rows=positions(g, node.output[0], d))
+
     def produce(self, g, i):
         node = g.nodes[i]
         table = g.const(node.input[0])
