@@ -13,8 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import external_data_helper
+from onnx import external_data_helper, helper
 
 from .errors import ModelError, OutputError, RewriteError
 
@@ -64,10 +65,45 @@ def _load_external(model: onnx.ModelProto, base: Path, path: Path) -> None:
         raise ModelError(f"load: {path}: cannot read external data ({_first_line(e)})") from e
 
 
+def serialized_size(model: onnx.ModelProto) -> int:
+    """Bytes `model` would take serialized (within a few bytes per initializer), without
+    serializing it. Protobuf's own `ByteSize()`
+    fails past 2 GB, so initializers are sized one by one (a single tensor over 2 GB by its
+    element count)."""
+    total = without_initializers(model).ByteSize()
+    for t in model.graph.initializer:
+        try:
+            total += t.ByteSize()
+        except Exception:  # one tensor over 2 GB
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            total += int(np.prod(t.dims, dtype=np.int64)) * itemsize
+    return total
+
+
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose main graph has no initializers (cheap for any model size)."""
+    shell = onnx.ModelProto()
+    _copy_fields(model, shell, skip="graph")
+    _copy_fields(model.graph, shell.graph, skip="initializer")
+    return shell
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
 def check_model(model: onnx.ModelProto, where: str) -> None:
     """Run onnx's full checker (with shape inference); raise `ModelError` naming `where`."""
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if serialized_size(model) < PROTOBUF_LIMIT:
             onnx.checker.check_model(model, full_check=True)
         else:
             with tempfile.TemporaryDirectory() as tmp:
@@ -86,7 +122,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool =
     """
     path = Path(path)
     check_output_path(path, force=force)
-    external = model.ByteSize() > PROTOBUF_LIMIT - _EXTERNAL_MARGIN
+    external = serialized_size(model) > PROTOBUF_LIMIT - _EXTERNAL_MARGIN
     data_name = path.name + ".data"
     tmp = Path(tempfile.mkdtemp(prefix=".onnxcompress-", dir=path.parent))
     try:
