@@ -80,8 +80,8 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     with timer("rewrite"):
         new = rewrite(norm, g, analysis, plan) if plan.groups else norm
         rewritten = new is not norm
-        # release the input model and its index before the compressed model
-        # runs: a large model would otherwise be held twice through smoke test and validation
+        # release the input model and its index before the compressed model runs: a large
+        # model would otherwise be held twice through the smoke test and validation
         original = norm = g = None
         _smoke_test(new, first, rewritten=rewritten)
     with timer("validate"):
