@@ -90,18 +90,24 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     with timer("load"):
         original = load_model(src)
     with timer("normalize"):
-        norm = normalize(original)
+        norm = normalize(original, copy=False)  # validation reads the input file itself
         specs = data_mod.input_specs(norm)
         calib_src, val_src = _sources(calib, val, specs, config, report)
         first = next(iter(calib_src))
         g = GraphIndex(norm, *shapes_at(norm, first))
-    if (plan.method if plan is not None else config.method) == "id":
-        analysis, new, plan = _prune(norm, g, config, calib_src, first, plan, timer, progress)
-    else:
-        analysis, new, plan = _split(norm, g, config, calib_src, first, plan, timer, progress)
+    before = {"params": count_params(norm), "flops": sum(node_flops(g).values()), "scores": score_outputs(g)}
+    original = None  # validation reads the input file itself
+    stage = _prune if (plan.method if plan is not None else config.method) == "id" else _split
+    analysis, new, plan = stage(norm, g, config, calib_src, first, plan, timer, progress)
+    rewritten = new is not norm
+    # release the input model and its index before the compressed model runs: a large model
+    # would otherwise be held twice through the smoke test and validation
+    norm = g = None
+    with timer("smoke_test"):
+        _smoke_test(new, first, rewritten=rewritten)
     with timer("validate"):
-        agreement = validate(original, new, val_src, scores=score_outputs(g), progress=progress)
-    _fill(report, original, new, g, analysis, plan, agreement, first)
+        agreement = validate(src, new, val_src, scores=before["scores"], progress=progress)
+    _fill(report, new, before, analysis, plan, agreement, first)
     report.seconds = timer.seconds
     report.plan = plan
     _gate(report, agreement, config)
@@ -129,9 +135,9 @@ def _prune(norm, g: GraphIndex, config: Config, calib_src, first, plan, timer, p
             stats = {name: found[r] for name, r in requests.items()}
         with timer("decide"):
             plan = decide(g, analysis, stats, config, _budget(norm, g, analysis))
+        stats = None  # the Grams (8 C^2 bytes per exit) are not needed past decide
     with timer("rewrite"):
         new = rewrite(norm, g, analysis, plan) if plan.groups else norm
-        _smoke_test(new, first, rewritten=new is not norm)
     return analysis, new, plan
 
 
@@ -151,7 +157,6 @@ def _split(norm, g: GraphIndex, config: Config, calib_src, first, plan, timer, p
             skipped = skipped + left
     with timer("rewrite"):
         new = split(norm, g, {x.key: x for x in layers.layers}, plan) if plan.layers else norm
-        _smoke_test(new, first, rewritten=new is not norm)
     return Analysis((), tuple(skipped)), new, plan
 
 
@@ -207,10 +212,10 @@ def _smoke_test(model: onnx.ModelProto, feed: dict, *, rewritten: bool = True) -
         raise RewriteError(f"rewrite: the compressed model does not run ({str(e).splitlines()[0]})") from e
 
 
-def _fill(report: Report, original, new, g: GraphIndex, analysis: Analysis, plan: Plan, agreement, first) -> None:
+def _fill(report: Report, new, before: dict, analysis: Analysis, plan: Plan, agreement, first) -> None:
     after = GraphIndex(new, *shapes_at(new, first))
-    report.params = {"before": count_params(g.model), "after": count_params(new)}
-    report.flops = {"before": sum(node_flops(g).values()), "after": sum(node_flops(after).values()),
+    report.params = {"before": before["params"], "after": count_params(new)}
+    report.flops = {"before": before["flops"], "after": sum(node_flops(after).values()),
                     "at_input_shapes": {k: list(v.shape) for k, v in first.items()}}
     report.file_size = {"before": os.path.getsize(report.input)}
     by_id = {grp.id: grp for grp in analysis.groups}

@@ -61,10 +61,18 @@ def consumer_norms(g: GraphIndex, group: Group, source: str) -> np.ndarray:
     """Per input channel, the norm of the consumer weights reading it (all exits of `source`)."""
     sq = np.zeros(group.channels)
     for mix in group.mixes(source):
-        w = np.moveaxis(g.const(mix.tensor).astype(np.float64), mix.axis, -1)
-        w = w.reshape(-1, group.channels, mix.spatial)
-        sq += np.einsum("rcs,rcs->c", w, w)
+        w = np.moveaxis(g.const(mix.tensor), mix.axis, -1)
+        for block in _row_blocks(w):  # in float64 a block at a time, not the whole weight
+            block = block.astype(np.float64).reshape(-1, group.channels, mix.spatial)
+            sq += np.einsum("rcs,rcs->c", block, block)
     return np.sqrt(sq)
+
+
+def _row_blocks(w: np.ndarray, elements: int = 2**22):
+    """Slices of w along its first axis of about `elements` elements each."""
+    step = max(1, elements // max(1, w[:1].size))
+    for start in range(0, w.shape[0], step):
+        yield w[start:start + step]
 
 
 def group_curve(g: GraphIndex, group: Group, stats: dict, config: Config) -> Curve:
@@ -108,8 +116,12 @@ def norm_order(g: GraphIndex, group: Group) -> np.ndarray:
     """Channels by decreasing L2 norm of their producer weights (the baseline selection)."""
     sq = np.zeros(group.channels)
     for s in group.weights:
-        w = np.moveaxis(g.const(s.tensor).astype(np.float64), s.axis, 0).reshape(group.channels, -1)
-        sq += np.einsum("ij,ij->i", w, w)
+        w = np.moveaxis(g.const(s.tensor), s.axis, 0)
+        start = 0
+        for block in _row_blocks(w):
+            block = block.astype(np.float64).reshape(len(block), -1)
+            sq[start:start + len(block)] += np.einsum("ij,ij->i", block, block)
+            start += len(block)
     return np.argsort(-sq, kind="stable")
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+CACHE_BYTES = 16 * 2**20
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                onnx.TensorProto.BFLOAT16}
 
@@ -58,12 +59,17 @@ class GraphIndex:
         return self._keys.index(key)
 
     def const(self, name: str) -> np.ndarray | None:
-        """The value of initializer `name`, or None if the tensor is not a constant."""
+        """The value of initializer `name`, or None if the tensor is not a constant. Values up to
+        CACHE_BYTES are kept; larger ones are read again on each call, so the index never holds
+        a second copy of a model's big weights."""
         if name not in self.initializers:
             return None
-        if name not in self._consts:
-            self._consts[name] = numpy_helper.to_array(self.initializers[name])
-        return self._consts[name]
+        value = self._consts.get(name)
+        if value is None:
+            value = numpy_helper.to_array(self.initializers[name])
+            if value.nbytes <= CACHE_BYTES:
+                self._consts[name] = value
+        return value
 
     def attr(self, i: int, name: str, default=None):
         for a in self.nodes[i].attribute:

@@ -15,8 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import onnx
-from onnx import external_data_helper
+from onnx import external_data_helper, helper
 
 from .errors import ModelError, OutputError, RewriteError
 
@@ -106,10 +107,45 @@ def _check_sorted_copy(model: onnx.ModelProto, path: Path) -> None:
         raise ModelError(f"load: {path}: not a valid ONNX model: {_one_line(e)}") from e
 
 
+def serialized_size(model: onnx.ModelProto) -> int:
+    """Bytes `model` would take serialized (within a few bytes per initializer), without
+    serializing it. Protobuf's own `ByteSize()`
+    fails past 2 GB, so initializers are sized one by one (a single tensor over 2 GB by its
+    element count)."""
+    total = without_initializers(model).ByteSize()
+    for t in model.graph.initializer:
+        try:
+            total += t.ByteSize()
+        except Exception:  # one tensor over 2 GB
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            total += int(np.prod(t.dims, dtype=np.int64)) * itemsize
+    return total
+
+
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose main graph has no initializers (cheap for any model size)."""
+    shell = onnx.ModelProto()
+    _copy_fields(model, shell, skip="graph")
+    _copy_fields(model.graph, shell.graph, skip="initializer")
+    return shell
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
 def check_model(model: onnx.ModelProto, where: str) -> None:
     """Run onnx's full checker (with shape inference); raise `ModelError` naming `where`."""
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if serialized_size(model) < PROTOBUF_LIMIT:
             onnx.checker.check_model(model, full_check=True)
         else:
             with tempfile.TemporaryDirectory() as tmp:
@@ -131,7 +167,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool =
     """
     path = Path(path)
     check_output_path(path, force=force, inputs=inputs)
-    external = model.ByteSize() > PROTOBUF_LIMIT - _EXTERNAL_MARGIN
+    external = serialized_size(model) > PROTOBUF_LIMIT - _EXTERNAL_MARGIN
     data_name = path.name + ".data"
     data_path = path.parent / data_name
     if external:

@@ -28,12 +28,15 @@ log = logging.getLogger(__name__)
 _CONSTANT_ATTRS = ("value", "value_float", "value_floats", "value_int", "value_ints")
 
 
-def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return a normalized copy of `model` (the argument is not changed). Raises `ModelError`
-    for a model ONNX Runtime cannot run (see `check_known_ops`)."""
+def normalize(model: onnx.ModelProto, *, copy: bool = True) -> onnx.ModelProto:
+    """Return a normalized copy of `model` (the argument is not changed), or with `copy=False`
+    normalize `model` itself and return it (no second copy of the weights, for large models).
+    Raises `ModelError` for a model ONNX Runtime cannot run (see `check_known_ops`)."""
     check_known_ops(model)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = model
+    if copy:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     renamed = unique_node_names(out.graph)
     if renamed:
         log.info("normalize: %d nodes renamed to make node names unique", renamed)

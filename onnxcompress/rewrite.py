@@ -29,12 +29,15 @@ dropped. The result is what `onnx.checker` and ONNX Runtime then verify.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from .errors import UsageError
 from .graph import GraphIndex
+from .modelio import without_initializers
 from .groups import Analysis
 from .edits import Mix, SetAttr, ShapeEntry, Shift, Slice
 from .plan import Plan
@@ -43,9 +46,8 @@ from .plan import Plan
 def rewrite(model: onnx.ModelProto, g: GraphIndex, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
     """Return a new model with `plan` applied; `model` (the one `g` indexes) is not changed."""
     groups = {grp.id: grp for grp in analysis.groups}
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    inits = {t.name: t for t in out.graph.initializer}
+    out = without_initializers(model)  # initializers are added at the end, edited or copied
+    dtypes = {t.name: helper.tensor_dtype_to_np_dtype(t.data_type) for t in model.graph.initializer}
     values: dict[str, np.ndarray] = {}
     done: set[tuple] = set()
     changed: set[str] = set()
@@ -74,12 +76,14 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, analysis: Analysis, plan: Pla
             value = values.get(e.tensor)
             if value is None:
                 value = g.const(e.tensor)
-            values[e.tensor] = _apply(e, value, keep, gp.interpolation)
-    for name, value in values.items():
-        original = inits[name]
-        new = numpy_helper.from_array(value.astype(numpy_helper.to_array(original).dtype, copy=False), name)
-        original.CopyFrom(new)
-    _drop_value_info(out.graph, changed | set(values))
+            values[e.tensor] = _apply(e, value, keep, gp.interpolation, dtypes[e.tensor])
+    changed |= set(values)
+    for t in model.graph.initializer:
+        if t.name in values:  # each new value is released as soon as it is stored
+            _store(out.graph.initializer.add(), t, values.pop(t.name).astype(dtypes[t.name], copy=False))
+        else:
+            out.graph.initializer.add().CopyFrom(t)
+    _drop_value_info(out.graph, changed)
     return out
 
 
@@ -166,11 +170,11 @@ def _split_nodes(g: GraphIndex, layer, lp, dtype, fresh) -> tuple[list, list]:
     return [first, second], [w1, w2]
 
 
-def _apply(e, value: np.ndarray, keep: np.ndarray, interpolation: dict) -> np.ndarray:
+def _apply(e, value: np.ndarray, keep: np.ndarray, interpolation: dict, dtype) -> np.ndarray:
     if isinstance(e, Slice):
         return np.take(value, keep, axis=e.axis)
     if isinstance(e, Mix):
-        return mix(value, e.axis, e.spatial, interpolation[e.source])
+        return mix(value, e.axis, e.spatial, interpolation[e.source], dtype)
     if isinstance(e, ShapeEntry):
         value = value.copy()
         value[e.index] = len(keep) * e.spatial
@@ -178,27 +182,48 @@ def _apply(e, value: np.ndarray, keep: np.ndarray, interpolation: dict) -> np.nd
     raise TypeError(f"unknown edit {e!r}")
 
 
+_BLOCK = 2**22  # elements of a weight converted to float64 at a time
+
+
 def shift(bias: np.ndarray, w: np.ndarray, e: Shift, c0: np.ndarray) -> np.ndarray:
     """bias + scale * (W contracted with c0 over its input-channel axis, summed over every axis
-    but the output axis), in float64, in the bias's shape."""
+    but the output axis), in float64 (a block of W at a time), in the bias's shape."""
     c = len(c0)
-    moved = np.moveaxis(np.asarray(w, dtype=np.float64), e.in_axis, -1)
+    moved = np.moveaxis(np.asarray(w), e.in_axis, -1)
     out_axis = e.out_axis if e.out_axis < e.in_axis else e.out_axis - 1
-    blocks = moved.reshape(*moved.shape[:-1], c, e.spatial)
-    response = np.einsum("...cs,c->...", blocks, c0)
+    step = max(1, _BLOCK // max(1, moved[:1].size))
+    response = np.concatenate([
+        np.einsum("...cs,c->...", block.astype(np.float64).reshape(*block.shape[:-1], c, e.spatial), c0)
+        for block in (moved[i:i + step] for i in range(0, moved.shape[0], step))])
     response = np.moveaxis(response, out_axis, 0).reshape(response.shape[out_axis], -1).sum(axis=1)
     return np.asarray(bias, dtype=np.float64) + e.scale * response.reshape(np.shape(bias))
 
 
-def mix(w: np.ndarray, axis: int, spatial: int, t: np.ndarray) -> np.ndarray:
-    """Apply T (k x C) to the channel-major (C*spatial) axis `axis` of w (float64 result)."""
+def mix(w: np.ndarray, axis: int, spatial: int, t: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """Apply T (k x C) to the channel-major (C*spatial) axis `axis` of w: computed in float64 a
+    block of rows at a time, returned in `dtype`."""
     k, c = t.shape
-    moved = np.moveaxis(np.asarray(w, dtype=np.float64), axis, -1)
+    moved = np.moveaxis(np.asarray(w), axis, -1)
     lead = moved.shape[:-1]
-    blocks = moved.reshape(*lead, c, spatial)
-    mixed = np.tensordot(blocks, t, axes=([-2], [1]))          # (*lead, spatial, k)
-    mixed = np.swapaxes(mixed, -1, -2).reshape(*lead, k * spatial)
-    return np.moveaxis(mixed, -1, axis)
+    rows = moved.reshape(-1, c * spatial)
+    out = np.empty((rows.shape[0], k * spatial), dtype=dtype)
+    step = max(1, _BLOCK // max(1, c * spatial))
+    for i in range(0, rows.shape[0], step):
+        block = rows[i:i + step].astype(np.float64).reshape(-1, c, spatial)
+        mixed = np.tensordot(block, t, axes=([1], [1]))          # (rows, spatial, k)
+        out[i:i + step] = np.swapaxes(mixed, 1, 2).reshape(-1, k * spatial)
+    return np.moveaxis(out.reshape(*lead, k * spatial), -1, axis)
+
+
+def _store(dst: onnx.TensorProto, like: onnx.TensorProto, value: np.ndarray) -> None:
+    """Set `dst` to `value` with the name and element type of `like`, copying the data once into
+    the model (numpy_helper.from_array would make a second, temporary proto of it)."""
+    if sys.byteorder != "little":
+        dst.CopyFrom(numpy_helper.from_array(value, like.name))
+        return
+    dst.name, dst.data_type = like.name, like.data_type
+    dst.dims.extend(value.shape)
+    dst.raw_data = np.ascontiguousarray(value).tobytes()
 
 
 def _set_attr(node: onnx.NodeProto, name: str, value: int) -> None:

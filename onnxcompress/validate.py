@@ -7,7 +7,10 @@ samples (axis 0 of each feed, flattened), and, for outputs that look like scores
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -98,20 +101,35 @@ class _Tally:
         return Agreement(name, self.n, self.max_abs, rel, self.cos_sum / max(self.cos_n, 1), top1)
 
 
-def validate(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds, *, scores: set[str],
-             progress: Progress | None = None) -> tuple[Agreement, ...]:
-    """Agreement of every graph output of `compressed` with `original` on `feeds`."""
-    names = [vi.name for vi in original.graph.output]
-    a, b = make_session(original), make_session(compressed)
-    tallies = {n: _Tally() for n in names}
-    integer = {}
+def validate(original: onnx.ModelProto | str | os.PathLike, compressed: onnx.ModelProto, feeds, *,
+             scores: set[str], progress: Progress | None = None) -> tuple[Agreement, ...]:
+    """Agreement of every graph output of `compressed` with `original` (a model, or the path of the
+    input file, which ONNX Runtime then reads itself) on `feeds`.
+
+    The two models never share memory: the original runs over every feed first, its outputs
+    spooled to a temporary folder, and its session is released before the compressed model's is
+    made, so peak memory is one model's weights, not two."""
+    names = [vi.name for vi in compressed.graph.output]
     total = getattr(feeds, "feeds", None)
-    for k, feed in enumerate(feeds):
-        ref = run(a, names, feed, f"validation feed {k} (original model)")
-        new = run(b, names, feed, f"validation feed {k} (compressed model)")
-        for name, r, c in zip(names, ref, new):
-            integer[name] = r.dtype.kind in "iub"
-            tallies[name].add(np.asarray(r), np.asarray(c), name in scores)
-        if progress:
-            progress("validate", k + 1, total)
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-validate-") as tmp:
+        session, count = make_session(original), 0
+        for k, feed in enumerate(feeds):
+            ref = run(session, names, feed, f"validation feed {k} (original model)")
+            np.savez(Path(tmp) / f"{k}.npz", *ref)
+            count += 1
+        del session
+        session = make_session(compressed)
+        tallies = {n: _Tally() for n in names}
+        integer = {}
+        for k, feed in enumerate(feeds):
+            if k >= count:
+                break
+            new = run(session, names, feed, f"validation feed {k} (compressed model)")
+            with np.load(Path(tmp) / f"{k}.npz", allow_pickle=False) as z:
+                ref = [z[f"arr_{j}"] for j in range(len(names))]
+            for name, r, c in zip(names, ref, new):
+                integer[name] = r.dtype.kind in "iub"
+                tallies[name].add(np.asarray(r), np.asarray(c), name in scores)
+            if progress:
+                progress("validate", k + 1, total)
     return tuple(tallies[n].result(n, integer.get(n, False)) for n in names)
