@@ -98,7 +98,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     before = {"params": count_params(norm), "flops": sum(node_flops(g).values()), "scores": score_outputs(g)}
     original = None  # validation reads the input file itself
     stage = _prune if (plan.method if plan is not None else config.method) == "id" else _split
-    analysis, new, plan = stage(norm, g, config, calib_src, first, plan, timer, progress)
+    analysis, new, plan = stage(norm, g, config, calib_src, plan, before, timer, progress)
     rewritten = new is not norm
     # release the input model and its index before the compressed model runs: a large model
     # would otherwise be held twice through the smoke test and validation
@@ -123,7 +123,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     return report
 
 
-def _prune(norm, g: GraphIndex, config: Config, calib_src, first, plan, timer, progress):
+def _prune(norm, g: GraphIndex, config: Config, calib_src, plan, before: dict, timer, progress):
     """find groups -> calibrate -> decide -> rewrite, for ID channel pruning."""
     with timer("find"):
         analysis = find_groups(g, exclude=config.exclude, include=config.include)
@@ -134,14 +134,14 @@ def _prune(norm, g: GraphIndex, config: Config, calib_src, first, plan, timer, p
                               max_rows=config.max_rows, seed=config.seed)
             stats = {name: found[r] for name, r in requests.items()}
         with timer("decide"):
-            plan = decide(g, analysis, stats, config, _budget(norm, g, analysis))
+            plan = decide(g, analysis, stats, config, _budget(g, analysis, before))
         stats = None  # the Grams (8 C^2 bytes per exit) are not needed past decide
     with timer("rewrite"):
         new = rewrite(norm, g, analysis, plan) if plan.groups else norm
     return analysis, new, plan
 
 
-def _split(norm, g: GraphIndex, config: Config, calib_src, first, plan, timer, progress):
+def _split(norm, g: GraphIndex, config: Config, calib_src, plan, before: dict, timer, progress):
     """find layers -> calibrate -> factorize -> split, for the low-rank methods."""
     with timer("find"):
         layers = find_layers(g, include=config.include, exclude=config.exclude, max_patch=config.max_patch)
@@ -151,8 +151,7 @@ def _split(norm, g: GraphIndex, config: Config, calib_src, first, plan, timer, p
             stats = calibrate(norm, [x.request for x in layers.layers], calib_src, types=g.types,
                               progress=progress, max_rows=config.max_rows, seed=config.seed)
         with timer("decide"):
-            totals = (float(count_params(norm)), float(sum(node_flops(g).values())))
-            plans, left = factorize(g, layers, stats, config, totals)
+            plans, left = factorize(g, layers, stats, config, (float(before["params"]), float(before["flops"])))
             plan = Plan(config.method, config.select, (), plans)
             skipped = skipped + left
     with timer("rewrite"):
@@ -194,10 +193,9 @@ def shapes_at(model: onnx.ModelProto, feed: dict) -> tuple[dict, dict]:
     return shapes, types
 
 
-def _budget(model: onnx.ModelProto, g: GraphIndex, analysis: Analysis) -> Budget:
-    flops = node_flops(g)
-    p_items, f_items = cost_items(g, analysis, flops)
-    return Budget(float(count_params(model)), float(sum(flops.values())), tuple(p_items), tuple(f_items))
+def _budget(g: GraphIndex, analysis: Analysis, before: dict) -> Budget:
+    p_items, f_items = cost_items(g, analysis, node_flops(g))
+    return Budget(float(before["params"]), float(before["flops"]), tuple(p_items), tuple(f_items))
 
 
 def _smoke_test(model: onnx.ModelProto, feed: dict, *, rewritten: bool = True) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -87,3 +88,21 @@ def scaled_total(items: list[Item], fraction: dict[str, float]) -> float:
 def shrinkable(items: list[Item]) -> float:
     return float(sum(it.cost for it in items))
 
+
+
+Step = tuple[float, str, int, float]   # (added error per unit saved, key, new size, cost saved)
+
+
+def cheapest_first(current: float, goal: float, steps: Callable[[], Iterable[Step]],
+                   take: Callable[[str, int], None]) -> float:
+    """Seed 000's greedy allocation: while `current` is above `goal`, take the candidate step with
+    the least added error per unit of cost saved (`take(key, new size)`). Returns the total
+    reached, above `goal` only when no step is left."""
+    while current > goal:
+        best = min(steps(), key=lambda step: step[0], default=None)
+        if best is None:
+            break
+        _, key, new, saved = best
+        take(key, new)
+        current -= saved
+    return current

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import Config
-from .cost import Item, scaled_total
+from .cost import Item, cheapest_first, scaled_total
 from .graph import GraphIndex
 from .groups import Analysis, Group
 from .interpolate import best_residual, interpolation_matrix, pivot_order, selection_matrix
@@ -190,32 +190,28 @@ def greedy_sizes(curves: list[Curve], config: Config, budget: Budget, rule: str,
     total = budget.flops_total if rule == "flops_target" else budget.params_total
     fixed = total - sum(it.cost for it in items)
     by_group = {c.group.id: [it for it in items if c.group.id in it.groups] for c in curves}
-    k = {c.group.id: c.group.channels for c in curves}
-    floor = {c.group.id: max(1, math.ceil(config.min_keep * c.group.channels)) for c in curves}
+    channels = {c.group.id: c.group.channels for c in curves}
+    k = dict(channels)
+    floor = {gid: max(1, math.ceil(config.min_keep * n)) for gid, n in channels.items()}
     frac = {gid: 1.0 for gid in k}
     goal = target * total
-    current = fixed + scaled_total(items, frac)
-    while current > goal:
-        best = None
+
+    def steps():
         for c in curves:
             gid, n = c.group.id, c.group.channels
             if k[gid] <= floor[gid] or not by_group[gid]:
                 continue
             new_k = max(floor[gid], k[gid] - max(1, n // 64))
-            before = scaled_total(by_group[gid], frac)
-            after = scaled_total(by_group[gid], {**frac, gid: new_k / n})
-            saved = before - after
-            if saved <= 0:
-                continue
-            score = (c.residual[new_k] - c.residual[k[gid]]) / saved
-            if best is None or score < best[0]:
-                best = (score, gid, new_k, saved)
-        if best is None:
-            log.warning("decide: %s %.3f is not reachable by shrinking these groups; reached %.3f",
-                        rule, target, current / total if total else 0.0)
-            break
-        _, gid, new_k, saved = best
+            saved = scaled_total(by_group[gid], frac) - scaled_total(by_group[gid], {**frac, gid: new_k / n})
+            if saved > 0:
+                yield (c.residual[new_k] - c.residual[k[gid]]) / saved, gid, new_k, saved
+
+    def take(gid, new_k):
         k[gid] = new_k
-        frac[gid] = new_k / next(c.group.channels for c in curves if c.group.id == gid)
-        current -= saved
+        frac[gid] = new_k / channels[gid]
+
+    reached = cheapest_first(fixed + scaled_total(items, frac), goal, steps, take)
+    if reached > goal:
+        log.warning("decide: %s %.3f is not reachable by shrinking these groups; reached %.3f",
+                    rule, target, reached / total if total else 0.0)
     return k

@@ -34,6 +34,7 @@ import numpy as np
 from . import lowrank
 from .calibrate import ChannelGram, PatchGram
 from .config import Config
+from .cost import cheapest_first
 from .graph import GraphIndex
 from .groups import Skipped
 from .layers import Layer, LayerAnalysis, weight_matrix
@@ -166,9 +167,9 @@ def greedy_ranks(curves: list[LayerCurve], config: Config, rule: str, target: fl
     flops = rule == "flops_target"
     total = totals[1] if flops else totals[0]
     rank: dict[str, int | None] = {c.layer.key: None for c in curves}
-    current, goal = total, target * total
-    while current > goal:
-        best = None
+    goal = target * total
+
+    def steps():
         for c in curves:
             layer, r = c.layer, rank[c.layer.key]
             floor = max(1, math.ceil(config.min_keep * min(layer.out, layer.inputs)))
@@ -176,18 +177,13 @@ def greedy_ranks(curves: list[LayerCurve], config: Config, rule: str, target: fl
             if new < floor or layer.max_rank < floor:
                 continue
             saved = step_cost(layer, r, flops) - step_cost(layer, new, flops)
-            if saved <= 0:
-                continue
-            added = c.spectrum.error[new] - (0.0 if r is None else c.spectrum.error[r])
-            score = max(float(added), 0.0) / saved
-            if best is None or score < best[0]:
-                best = (score, layer.key, new, saved)
-        if best is None:
-            log.warning("factorize: %s %.3f is not reachable by splitting these layers; reached %.3f",
-                        rule, target, current / total if total else 0.0)
-            break
-        _, key, new, saved = best
-        rank[key] = new
-        current -= saved
+            if saved > 0:
+                added = c.spectrum.error[new] - (0.0 if r is None else c.spectrum.error[r])
+                yield max(float(added), 0.0) / saved, layer.key, new, saved
+
+    reached = cheapest_first(total, goal, steps, rank.__setitem__)
+    if reached > goal:
+        log.warning("factorize: %s %.3f is not reachable by splitting these layers; reached %.3f",
+                    rule, target, reached / total if total else 0.0)
     return {k: (r if r is not None else f"{rule} {target} is met without splitting it")
             for k, r in rank.items()}

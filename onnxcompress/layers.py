@@ -56,11 +56,7 @@ def find_layers(g: GraphIndex, *, include: str | None = None, exclude: str | Non
         found = handler.layer(g, i, max_patch)
         if found is None:
             continue
-        if isinstance(found, str):
-            if found:
-                skipped.append(Skipped(key, node.op_type, found))
-            continue
-        reason = _check(g, found)
+        reason = found if isinstance(found, str) else _check(g, found)
         if reason:
             skipped.append(Skipped(key, node.op_type, reason))
         else:

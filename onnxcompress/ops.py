@@ -206,7 +206,7 @@ class MatMul(Handler):
         node = g.nodes[i]
         left, right = g.const(node.input[0]), g.const(node.input[1])
         if (left is None) == (right is None):
-            return "" if left is None else "MatMul of two constants"
+            return None if left is None else "MatMul of two constants"
         pos = 1 if left is None else 0
         w = right if left is None else left
         if w.ndim != 2:
@@ -264,7 +264,7 @@ class Gather(Handler):
         node = g.nodes[i]
         table = g.const(node.input[0])
         if table is None or table.ndim != 2 or g.const(node.input[1]) is not None:
-            return ""   # Gather on shapes or activations: not a layer
+            return None   # Gather on shapes or activations: not a layer
         if g.attr(i, "axis", 0) != 0:
             return "Gather along the embedding axis"
         vocab, d = table.shape
