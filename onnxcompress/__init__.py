@@ -4,10 +4,10 @@
     report = compress("model.onnx", config=Config(keep=0.75), calib="calib.npz")
 """
 from .api import compress, default_output
-from .config import Config
-from .errors import (AgreementError, DataError, ModelError, OnnxCompressError, OutputError,
+from .core.config import Config
+from .core.errors import (AgreementError, DataError, ModelError, OnnxCompressError, OutputError,
                      RewriteError, UsageError)
-from .plan import Plan
+from .core.plan import Plan
 
 __version__ = "0.1.0"
 

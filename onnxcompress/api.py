@@ -11,22 +11,25 @@ from pathlib import Path
 
 import onnx
 
-from . import data as data_mod
-from .calibrate import ChannelGram, Progress, calibrate, make_session, observed_shapes, run
-from .config import Config
-from .cost import cost_items, count_params, node_flops
-from .decide import Budget, decide
-from .errors import AgreementError, ModelError, RewriteError, UsageError
-from .factorize import factorize
-from .graph import GraphIndex
-from .groups import Analysis, find_groups
-from .layers import find_layers
-from .modelio import check_output_path, load_model, save_model
-from .normalize import normalize, static_shapes
-from .plan import Plan
-from .report import Report, StageTimer
-from .rewrite import rewrite, split
-from .validate import score_outputs, validate
+from .core import data as data_mod
+from .core.calibrate import Progress, calibrate
+from .core.runtime import make_session, observed_shapes, run
+from .core.stats import ChannelGram
+from .core.config import Config
+from .core.cost import cost_items, count_params, node_flops
+from .methods.id.select import Budget, decide
+from .core.errors import AgreementError, ModelError, RewriteError, UsageError
+from .methods.lowrank.ranks import factorize
+from .core.graph import GraphIndex
+from .methods.id.groups import Analysis, find_groups
+from .methods.lowrank.layers import find_layers
+from .core.modelio import check_output_path, load_model, save_model
+from .core.normalize import normalize, static_shapes
+from .core.plan import Plan
+from .core.report import Report, StageTimer
+from .methods.id.rewrite import rewrite
+from .methods.lowrank.rewrite import split
+from .core.validate import score_outputs, validate
 
 log = logging.getLogger(__name__)
 

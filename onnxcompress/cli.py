@@ -14,10 +14,10 @@ from pathlib import Path
 import click
 
 from .api import compress, default_output
-from .config import METHODS, SELECTIONS, Config
-from .errors import AgreementError, OnnxCompressError, OutputError, UsageError
-from .modelio import check_output_path
-from .plan import Plan
+from .core.config import METHODS, SELECTIONS, Config
+from .core.errors import AgreementError, OnnxCompressError, OutputError, UsageError
+from .core.modelio import check_output_path
+from .core.plan import Plan
 
 log = logging.getLogger("onnxcompress")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxcompress.data import InputSpec, open_source, split
-from onnxcompress.errors import DataError
+from onnxcompress.core.data import InputSpec, open_source, split
+from onnxcompress.core.errors import DataError
 
 SPECS = [InputSpec("x", np.dtype(np.float32), (None, 4))]
 

@@ -28,7 +28,8 @@ from click.testing import CliRunner
 
 import graphs
 from onnxcompress import (AgreementError, Config, DataError, ModelError, OutputError, Plan, RewriteError,
-                          UsageError, compress, modelio)
+                          UsageError, compress)
+from onnxcompress.core import modelio
 from onnxcompress.cli import main
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

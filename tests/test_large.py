@@ -9,9 +9,11 @@ import pytest
 
 import graphs
 from checks import assert_valid_output, save
-from onnxcompress import Config, calibrate, compress, rewrite as rewrite_mod
-from onnxcompress.edits import Shift
-from onnxcompress.modelio import serialized_size, without_initializers
+from onnxcompress import Config, compress
+from onnxcompress.core import runtime as calibrate
+from onnxcompress.methods.id import rewrite as rewrite_mod
+from onnxcompress.ops.edits import Shift
+from onnxcompress.core.modelio import serialized_size, without_initializers
 
 
 @pytest.mark.parametrize("name", ["mlp", "conv_bn_relu", "flatten_gemm"])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from onnxcompress import lowrank as lr
+from onnxcompress.methods.lowrank import solvers as lr
 
 
 def rng(seed):

@@ -10,12 +10,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import Config, Plan, compress
 from onnxcompress.api import shapes_at
-from onnxcompress.calibrate import PatchGram, TokenCounts, calibrate, patch_rows
-from onnxcompress.graph import GraphIndex
-from onnxcompress.layers import find_layers, weight_matrix
-from onnxcompress.lowrank import svd
-from onnxcompress.plan import LayerPlan
-from onnxcompress.rewrite import split
+from onnxcompress.core.calibrate import calibrate
+from onnxcompress.core.stats import PatchGram, TokenCounts, patch_rows
+from onnxcompress.core.graph import GraphIndex
+from onnxcompress.methods.lowrank.layers import find_layers, weight_matrix
+from onnxcompress.methods.lowrank.solvers import svd
+from onnxcompress.core.plan import LayerPlan
+from onnxcompress.methods.lowrank.rewrite import split
 
 RNG = np.random.default_rng(0)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxcompress.calibrate import GramAccumulator
-from onnxcompress.interpolate import (best_residual, interpolation_matrix, pivot_order, relative_error,
+from onnxcompress.core.stats import GramAccumulator
+from onnxcompress.methods.id.interpolate import (best_residual, interpolation_matrix, pivot_order, relative_error,
                                       selection_matrix)
 
 
@@ -103,7 +103,7 @@ def test_gram_accumulator_streams_to_the_direct_result():
 
 
 def test_channel_rows_caps_large_maps_with_real_positions():
-    from onnxcompress.calibrate import channel_rows
+    from onnxcompress.core.stats import channel_rows
     value = np.random.default_rng(7).standard_normal((2, 3, 10, 10)).astype(np.float32)
     every = channel_rows(value, -3, 0, np.random.default_rng(0))
     assert every.shape == (200, 3)

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphs
 from checks import assert_valid_output, kept, reasons, run, save, session
 from onnxcompress import Config, ModelError, Plan, compress
-from onnxcompress.graph import GraphIndex
+from onnxcompress.core.graph import GraphIndex
 
 
 def feeds_for(spec, n=48, seed=1, dtype=np.float32):

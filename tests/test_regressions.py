@@ -6,9 +6,9 @@ import numpy as np
 import graphs
 from checks import assert_valid_output, save
 from onnxcompress import Config, compress
-from onnxcompress.graph import GraphIndex
-from onnxcompress.groups import find_groups
-from onnxcompress.normalize import normalize
+from onnxcompress.core.graph import GraphIndex
+from onnxcompress.methods.id.groups import find_groups
+from onnxcompress.core.normalize import normalize
 
 
 def test_exit_statistics_are_taken_after_the_activation():

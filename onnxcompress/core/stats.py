@@ -1,6 +1,6 @@
-"""Calibrate: stream feeds through ONNX Runtime and accumulate second-order statistics.
+"""Statistics requests and their streaming accumulators.
 
-What is collected is said by requests, one per (tensor, statistic):
+A request names a tensor and the statistic to accumulate over it:
 
 * `ChannelGram` (ID exits, linear-layer inputs): with channel axis c, every other axis is
   flattened into rows, Z (rows x C), and G = sum Z^T Z is accumulated with the row count and the
@@ -17,26 +17,12 @@ count. Feature maps with more positions than `max_rows` contribute a uniform ran
 """
 from __future__ import annotations
 
-import logging
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterable, Union
+from typing import Union
 
 import numpy as np
-import onnx
-import onnxruntime as ort
-from onnx import helper, numpy_helper
 from scipy.linalg import blas
 
-from .errors import DataError, ModelError
-from .modelio import load_model, without_initializers
-from .normalize import unique_node_names
-
-log = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int | None], None]
 _BUFFER_ELEMENTS = 4 * 2**20  # rows buffered per tensor before a dsyrk update (x 8 bytes)
 
 
@@ -83,112 +69,6 @@ class GramAccumulator:
         upper = np.triu(self._gram)
         gram = upper + np.triu(upper, 1).T
         return Stats(gram=np.ascontiguousarray(gram), sums=self._sums.copy(), rows=self._rows)
-
-
-LARGE_MODEL = 2**28  # bytes of weights from which ONNX Runtime gets the model as a file
-
-
-def make_session(model: onnx.ModelProto | str | os.PathLike, outputs: Iterable[str] = (),
-                 types: dict[str, int] | None = None) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session of `model` with `outputs` exposed in addition to the graph
-    outputs (types from `types`, float by default) and repeated node names made unique. The
-    argument is not modified.
-
-    `model` may be the path of an ONNX file: ONNX Runtime then reads it itself (a file it refuses,
-    with repeated node names say, is loaded here and passed on). A model of more than
-    LARGE_MODEL bytes of weights reaches ONNX Runtime as a temporary file whose weights are
-    page-aligned external data, written one tensor at a time, and is not pre-packed: ONNX Runtime
-    maps the weights instead of holding its own copy, and no copy of the whole model is made.
-    """
-    if isinstance(model, (str, os.PathLike)) and not list(outputs):
-        try:
-            return _session(str(model), large=weights_bytes(onnx.load(str(model), load_external_data=False)) > LARGE_MODEL)
-        except Exception:
-            model = load_model(model)
-    elif isinstance(model, (str, os.PathLike)):
-        model = load_model(model)
-    shell = without_initializers(model)
-    unique_node_names(shell.graph)  # ONNX Runtime refuses repeated node names
-    known = {vi.name for vi in model.graph.output}
-    for name in outputs:
-        if name not in known:
-            elem = (types or {}).get(name, onnx.TensorProto.FLOAT)
-            shell.graph.output.append(helper.make_tensor_value_info(name, elem, None))
-    try:
-        if weights_bytes(model) <= LARGE_MODEL:
-            shell.graph.initializer.extend(model.graph.initializer)
-            return _session(shell.SerializeToString(), large=False)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.onnx"
-            _write_external(model.graph.initializer, shell, path.with_name("model.onnx.data"))
-            onnx.save(shell, str(path))
-            return _session(str(path), large=True)
-    except Exception as e:
-        raise ModelError(f"run: ONNX Runtime cannot load the model ({str(e).splitlines()[0][:300]})") from e
-
-
-def _session(model: str | bytes, *, large: bool) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if large:
-        opts.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-
-
-def weights_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the main graph's initializers, from their shapes and types."""
-    return sum(_tensor_bytes(t) for t in model.graph.initializer)
-
-
-def _tensor_bytes(t: onnx.TensorProto) -> int:
-    try:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    except Exception:  # string tensors and the like
-        itemsize = 1
-    return int(np.prod(t.dims, dtype=np.int64)) * itemsize
-
-
-def _write_external(initializers, shell: onnx.ModelProto, data: Path, threshold: int = 1024) -> None:
-    """Write the initializers of more than `threshold` bytes to `data` at page-aligned offsets and
-    add them to `shell` as external tensors; smaller ones are copied into `shell` as they are."""
-    with open(data, "wb") as f:
-        for t in initializers:
-            if t.data_location == onnx.TensorProto.EXTERNAL or _tensor_bytes(t) <= threshold:
-                shell.graph.initializer.add().CopyFrom(t)
-                continue
-            raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
-            f.write(b"\0" * ((-f.tell()) % 4096))
-            offset = f.tell()
-            f.write(raw)
-            ext = shell.graph.initializer.add()
-            ext.name, ext.data_type = t.name, t.data_type
-            ext.dims.extend(t.dims)
-            ext.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
-                entry = ext.external_data.add()
-                entry.key, entry.value = key, value
-            del raw
-
-
-def run(session: ort.InferenceSession, names: list[str], feed: dict, where: str) -> list[np.ndarray]:
-    try:
-        return session.run(names, feed)
-    except Exception as e:
-        raise DataError(f"run: ONNX Runtime failed on {where} ({str(e).splitlines()[0][:300]})") from e
-
-
-def observed_shapes(model: onnx.ModelProto, feed: dict, names: list[str], types: dict[str, int]) -> dict:
-    """Shapes of `names` seen when ONNX Runtime runs `feed` (fills what shape inference left
-    open; tensors of unknown element type are not asked for)."""
-    names = [n for n in names if types.get(n)]
-    if not names:
-        return {}
-    try:
-        values = make_session(model, names, types).run(names, feed)
-    except Exception as e:
-        log.warning("normalize: could not observe intermediate shapes (%s)", str(e).splitlines()[0][:200])
-        return {}
-    return {n: tuple(v.shape) for n, v in zip(names, values)}
 
 
 def channel_rows(value: np.ndarray, axis: int, max_rows: int, rng: np.random.Generator) -> np.ndarray:
@@ -307,28 +187,3 @@ def patch_rows(value: np.ndarray, req: PatchGram, max_rows: int, rng: np.random.
     patches = x[(index[0], slice(None), *index[1:])] if rank else x[index[0]]
     patches = np.moveaxis(patches, -1, 1)
     return patches.reshape(len(pick), c * int(np.prod(req.kernel)))
-
-
-def calibrate(model: onnx.ModelProto, requests: Iterable[Request], feeds,
-              *, types: dict[str, int] | None = None, progress: Progress | None = None,
-              max_rows: int = 0, seed: int = 0) -> dict:
-    """Stream `feeds` through `model` and return, per request, its statistic: `Stats` for the
-    Grams, a counts vector for `TokenCounts`.
-
-    max_rows: cap on the rows (positions) taken from one tensor of one feed, 0 for all.
-    """
-    reqs = sorted(set(requests), key=repr)
-    if not reqs:
-        return {}
-    names = sorted({r.tensor for r in reqs})
-    session = make_session(model, names, types)
-    acc = {r: r.accumulator() for r in reqs}
-    total = getattr(feeds, "feeds", None)
-    rng = np.random.default_rng(seed)
-    for k, feed in enumerate(feeds):
-        values = dict(zip(names, run(session, names, feed, f"calibration feed {k}")))
-        for r in reqs:
-            acc[r].add(r.rows(values[r.tensor], max_rows, rng))
-        if progress:
-            progress("calibrate", k + 1, total)
-    return {r: a.result() for r, a in acc.items()}

@@ -31,14 +31,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import lowrank
-from .calibrate import ChannelGram, PatchGram
-from .config import Config
-from .cost import cheapest_first
-from .graph import GraphIndex
-from .groups import Skipped
+from . import solvers as lowrank
+from ...core.stats import ChannelGram, PatchGram
+from ...core.config import Config
+from ...core.cost import cheapest_first
+from ...core.graph import GraphIndex
+from ..base import Skipped
 from .layers import Layer, LayerAnalysis, weight_matrix
-from .plan import LayerPlan
+from ...core.plan import LayerPlan
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .edits import Layer
-from .graph import FLOAT_TYPES, GraphIndex
-from .groups import Skipped
-from .ops import HANDLERS
+from ...ops.edits import Layer
+from ...core.graph import FLOAT_TYPES, GraphIndex
+from ..base import Skipped
+from ...ops.compute import HANDLERS
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .calibrate import ChannelGram, PatchGram, TokenCounts
+from ..core.stats import ChannelGram, PatchGram, TokenCounts
 from .edits import (Exit, Handler, Layer, Member, Mix, Produce, SetAttr, Shift, Slice, Stop, Through,
                     computed_weight, const_channel_edit, flat_only, through_to, unused_extra_outputs)
-from .graph import GraphIndex
-from .ops_layout import Concat, Flatten, Reshape, Resize, ShapeOf, Softmax, Squeeze, Transpose
+from ..core.graph import GraphIndex
+from .layout import Concat, Flatten, Reshape, Resize, ShapeOf, Softmax, Squeeze, Transpose
 
 
 class Unary(Handler):

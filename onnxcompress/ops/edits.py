@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .calibrate import ChannelGram, PatchGram, Request, TokenCounts
-from .graph import GraphIndex
+from ..core.stats import ChannelGram, PatchGram, Request, TokenCounts
+from ..core.graph import GraphIndex
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from .graph import GraphIndex
-from .edits import Exit, Member, Mix, Produce, SetAttr, ShapeEntry, Shift, Slice, Stop, Through
-from .ops import HANDLERS
+from ...core.graph import GraphIndex
+from ...ops.edits import Exit, Member, Mix, Produce, SetAttr, ShapeEntry, Shift, Slice, Stop, Through
+from ...ops.compute import HANDLERS
+from ..base import Skipped
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul", "Gather", "ConvTranspose")
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
@@ -50,13 +51,6 @@ class Group:
         """Every consumer reading `source` has a bias to take an intercept."""
         mixes, weights = self.mixes(source), {s.weight for s in self.shifts(source)}
         return bool(mixes) and all(m.tensor in weights for m in mixes)
-
-
-@dataclass(frozen=True)
-class Skipped:
-    node: str
-    op: str
-    reason: str
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .calibrate import Progress, make_session, run
+from .calibrate import Progress
+from .runtime import make_session, run
 from .graph import GraphIndex
 
 _PASS_OPS = {"Reshape", "Transpose", "Identity", "Flatten", "Squeeze", "Unsqueeze", "Cast"}

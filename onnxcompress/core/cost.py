@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 
 from .graph import FLOAT_TYPES, GraphIndex
-from .groups import Analysis
-from .edits import Mix, SetAttr, Slice
+from ..methods.id.groups import Analysis
+from ..ops.edits import Mix, SetAttr, Slice
 
 
 @dataclass(frozen=True)

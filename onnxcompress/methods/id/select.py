@@ -26,12 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import Config
-from .cost import Item, cheapest_first, scaled_total
-from .graph import GraphIndex
+from ...core.config import Config
+from ...core.cost import Item, cheapest_first, scaled_total
+from ...core.graph import GraphIndex
 from .groups import Analysis, Group
 from .interpolate import best_residual, interpolation_matrix, pivot_order, selection_matrix
-from .plan import GroupPlan, Plan
+from ...core.plan import GroupPlan, Plan
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,120 @@
+"""Rewrite: apply a Plan to a normalized model. The only stage that changes a graph.
+
+For a group with kept channels S (k of C) and interpolation matrices T_e (k x C):
+
+* `Slice` edits keep entries S along their axis (producer weights and biases, per-channel
+  constants, BatchNormalization parameters, depthwise filters, PRelu slopes);
+* `Mix` edits replace a consumer weight's input-channel axis: W' (..., C*spatial, ...) becomes
+  W'' with W''[..., j*spatial + s, ...] = sum_c W'[..., c*spatial + s, ...] T_e[j, c], i.e.
+  W' T_e^T on the channel axis (kron(T_e, I_spatial) for a channel-major flatten);
+* `SetAttr` sets the depthwise Conv's `group` to k; `ShapeEntry` sets a Reshape/Resize shape entry
+  to k*spatial;
+* `Shift` adds W' c0 (the consumer's response to the intercept c0) to the consumer's bias. Shifts
+  run first, on the original weights and full-width biases, so a bias later sliced by another
+  group is sliced after its shift.
+
+Weights keep their dtype (the maths runs in float64). Stale `value_info` of every changed tensor is
+dropped. The result is what `onnx.checker` and ONNX Runtime then verify.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ...core.errors import UsageError
+from ...core.graph import GraphIndex
+from ...core.modelio import without_initializers
+from ...core.plan import Plan
+from ...ops.edits import Mix, SetAttr, ShapeEntry, Shift, Slice
+from ...ops.surgery import drop_value_info, set_int_attr, store_tensor
+from .groups import Analysis
+
+
+def rewrite(model: onnx.ModelProto, g: GraphIndex, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
+    """Return a new model with `plan` applied; `model` (the one `g` indexes) is not changed."""
+    groups = {grp.id: grp for grp in analysis.groups}
+    out = without_initializers(model)  # initializers are added at the end, edited or copied
+    dtypes = {t.name: helper.tensor_dtype_to_np_dtype(t.data_type) for t in model.graph.initializer}
+    values: dict[str, np.ndarray] = {}
+    done: set[tuple] = set()
+    changed: set[str] = set()
+    for gp in plan.groups:
+        grp = groups.get(gp.group)
+        if grp is None or grp.channels != gp.channels:
+            raise UsageError(f"plan: group {gp.group!r} does not match this model")
+        for e in grp.edits:
+            if isinstance(e, Shift) and e.source in gp.intercept:
+                base = values.get(e.tensor, g.const(e.tensor))
+                values[e.tensor] = shift(base, g.const(e.weight), e, gp.intercept[e.source])
+    for gp in plan.groups:
+        grp = groups[gp.group]
+        keep = np.asarray(gp.keep, dtype=np.int64)
+        changed.update(grp.tensors)
+        for e in grp.edits:
+            if isinstance(e, Shift):
+                continue
+            if isinstance(e, SetAttr):
+                set_int_attr(out.graph.node[e.node], e.name, len(keep))
+                continue
+            key = (e.tensor, type(e).__name__, getattr(e, "axis", getattr(e, "index", None)))
+            if key in done:
+                continue  # a constant shared by two nodes of the group is edited once
+            done.add(key)
+            value = values.get(e.tensor)
+            if value is None:
+                value = g.const(e.tensor)
+            values[e.tensor] = _apply(e, value, keep, gp.interpolation, dtypes[e.tensor])
+    changed |= set(values)
+    for t in model.graph.initializer:
+        if t.name in values:  # each new value is released as soon as it is stored
+            store_tensor(out.graph.initializer.add(), t, values.pop(t.name).astype(dtypes[t.name], copy=False))
+        else:
+            out.graph.initializer.add().CopyFrom(t)
+    drop_value_info(out.graph, changed)
+    return out
+
+
+def _apply(e, value: np.ndarray, keep: np.ndarray, interpolation: dict, dtype) -> np.ndarray:
+    if isinstance(e, Slice):
+        return np.take(value, keep, axis=e.axis)
+    if isinstance(e, Mix):
+        return mix(value, e.axis, e.spatial, interpolation[e.source], dtype)
+    if isinstance(e, ShapeEntry):
+        value = value.copy()
+        value[e.index] = len(keep) * e.spatial
+        return value
+    raise TypeError(f"unknown edit {e!r}")
+
+
+_BLOCK = 2**22  # elements of a weight converted to float64 at a time
+
+
+def shift(bias: np.ndarray, w: np.ndarray, e: Shift, c0: np.ndarray) -> np.ndarray:
+    """bias + scale * (W contracted with c0 over its input-channel axis, summed over every axis
+    but the output axis), in float64 (a block of W at a time), in the bias's shape."""
+    c = len(c0)
+    moved = np.moveaxis(np.asarray(w), e.in_axis, -1)
+    out_axis = e.out_axis if e.out_axis < e.in_axis else e.out_axis - 1
+    step = max(1, _BLOCK // max(1, moved[:1].size))
+    response = np.concatenate([
+        np.einsum("...cs,c->...", block.astype(np.float64).reshape(*block.shape[:-1], c, e.spatial), c0)
+        for block in (moved[i:i + step] for i in range(0, moved.shape[0], step))])
+    response = np.moveaxis(response, out_axis, 0).reshape(response.shape[out_axis], -1).sum(axis=1)
+    return np.asarray(bias, dtype=np.float64) + e.scale * response.reshape(np.shape(bias))
+
+
+def mix(w: np.ndarray, axis: int, spatial: int, t: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """Apply T (k x C) to the channel-major (C*spatial) axis `axis` of w: computed in float64 a
+    block of rows at a time, returned in `dtype`."""
+    k, c = t.shape
+    moved = np.moveaxis(np.asarray(w), axis, -1)
+    lead = moved.shape[:-1]
+    rows = moved.reshape(-1, c * spatial)
+    out = np.empty((rows.shape[0], k * spatial), dtype=dtype)
+    step = max(1, _BLOCK // max(1, c * spatial))
+    for i in range(0, rows.shape[0], step):
+        block = rows[i:i + step].astype(np.float64).reshape(-1, c, spatial)
+        mixed = np.tensordot(block, t, axes=([1], [1]))          # (rows, spatial, k)
+        out[i:i + step] = np.swapaxes(mixed, 1, 2).reshape(-1, k * spatial)
+    return np.moveaxis(out.reshape(*lead, k * spatial), -1, axis)

@@ -1,0 +1,98 @@
+"""Rewrite for low rank. For a split layer with W ~ A B (see `layers.py` for each kind's W),
+`split` replaces the node by two, in its place, the second writing the original output name:
+
+* Gemm:        op(X) B^T (MatMul, or Gemm with transA), then Gemm(., A^T, C, beta) or MatMul;
+* MatMul:      MatMul(X, B^T) then MatMul(., A^T); with the constant on the left,
+               MatMul(B, X) then MatMul(A, .);
+* Conv:        Conv(X, B as (r, in, k...), same strides, pads, dilations, auto_pad), then
+               Conv(., A as (out, r, 1...), bias);
+* Gather:      Gather(B^T, idx) then MatMul(., A^T).
+
+The original weight is removed (`layers.py` only splits weights no other node reads).
+Weights keep their dtype (the maths runs in float64). Stale `value_info` of every changed tensor is
+dropped. The result is what `onnx.checker` and ONNX Runtime then verify.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ...core.errors import UsageError
+from ...core.graph import GraphIndex
+from ...core.plan import Plan
+from ...ops.surgery import drop_value_info, fresh_name
+
+
+def split(model: onnx.ModelProto, g: GraphIndex, layers: dict, plan: Plan) -> onnx.ModelProto:
+    """Return a new model with every `plan.layers` entry split in two nodes; `model` (the one `g`
+    indexes) is not changed. `layers`: key -> `layers.Layer`."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    taken = {t.name for t in out.graph.initializer} | {o for n in out.graph.node for o in n.output} | \
+        {vi.name for vi in out.graph.input}
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    new_inits, dropped = [], set()
+    for lp in plan.layers:
+        layer = layers.get(lp.layer)
+        if layer is None or (layer.out, layer.inputs) != (lp.out, lp.inputs):
+            raise UsageError(f"plan: layer {lp.layer!r} does not match this model")
+        dtype = g.const(layer.weight).dtype
+        nodes, inits = _split_nodes(g, layer, lp, dtype, lambda base: fresh_name(base, taken))
+        replace[layer.node] = nodes
+        new_inits += inits
+        dropped.add(layer.weight)
+    nodes = []
+    for i, node in enumerate(out.graph.node):
+        nodes.extend(replace.get(i, [node]))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    kept = [t for t in out.graph.initializer if t.name not in dropped]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept + new_inits)
+    drop_value_info(out.graph, dropped)
+    return out
+
+
+def _split_nodes(g: GraphIndex, layer, lp, dtype, fresh) -> tuple[list, list]:
+    """The two nodes replacing `layer`'s node, and their new initializers."""
+    node = g.nodes[layer.node]
+    a, b = lp.left, lp.right
+    r = lp.rank
+    stem = layer.weight
+    mid = fresh(f"{node.output[0]}.lowrank")
+    names = (fresh(f"{stem}.lowrank_in"), fresh(f"{stem}.lowrank_out"))
+    first_name = f"{node.name}/lowrank_in" if node.name else ""
+    second_name = f"{node.name}/lowrank_out" if node.name else ""
+
+    def init(name, value):
+        return numpy_helper.from_array(np.ascontiguousarray(value).astype(dtype), name)
+
+    kind = layer.kind
+    if kind in ("gemm", "matmul"):
+        w1, w2 = init(names[0], b.T), init(names[1], a.T)
+        trans_a = kind == "gemm" and g.attr(layer.node, "transA", 0)
+        first = (helper.make_node("Gemm", [node.input[0], names[0]], [mid], name=first_name, transA=1)
+                 if trans_a else helper.make_node("MatMul", [node.input[0], names[0]], [mid], name=first_name))
+        bias = node.input[2] if kind == "gemm" and len(node.input) > 2 and node.input[2] else ""
+        second = (helper.make_node("Gemm", [mid, names[1], bias], list(node.output), name=second_name,
+                                   beta=float(g.attr(layer.node, "beta", 1.0)))
+                  if bias else helper.make_node("MatMul", [mid, names[1]], list(node.output), name=second_name))
+    elif kind == "matmul_left":
+        w1, w2 = init(names[0], b), init(names[1], a)
+        first = helper.make_node("MatMul", [names[0], node.input[1]], [mid], name=first_name)
+        second = helper.make_node("MatMul", [names[1], mid], list(node.output), name=second_name)
+    elif kind == "conv":
+        k = layer.kernel
+        w1 = init(names[0], b.reshape(r, layer.inputs // int(np.prod(k)), *k))
+        w2 = init(names[1], a.reshape(layer.out, r, *[1] * len(k)))
+        attrs = {x.name: helper.get_attribute_value(x) for x in node.attribute if x.name != "kernel_shape"}
+        first = helper.make_node("Conv", [node.input[0], names[0]], [mid], name=first_name, **attrs)
+        second = helper.make_node("Conv", [mid, names[1], *node.input[2:3]], list(node.output), name=second_name)
+    elif kind == "gather":
+        w1, w2 = init(names[0], b.T), init(names[1], a.T)
+        first = helper.make_node("Gather", [names[0], node.input[1]], [mid], name=first_name, axis=0)
+        second = helper.make_node("MatMul", [mid, names[1]], list(node.output), name=second_name)
+    else:
+        raise TypeError(f"unknown layer kind {kind!r}")
+    return [first, second], [w1, w2]
