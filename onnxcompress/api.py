@@ -1,7 +1,8 @@
-"""`compress()`: the whole data flow of design.md section 2, one stage per call.
+"""`compress()`: the whole data flow, one stage per call.
 
-load -> normalize -> find groups -> calibrate -> decide (Plan) -> rewrite -> validate -> report,
-then the gate, then an atomic save. The command line is a thin layer over this function.
+load -> normalize -> find sites (every method) -> calibrate (one pass) -> curves -> allocate
+(Plan) -> rewrite (each method in turn) -> validate -> report, then the gate, then an atomic
+save. The command line is a thin layer over this function.
 """
 from __future__ import annotations
 
@@ -13,23 +14,19 @@ import onnx
 
 from .core import data as data_mod
 from .core.calibrate import Progress, calibrate
-from .core.runtime import make_session, observed_shapes, run
-from .core.stats import ChannelGram
-from .core.config import Config
-from .core.cost import cost_items, count_params, node_flops
-from .methods.id.select import Budget, decide
+from .core.config import SIZE_RULES, Config
+from .core.cost import count_params, node_flops
 from .core.errors import AgreementError, ModelError, RewriteError, UsageError
-from .methods.lowrank.ranks import factorize
 from .core.graph import GraphIndex
-from .methods.id.groups import Analysis, find_groups
-from .methods.lowrank.layers import find_layers
-from .core.modelio import check_output_path, load_model, save_model
+from .core.modelio import check_output_path, load_model, save_model, serialized_size
 from .core.normalize import normalize, static_shapes
 from .core.plan import Plan
 from .core.report import Report, StageTimer
-from .methods.id.rewrite import rewrite
-from .methods.lowrank.rewrite import split
-from .core.validate import score_outputs, validate
+from .core.runtime import make_session, observed_shapes, run
+from .core.validate import Reference, output_error, score_outputs, validate
+from .decide import decide
+from .methods import for_method, for_plan
+from .methods.base import Skipped
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +51,7 @@ def _check_arguments(model, output, config, calib, val, plan) -> tuple[Config, P
     if plan is not None:
         if not isinstance(plan, Plan):
             raise UsageError(f"plan must be an onnxcompress.Plan, got {type(plan).__name__}")
-        given = [n for n in ("keep", "tolerance", "flops_target", "params_target") if getattr(config, n) is not None]
+        given = [n for n in SIZE_RULES if getattr(config, n) is not None]
         if given:
             raise UsageError(f"a plan fixes the sizes; {given[0]} contradicts it")
     src = Path(model)
@@ -82,9 +79,14 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     (`config.holdout`) of `calib` is used. With `plan`, its decisions are applied as they are
     (calibration is skipped; data is still used for validation).
 
-    Raises `AgreementError` (exit code 3, carrying the report) when `config.min_agreement` is not
-    met; the output is then not written, unless `config.keep_failed`, in which case it is written
-    first and the error still raised.
+    Every method `config.method` selects (`methods.for_method`) goes through the same stages:
+    its sites are found, one calibration pass serves them all, each site gets a curve, one
+    allocation covers every site (`decide.py`, `allocate.py`), and each method rewrites its own
+    entries in registry order.
+
+    Raises `AgreementError` (exit code 3, carrying the report) when `config.min_agreement` or
+    `config.target` is not met; the output is then not written, unless `config.keep_failed`
+    (with `min_agreement`), in which case it is written first and the error still raised.
     """
     config, src, out, inputs = _check_arguments(model, output, config, calib, val, plan)
     check_output_path(out, force=config.force, source=src, inputs=inputs)
@@ -98,19 +100,49 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
         calib_src, val_src = _sources(calib, val, specs, config, report)
         first = next(iter(calib_src))
         g = GraphIndex(norm, *shapes_at(norm, first))
-    before = {"params": count_params(norm), "flops": sum(node_flops(g).values()), "scores": score_outputs(g)}
+    flops = node_flops(g)
+    before = {"params": count_params(norm), "flops": sum(flops.values()), "bytes": serialized_size(norm),
+              "scores": score_outputs(g)}
     original = None  # validation reads the input file itself
-    stage = _prune if (plan.method if plan is not None else config.method) == "id" else _split
-    analysis, new, plan = stage(norm, g, config, calib_src, plan, before, timer, progress)
-    rewritten = new is not norm
-    # release the input model and its index before the compressed model runs: a large model
-    # would otherwise be held twice through the smoke test and validation
-    norm = g = None
-    with timer("smoke_test"):
-        _smoke_test(new, first, rewritten=rewritten)
-    with timer("validate"):
-        agreement = validate(src, new, val_src, scores=before["scores"], progress=progress)
-    _fill(report, new, before, analysis, plan, agreement, first)
+    methods = {m.name: m for m in (for_plan(plan) if plan is not None else for_method(config.method))}
+    with timer("find"):
+        sites, skipped = _find(g, methods, config)
+    reference = chosen = None
+    try:
+        if plan is None:
+            with timer("calibrate"):
+                requests = [r for s in sites for r in methods[s.method].requests(s)]
+                stats = calibrate(norm, requests, calib_src, types=g.types, progress=progress,
+                                  max_rows=config.max_rows, seed=config.seed)
+            with timer("decide"):
+                curves = [methods[s.method].curve(g, s, stats, config, flops) for s in sites]
+            stats = None  # the Grams (8 C^2 bytes per exit) are not needed past the curves
+            if config.target is not None:
+                with timer("validate"):
+                    reference = Reference(src, val_src, [vi.name for vi in norm.graph.output],
+                                          scores=before["scores"], progress=progress)
+            entries, left, chosen = decide(norm, g, methods, curves, config, before, calib_src=calib_src,
+                                           reference=reference, report=report, timer=timer, progress=progress)
+            plan = Plan(config.method, config.select, tuple(entries))
+            skipped = skipped + left
+        if chosen is not None:
+            new, agreement = chosen
+        else:
+            with timer("rewrite"):
+                new = _rewrite(norm, g, methods, sites, plan)
+        rewritten = new is not norm
+        # release the input model and its index before the compressed model runs: a large model
+        # would otherwise be held twice through the smoke test and validation
+        norm = g = None
+        with timer("smoke_test"):
+            _smoke_test(new, first, rewritten=rewritten)
+        if chosen is None:
+            with timer("validate"):
+                agreement = validate(src, new, val_src, scores=before["scores"], progress=progress)
+    finally:
+        if reference is not None:
+            reference.close()
+    _fill(report, new, before, methods, sites, skipped, plan, agreement, first)
     report.seconds = timer.seconds
     report.plan = plan
     _gate(report, agreement, config)
@@ -126,40 +158,27 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     return report
 
 
-def _prune(norm, g: GraphIndex, config: Config, calib_src, plan, before: dict, timer, progress):
-    """find groups -> calibrate -> decide -> rewrite, for ID channel pruning."""
-    with timer("find"):
-        analysis = find_groups(g, exclude=config.exclude, include=config.include)
-    if plan is None:
-        with timer("calibrate"):
-            requests = _exit_requests(analysis)
-            found = calibrate(norm, requests.values(), calib_src, types=g.types, progress=progress,
-                              max_rows=config.max_rows, seed=config.seed)
-            stats = {name: found[r] for name, r in requests.items()}
-        with timer("decide"):
-            plan = decide(g, analysis, stats, config, _budget(g, analysis, before))
-        stats = None  # the Grams (8 C^2 bytes per exit) are not needed past decide
-    with timer("rewrite"):
-        new = rewrite(norm, g, analysis, plan) if plan.groups else norm
-    return analysis, new, plan
+def _find(g: GraphIndex, methods: dict, config: Config) -> tuple[list, list]:
+    """Every method's sites, and the nodes left alone. A node that one method compresses is not
+    reported as skipped by another; a node every method skips is reported once, with each reason."""
+    sites, reasons = [], {}
+    for m in methods.values():
+        found, left = m.sites(g, config)
+        sites += found
+        for s in left:
+            reasons.setdefault((s.node, s.op), []).append(s.reason)
+    covered = {s.key for s in sites} | {p for s in sites for p in getattr(s.target, "producers", ())}
+    skipped = [Skipped(node, op, "; ".join(dict.fromkeys(r))) for (node, op), r in reasons.items()
+               if node not in covered]
+    return sites, skipped
 
 
-def _split(norm, g: GraphIndex, config: Config, calib_src, plan, before: dict, timer, progress):
-    """find layers -> calibrate -> factorize -> split, for the low-rank methods."""
-    with timer("find"):
-        layers = find_layers(g, include=config.include, exclude=config.exclude, max_patch=config.max_patch)
-    skipped = layers.skipped
-    if plan is None:
-        with timer("calibrate"):
-            stats = calibrate(norm, [x.request for x in layers.layers], calib_src, types=g.types,
-                              progress=progress, max_rows=config.max_rows, seed=config.seed)
-        with timer("decide"):
-            plans, left = factorize(g, layers, stats, config, (float(before["params"]), float(before["flops"])))
-            plan = Plan(config.method, config.select, (), plans)
-            skipped = skipped + left
-    with timer("rewrite"):
-        new = split(norm, g, {x.key: x for x in layers.layers}, plan) if plan.layers else norm
-    return Analysis((), tuple(skipped)), new, plan
+def _rewrite(norm, g: GraphIndex, methods: dict, sites: list, plan: Plan):
+    """Each method rewrites its own entries, in registry order, on the previous one's output."""
+    new = norm
+    for name, m in methods.items():
+        new = m.rewrite(new, g, [s for s in sites if s.method == name], [e for e in plan.entries if e.method == name])
+    return new
 
 
 def _sources(calib, val, specs, config: Config, report: Report):
@@ -182,10 +201,6 @@ def _sources(calib, val, specs, config: Config, report: Report):
     return calib_src, val_src
 
 
-def _exit_requests(analysis: Analysis) -> dict[str, ChannelGram]:
-    return {e.tensor: ChannelGram(e.tensor, e.axis, grp.channels) for grp in analysis.groups for e in grp.exits}
-
-
 def shapes_at(model: onnx.ModelProto, feed: dict) -> tuple[dict, dict]:
     """(shapes, types) of every tensor for `feed`: shape inference, then one ONNX Runtime run for
     the node outputs whose shapes inference left open."""
@@ -194,11 +209,6 @@ def shapes_at(model: onnx.ModelProto, feed: dict) -> tuple[dict, dict]:
              if o and (shapes.get(o) is None or None in shapes[o])]
     shapes.update(observed_shapes(model, feed, open_, types))
     return shapes, types
-
-
-def _budget(g: GraphIndex, analysis: Analysis, before: dict) -> Budget:
-    p_items, f_items = cost_items(g, analysis, node_flops(g))
-    return Budget(float(before["params"]), float(before["flops"]), tuple(p_items), tuple(f_items))
 
 
 def _smoke_test(model: onnx.ModelProto, feed: dict, *, rewritten: bool = True) -> None:
@@ -213,27 +223,25 @@ def _smoke_test(model: onnx.ModelProto, feed: dict, *, rewritten: bool = True) -
         raise RewriteError(f"rewrite: the compressed model does not run ({str(e).splitlines()[0]})") from e
 
 
-def _fill(report: Report, new, before: dict, analysis: Analysis, plan: Plan, agreement, first) -> None:
+def _fill(report: Report, new, before: dict, methods: dict, sites: list, skipped: list, plan: Plan,
+          agreement, first) -> None:
     after = GraphIndex(new, *shapes_at(new, first))
     report.params = {"before": before["params"], "after": count_params(new)}
     report.flops = {"before": before["flops"], "after": sum(node_flops(after).values()),
                     "at_input_shapes": {k: list(v.shape) for k, v in first.items()}}
     report.file_size = {"before": os.path.getsize(report.input)}
-    by_id = {grp.id: grp for grp in analysis.groups}
-    report.groups = [{**gp.to_dict(matrices=False), "keep": None,
-                      "producers": list(by_id[gp.group].producers),
-                      "exits": [e.tensor for e in by_id[gp.group].exits],
-                      "error_ratio": (gp.error / gp.best_error) if gp.best_error > 0 else None}
-                     for gp in plan.groups]
-    for row in report.groups:
-        row.pop("keep")
-    report.layers = [{**lp.to_dict(matrices=False),
-                      "error_ratio": (lp.error / lp.best_error) if lp.best_error > 0 else None}
-                     for lp in plan.layers]
-    report.skipped = [vars(s) for s in analysis.skipped]
+    by_key = {(s.method, s.key): s for s in sites}
+    for e in plan.entries:
+        m = methods[e.method]
+        site = by_key.get((e.method, e.site))
+        row = m.describe(site, e) if site is not None else e.to_dict(matrices=False)
+        getattr(report, m.section).append(row)
+    report.skipped = [vars(s) for s in skipped]
     report.agreement = [a.to_dict() for a in agreement]
-    if not plan.groups and not plan.layers:
-        what = "channel group" if plan.method == "id" else "layer to split"
+    if report.allocation.get("estimated_error") is not None:
+        report.allocation["measured_error"] = output_error(agreement)
+    if not plan.entries:
+        what = "channel group" if plan.method == "id" else "layer to split" if plan.method != "auto" else "site"
         report.warnings.append(f"no compressible {what} was found; the output computes the same function")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from .api import compress, default_output
-from .core.config import METHODS, SELECTIONS, Config
+from .core.config import METHODS, MINIMIZE, SELECTIONS, Config
 from .core.errors import AgreementError, OnnxCompressError, OutputError, UsageError
 from .core.modelio import check_output_path
 from .core.plan import Plan
@@ -70,11 +70,17 @@ class _Command(click.Command):
 @click.option("--tolerance", type=float, help="Per group, the smallest size whose relative ID error is at most this.")
 @click.option("--flops-target", type=float, help="Keep at most this fraction of the model's FLOPs (greedy allocation).")
 @click.option("--params-target", type=float, help="Keep at most this fraction of the model's parameters (greedy allocation).")
+@click.option("--size-target", type=float, help="Keep at most this fraction of the model's weight bytes (greedy allocation).")
+@click.option("--target", help="Quality target on the worst output, e.g. cosine>=0.99, top1>=0.99, rel_l2<=0.05: the most compressed model that meets it on the validation data (at most 8 validation passes). Implies --method auto unless --method is given.")
+@click.option("--minimize", type=click.Choice(MINIMIZE), default="size", show_default=True, help="With --target: what to make smallest (weight bytes, parameters or FLOPs).")
+@click.option("--sensitivity/--no-sensitivity", default=True, show_default=True, help="Budgets and targets: weigh each site by its measured end-to-end sensitivity (one probe per site).")
+@click.option("--probe-feeds", type=int, default=32, show_default=True, help="Calibration feeds used by each sensitivity probe.")
 @click.option("--min-keep", type=float, default=0.05, show_default=True, help="Budget modes never shrink a group below this fraction.")
 @click.option("--select", type=click.Choice(SELECTIONS), default="id", show_default=True, help="id: interpolative decomposition with correction; norm: largest-norm channels, no correction (baseline).")
-@click.option("--method", type=click.Choice(METHODS), default="id", show_default=True,
-              help="id: prune channels (interpolative decomposition); svd / aasvd / lp: split each layer in two "
-                   "low-rank factors (plain, activation-aware, robust l_p).")
+@click.option("--method", type=click.Choice(METHODS), default=None,
+              help="id (default): prune channels (interpolative decomposition); svd / aasvd / lp: split each layer in two "
+                   "low-rank factors (plain, activation-aware, robust l_p); auto (default with --target): all of them, "
+                   "the allocator choosing per site.")
 @click.option("--include", help="Regular expression: only layers (low rank) or groups with a producer (id) whose node name matches.")
 @click.option("--p", "p", type=float, default=1.0, show_default=True, help="Exponent of --method lp, in [1, 2].")
 @click.option("--lp-weighted", is_flag=True, help="--method lp weighs an embedding table's rows by token counts.")
@@ -93,7 +99,8 @@ class _Command(click.Command):
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("-v", "--verbose", is_flag=True, help="More logging, and tracebacks on errors.")
 @click.version_option(package_name="onnxcompress")
-def main(model, output, calib, val, report_path, keep, tolerance, flops_target, params_target, min_keep,
+def main(model, output, calib, val, report_path, keep, tolerance, flops_target, params_target, size_target, target,
+         minimize, sensitivity, probe_feeds, min_keep,
          select, method, include, p, lp_weighted, smoothing, max_patch, intercept, exclude, min_agreement, keep_failed, batch_size, max_rows, holdout, save_plan, plan_path,
          force, quiet, verbose):
     """Compress MODEL.onnx into OUTPUT (default: MODEL.compressed.onnx beside it)."""
@@ -102,6 +109,8 @@ def main(model, output, calib, val, report_path, keep, tolerance, flops_target, 
     written = False
     try:
         config = Config(keep=keep, tolerance=tolerance, flops_target=flops_target, params_target=params_target,
+                        size_target=size_target, target=target, minimize=minimize, sensitivity=sensitivity,
+                        probe_feeds=probe_feeds,
                         min_keep=min_keep, select=select, method=method, intercept=intercept, exclude=exclude,
                         include=include, p=p, lp_weighted=lp_weighted, smoothing=smoothing, max_patch=max_patch,
                         min_agreement=min_agreement, keep_failed=keep_failed, batch_size=batch_size, max_rows=max_rows,

@@ -440,7 +440,7 @@ def invoke(args) -> "click.testing.Result":
 
 @pytest.mark.parametrize("flags, message", USAGE, ids=[" ".join(f) for f, _ in USAGE])
 def test_bad_options_exit_2(work, flags, message):
-    Plan(method="id", select="id", groups=()).save(work.inp / "plan.json")
+    Plan(method="id", select="id", entries=()).save(work.inp / "plan.json")
     names = {"tmp": work.out, "calib": work.calib, "plan": work.inp / "plan.json"}
     before = snapshot(work.root)
     r = invoke(work.args(*(f.format(**names) for f in flags)))
@@ -493,7 +493,7 @@ API_CASES = [
     ("output over the calib", OutputError, "input files", lambda w: dict(output=w.calib, config=Config(force=True))),
     ("config of the wrong type", UsageError, "Config", lambda w: dict(config={"keep": 0.5})),
     ("plan and a size rule", UsageError, "contradicts",
-     lambda w: dict(plan=Plan(method="id", select="id", groups=()), config=Config(keep=0.5))),
+     lambda w: dict(plan=Plan(method="id", select="id", entries=()), config=Config(keep=0.5))),
     ("gate not met", AgreementError, "agreement gate", lambda w: dict(config=Config(keep=0.3, min_agreement=0.999999))),
 ]
 

@@ -87,7 +87,7 @@ def layer_of(m, feed):
 
 def plan_at(layer, w, rank):
     a, b = svd(w).factors(rank)
-    return Plan("svd", "id", (), (LayerPlan(layer.key, layer.kind, layer.out, layer.inputs, rank, a, b),))
+    return Plan("svd", "id", (LayerPlan(layer.key, layer.kind, layer.out, layer.inputs, rank, a, b),))
 
 
 def with_weight(m, g, layer, w):

@@ -41,6 +41,7 @@ class Run:
     id: str
     model: str
     flags: tuple[str, ...]
+    val: bool = True  # pass the held-out val feeds as --val (False: the tool holds out part of --calib)
 
 
 RUNS = (
@@ -71,6 +72,12 @@ RUNS = (
     Run("ocr_rec-aasvd80", "ocr_rec", ("--method", "aasvd", "--keep", "0.8")),
     # ID at the parameter count aasvd80 reaches (80.5% of the model)
     Run("ocr_rec-params80-id", "ocr_rec", ("--params-target", "0.805")),
+    # one allocator over every method: ID in channel groups, activation-aware low rank elsewhere
+    Run("minilm-params70-auto", "minilm", ("--method", "auto", "--params-target", "0.7")),
+    # quality targets: the tool validates on a held-out share of --calib; the metric is measured
+    # on the separate val sentences / lines
+    Run("minilm-target-cos99", "minilm", ("--target", "cosine>=0.99"), val=False),
+    Run("ocr_rec-target-top99-flops", "ocr_rec", ("--target", "top1>=0.99", "--minimize", "flops"), val=False),
 )
 
 
@@ -108,8 +115,7 @@ def compress(run: Run, bench: Path, python: str, timeout: float) -> tuple[dict, 
         str(output),
         "--calib",
         str(src / "calib"),
-        "--val",
-        str(src / "val"),
+        *(("--val", str(src / "val")) if run.val else ()),
         "--report",
         str(report),
         "--force",

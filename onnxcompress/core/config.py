@@ -1,7 +1,7 @@
 """The one configuration object. The command line fills it from flags; the library takes it as is.
 
-Sizes are chosen by exactly one of `keep`, `tolerance`, `flops_target`, `params_target`
-(`keep=0.75` when none is given).
+Sizes are chosen by exactly one of `keep`, `tolerance`, `flops_target`, `params_target`,
+`size_target`, `target` (`keep=0.75` when none is given).
 """
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import numbers
 import re
 from dataclasses import dataclass
 
+from .target import parse_target
 from .errors import UsageError
 
-METHODS = ("id", "svd", "aasvd", "lp")
+METHODS = ("auto", "id", "svd", "aasvd", "lp")
+MINIMIZE = ("size", "params", "flops")
+SIZE_RULES = ("keep", "tolerance", "flops_target", "params_target", "size_target", "target")
 SELECTIONS = ("id", "norm")
 
 
@@ -20,7 +23,10 @@ SELECTIONS = ("id", "norm")
 class Config:
     """How to compress.
 
-    method:          "id": interpolative-decomposition channel pruning (seed 000); or a low-rank
+    method:          "auto" (the default with `target`): every method at once, the allocator
+                     choosing per site (ID in channel groups, activation-aware low rank in the
+                     other layers, frequency-weighted factors for embedding tables); "id" (the
+                     default otherwise): interpolative-decomposition channel pruning (seed 000); or a low-rank
                      split of each Gemm/MatMul/Conv/Gather weight into two nodes: "svd" (plain,
                      seed 001), "aasvd" (activation-aware: the calibration-output optimum;
                      frequency-weighted for embedding tables), "lp" (robust l_p subspace, seed 002).
@@ -33,6 +39,16 @@ class Config:
     flops_target:    keep at most this fraction of the model's Conv/Gemm/MatMul FLOPs, sizes chosen
                      greedily by estimated error per FLOP saved.
     params_target:   the same for the parameter count.
+    size_target:     the same for the bytes of the weights (the file size, less the graph).
+    target:          a quality target on the worst output, "cosine>=0.99", "top1>=0.99" or
+                     "rel_l2<=0.05": the most compressed allocation whose validation outputs
+                     meet it, found with at most 8 validation passes.
+    minimize:        with `target`, what "most compressed" means: "size" (bytes), "params",
+                     "flops".
+    sensitivity:     for budgets and targets, scale each site's error curve by its end-to-end
+                     sensitivity, measured by one probe per site on `probe_feeds` calibration
+                     feeds (off: local relative errors are compared as they are).
+    probe_feeds:     calibration feeds used by the sensitivity probes.
     min_keep:        no group is shrunk below this fraction of its channels (budget modes).
     exclude:         regular expression; groups touching a node whose name matches are left alone.
     include:         regular expression; only layers whose node name matches are split (low
@@ -59,12 +75,17 @@ class Config:
     seed:            seed for synthesized inputs.
     """
 
-    method: str = "id"
+    method: str | None = None
     select: str = "id"
     keep: float | None = None
     tolerance: float | None = None
     flops_target: float | None = None
     params_target: float | None = None
+    size_target: float | None = None
+    target: str | None = None
+    minimize: str = "size"
+    sensitivity: bool = True
+    probe_feeds: int = 32
     min_keep: float = 0.05
     exclude: str | None = None
     include: str | None = None
@@ -84,16 +105,17 @@ class Config:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.method is None:
+            object.__setattr__(self, "method", "auto" if self.target is not None else "id")
         _check_types(self)
-        chosen = [n for n in ("keep", "tolerance", "flops_target", "params_target")
-                  if getattr(self, n) is not None]
+        chosen = [n for n in SIZE_RULES if getattr(self, n) is not None]
         if len(chosen) > 1:
             raise UsageError(f"options {' and '.join(map(_named, chosen))} contradict each other: give only one size rule")
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.select not in SELECTIONS:
             raise UsageError(f"unknown selection {self.select!r}; choose from {', '.join(SELECTIONS)}")
-        for name in ("keep", "flops_target", "params_target"):
+        for name in ("keep", "flops_target", "params_target", "size_target"):
             _check_fraction(name, getattr(self, name), open_low=True)
         _check_fraction("min_keep", self.min_keep, open_low=False)
         _check_fraction("min_agreement", self.min_agreement, open_low=False)
@@ -109,6 +131,15 @@ class Config:
             raise UsageError(f"ridge must be non-negative, got {self.ridge}")
         if self.select != "id" and self.method != "id":
             raise UsageError(f"select {self.select!r} applies to method 'id' only, not {self.method!r}")
+        if self.target is not None:
+            try:
+                parse_target(self.target)
+            except ValueError as e:
+                raise UsageError(f"target (--target) {self.target!r}: {e}") from None
+        if self.minimize not in MINIMIZE:
+            raise UsageError(f"minimize (--minimize) must be one of {', '.join(MINIMIZE)}, got {self.minimize!r}")
+        if self.probe_feeds < 1:
+            raise UsageError(f"{_named('probe_feeds')} must be at least 1, got {self.probe_feeds}")
         if not 1 <= self.p <= 2:
             raise UsageError(f"p must be in [1, 2], got {self.p}")
         if self.smoothing is not None and not self.smoothing >= 0:
@@ -125,22 +156,27 @@ class Config:
     @property
     def size_rule(self) -> tuple[str, float]:
         """The size rule in force, as (name, value)."""
-        for name in ("tolerance", "flops_target", "params_target", "keep"):
+        for name in ("target", "tolerance", "flops_target", "params_target", "size_target", "keep"):
             value = getattr(self, name)
             if value is not None:
                 return name, value
         return "keep", 0.75
 
+    @property
+    def quality_target(self):
+        """The parsed `target` (`allocate.Target`), or None."""
+        return parse_target(self.target) if self.target is not None else None
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-_OPTIONAL = ("keep", "tolerance", "flops_target", "params_target", "min_agreement", "exclude")
-_KINDS = {"a number": (("keep", "tolerance", "flops_target", "params_target", "min_keep", "holdout",
+_OPTIONAL = ("keep", "tolerance", "flops_target", "params_target", "size_target", "target", "min_agreement", "exclude")
+_KINDS = {"a number": (("keep", "tolerance", "flops_target", "params_target", "size_target", "min_keep", "holdout",
                         "ridge", "min_agreement"), lambda v: isinstance(v, numbers.Real)),
-          "an integer": (("batch_size", "max_rows", "seed"), lambda v: isinstance(v, numbers.Integral)),
-          "True or False": (("weighted", "intercept", "keep_failed", "force"), lambda v: True),
-          "a string": (("method", "select", "exclude"), lambda v: isinstance(v, str))}
+          "an integer": (("batch_size", "max_rows", "seed", "probe_feeds"), lambda v: isinstance(v, numbers.Integral)),
+          "True or False": (("weighted", "intercept", "keep_failed", "force", "sensitivity"), lambda v: True),
+          "a string": (("method", "select", "exclude", "target", "minimize"), lambda v: isinstance(v, str))}
 
 
 def _check_types(config: Config) -> None:

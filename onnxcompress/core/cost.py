@@ -1,30 +1,15 @@
-"""Parameter and FLOP counts, and how they scale with the width of each channel group.
+"""Parameter and FLOP counts of a model.
 
 FLOPs are counted for Conv, ConvTranspose, Gemm and MatMul nodes (2 per multiply-add) at the
-shapes of one concrete feed; parameters are the elements of floating-point initializers.
-
-A weight edited by groups A and B (a Conv reading group A and producing group B) scales with
-k_A / C_A * k_B / C_B, so costs are kept as `Item`s: a full-width cost and the groups it scales
-with. `scaled_total` evaluates them at any widths.
+shapes of one concrete feed; parameters are the elements of floating-point initializers. How
+they scale with each site's size is the sites' `Cost` items (`methods/base.py`, `allocate.py`).
 """
 from __future__ import annotations
-
-from collections import defaultdict
-from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 import onnx
 
 from .graph import FLOAT_TYPES, GraphIndex
-from ..methods.id.groups import Analysis
-from ..ops.edits import Mix, SetAttr, Slice
-
-
-@dataclass(frozen=True)
-class Item:
-    cost: float
-    groups: tuple[str, ...]
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -53,56 +38,3 @@ def node_flops(g: GraphIndex) -> dict[int, float]:
             f = np.prod(y, dtype=np.float64) * (a[-1] if len(a) > 1 else 1)
         out[i] = 2.0 * float(f)
     return out
-
-
-def cost_items(g: GraphIndex, analysis: Analysis, flops: dict[int, float]) -> tuple[list[Item], list[Item]]:
-    """(param items, flop items) of everything the groups can shrink."""
-    tensor_groups: dict[str, set[str]] = defaultdict(set)
-    node_groups: dict[int, set[str]] = defaultdict(set)
-    for grp in analysis.groups:
-        for e in grp.edits:
-            if isinstance(e, (Slice, Mix)):
-                tensor_groups[e.tensor].add(grp.id)
-                node = g.nodes[e.node]
-                weight_pos = 0 if node.op_type == "Gather" else 1
-                if len(node.input) > weight_pos and node.input[weight_pos] == e.tensor:
-                    node_groups[e.node].add(grp.id)
-            elif isinstance(e, SetAttr):
-                node_groups[e.node].add(grp.id)
-    params = [Item(float(g.const(t).size), tuple(sorted(s))) for t, s in tensor_groups.items()]
-    fl = [Item(flops[i], tuple(sorted(s))) for i, s in node_groups.items() if i in flops]
-    return params, fl
-
-
-def scaled_total(items: list[Item], fraction: dict[str, float]) -> float:
-    """Sum of item costs with each scaled by the product of its groups' kept fractions."""
-    total = 0.0
-    for it in items:
-        f = it.cost
-        for gid in it.groups:
-            f *= fraction.get(gid, 1.0)
-        total += f
-    return total
-
-
-def shrinkable(items: list[Item]) -> float:
-    return float(sum(it.cost for it in items))
-
-
-
-Step = tuple[float, str, int, float]   # (added error per unit saved, key, new size, cost saved)
-
-
-def cheapest_first(current: float, goal: float, steps: Callable[[], Iterable[Step]],
-                   take: Callable[[str, int], None]) -> float:
-    """Seed 000's greedy allocation: while `current` is above `goal`, take the candidate step with
-    the least added error per unit of cost saved (`take(key, new size)`). Returns the total
-    reached, above `goal` only when no step is left."""
-    while current > goal:
-        best = min(steps(), key=lambda step: step[0], default=None)
-        if best is None:
-            break
-        _, key, new, saved = best
-        take(key, new)
-        current -= saved
-    return current

@@ -17,11 +17,13 @@ import numpy as np
 
 from .errors import UsageError
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 @dataclass(frozen=True)
 class GroupPlan:
+    method = "id"  # the registry key of the method that made it (not a field)
+
     group: str
     channels: int
     keep: tuple[int, ...]
@@ -33,6 +35,10 @@ class GroupPlan:
     @property
     def kept(self) -> int:
         return len(self.keep)
+
+    @property
+    def site(self) -> str:
+        return self.group
 
     def to_dict(self, *, matrices: bool = True) -> dict:
         d = {"group": self.group, "channels": self.channels, "kept": self.kept,
@@ -52,6 +58,8 @@ class GroupPlan:
 
 @dataclass(frozen=True)
 class LayerPlan:
+    method = "lowrank"
+
     layer: str
     kind: str
     out: int
@@ -62,6 +70,10 @@ class LayerPlan:
     error: float = 0.0        # relative calibration output error of A B (NaN: no statistic)
     best_error: float = 0.0   # the activation-aware optimum at this rank, same measure
     statistic: str = ""       # what the input statistic was: channels / patches / counts / none
+
+    @property
+    def site(self) -> str:
+        return self.layer
 
     def to_dict(self, *, matrices: bool = True) -> dict:
         d = {"layer": self.layer, "kind": self.kind, "shape": [self.out, self.inputs], "rank": self.rank,
@@ -81,23 +93,40 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class Plan:
+    """Every decision of a run: `entries` are the methods' decisions (`GroupPlan`, `LayerPlan`,
+    ...), each naming its method (`entry.method`, a key of `methods.REGISTRY`) and its site.
+    `method` is the run's `--method` (auto, id, svd, ...), `select` ID's selection rule."""
     method: str
     select: str
-    groups: tuple[GroupPlan, ...]
-    layers: tuple[LayerPlan, ...] = ()
+    entries: tuple = ()
+
+    @property
+    def groups(self) -> tuple:
+        return tuple(e for e in self.entries if e.method == "id")
+
+    @property
+    def layers(self) -> tuple:
+        return tuple(e for e in self.entries if e.method == "lowrank")
 
     def to_dict(self) -> dict:
         return {"version": PLAN_VERSION, "method": self.method, "select": self.select,
-                "groups": [gp.to_dict() for gp in self.groups],
-                "layers": [lp.to_dict() for lp in self.layers]}
+                "entries": [{"method": e.method, **e.to_dict()} for e in self.entries]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
-        if d.get("version") != PLAN_VERSION:
-            raise UsageError(f"plan: unsupported plan version {d.get('version')!r}")
-        return cls(method=d["method"], select=d["select"],
-                   groups=tuple(GroupPlan.from_dict(g) for g in d["groups"]),
-                   layers=tuple(LayerPlan.from_dict(x) for x in d.get("layers", [])))
+        from ..methods import REGISTRY  # the methods know their decisions' formats
+        version = d.get("version")
+        if version == 1:  # one method per plan: ID groups, then low-rank layers
+            entries = [GroupPlan.from_dict(g) for g in d["groups"]] + [LayerPlan.from_dict(x) for x in d.get("layers", [])]
+        elif version == PLAN_VERSION:
+            entries = []
+            for e in d["entries"]:
+                if e.get("method") not in REGISTRY:
+                    raise UsageError(f"plan: unknown method {e.get('method')!r} in an entry")
+                entries.append(REGISTRY[e["method"]].decision.from_dict(e))
+        else:
+            raise UsageError(f"plan: unsupported plan version {version!r}")
+        return cls(method=d["method"], select=d["select"], entries=tuple(entries))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict()))

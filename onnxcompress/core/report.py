@@ -38,6 +38,7 @@ class Report:
     skipped: list = field(default_factory=list)
     agreement: list = field(default_factory=list)
     gate: dict | None = None
+    allocation: dict = field(default_factory=dict)  # size rule, sensitivities, target probes, estimated vs measured error
     warnings: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
     plan: object = field(default=None, repr=False)  # the Plan applied (not part of the JSON)
@@ -80,6 +81,7 @@ class Report:
                 top = "-" if a["top1"] is None else f"{a['top1']:.4f}"
                 lines.append(f"{_short(a['output'], 28):<28} {a['samples']:>7} {a['max_abs']:10.4g} "
                              f"{a['rel_l2']:9.4g} {cos:>8} {top:>7}")
+        lines += _allocation_lines(self.allocation)
         for w in self.warnings:
             lines.append(f"warning: {w}")
         lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()))
@@ -96,6 +98,24 @@ def _size_lines(r: Report) -> list[str]:
         if after is not None:
             line += f" -> {after:>14,.0f} ({after / before:.1%})"
         out.append(line)
+    return out
+
+
+def _allocation_lines(a: dict) -> list[str]:
+    """The target search's probes, and the estimated output error next to the measured one."""
+    out = []
+    if a.get("probes"):
+        out += ["", f"target {a['target']}, minimizing {a['metric']}: {len(a['probes'])} validation passes"]
+        out.append(f"  {'probe':>5} {'position':>9} {'params':>8} {'FLOPs':>8} {'bytes':>8} {'est. err':>9} "
+                   f"{'meas. err':>9} {'score':>8}")
+        for k, p in enumerate(a["probes"], 1):
+            c = p["cost"]
+            out.append(f"  {k:>5} {p['position']:>9} {c['params']:8.1%} {c['flops']:8.1%} {c['bytes']:8.1%} "
+                       f"{p['estimated_error']:9.2e} {p['measured_error']:9.2e} {p['score']:8.4f}"
+                       f"{'  met' if p['passed'] else ''}")
+    if a.get("measured_error") is not None:
+        out.append(f"output error energy (mean rel L2^2): estimated {a['estimated_error']:.3e}, "
+                   f"measured {a['measured_error']:.3e}")
     return out
 
 

@@ -102,35 +102,68 @@ class _Tally:
         return Agreement(name, self.n, self.max_abs, rel, self.cos_sum / max(self.cos_n, 1), top1)
 
 
+class Reference:
+    """The original model's outputs on `feeds`, computed once and spooled to a temporary folder, so
+    any number of compressed candidates can be compared with them (the target search, the final
+    validation) without running the original again. Use as a context manager, or `close()`.
+
+    The original's session is released before any candidate runs, so peak memory is one model's
+    weights, not two."""
+
+    def __init__(self, original: onnx.ModelProto | str | os.PathLike, feeds, names: list[str], *,
+                 scores: set[str], progress: Progress | None = None):
+        self.names, self.scores, self.feeds = list(names), scores, feeds
+        self._tmp = tempfile.TemporaryDirectory(prefix="onnxcompress-validate-")
+        self.count = 0
+        total = getattr(feeds, "feeds", None)
+        session = make_session(original)
+        for k, feed in enumerate(feeds):
+            ref = run(session, self.names, feed, f"validation feed {k} (original model)")
+            np.savez(Path(self._tmp.name) / f"{k}.npz", *ref)
+            self.count += 1
+            if progress:
+                progress("reference", k + 1, total)
+        del session
+
+    def compare(self, compressed: onnx.ModelProto, *, progress: Progress | None = None) -> tuple[Agreement, ...]:
+        """Agreement of every graph output of `compressed` with the original on the same feeds."""
+        session = make_session(compressed)
+        tallies = {n: _Tally() for n in self.names}
+        integer = {}
+        for k, feed in enumerate(self.feeds):
+            if k >= self.count:
+                break
+            new = run(session, self.names, feed, f"validation feed {k} (compressed model)")
+            with np.load(Path(self._tmp.name) / f"{k}.npz", allow_pickle=False) as z:
+                ref = [z[f"arr_{j}"] for j in range(len(self.names))]
+            for name, r, c in zip(self.names, ref, new):
+                integer[name] = r.dtype.kind in "iub"
+                tallies[name].add(np.asarray(r), np.asarray(c), name in self.scores)
+            if progress:
+                progress("validate", k + 1, self.count)
+        return tuple(tallies[n].result(n, integer.get(n, False)) for n in self.names)
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def validate(original: onnx.ModelProto | str | os.PathLike, compressed: onnx.ModelProto, feeds, *,
              scores: set[str], progress: Progress | None = None) -> tuple[Agreement, ...]:
     """Agreement of every graph output of `compressed` with `original` (a model, or the path of the
-    input file, which ONNX Runtime then reads itself) on `feeds`.
-
-    The two models never share memory: the original runs over every feed first, its outputs
-    spooled to a temporary folder, and its session is released before the compressed model's is
-    made, so peak memory is one model's weights, not two."""
+    input file, which ONNX Runtime then reads itself) on `feeds` (see `Reference`)."""
     names = [vi.name for vi in compressed.graph.output]
-    total = getattr(feeds, "feeds", None)
-    with tempfile.TemporaryDirectory(prefix="onnxcompress-validate-") as tmp:
-        session, count = make_session(original), 0
-        for k, feed in enumerate(feeds):
-            ref = run(session, names, feed, f"validation feed {k} (original model)")
-            np.savez(Path(tmp) / f"{k}.npz", *ref)
-            count += 1
-        del session
-        session = make_session(compressed)
-        tallies = {n: _Tally() for n in names}
-        integer = {}
-        for k, feed in enumerate(feeds):
-            if k >= count:
-                break
-            new = run(session, names, feed, f"validation feed {k} (compressed model)")
-            with np.load(Path(tmp) / f"{k}.npz", allow_pickle=False) as z:
-                ref = [z[f"arr_{j}"] for j in range(len(names))]
-            for name, r, c in zip(names, ref, new):
-                integer[name] = r.dtype.kind in "iub"
-                tallies[name].add(np.asarray(r), np.asarray(c), name in scores)
-            if progress:
-                progress("validate", k + 1, total)
-    return tuple(tallies[n].result(n, integer.get(n, False)) for n in names)
+    with Reference(original, feeds, names, scores=scores) as ref:
+        return ref.compare(compressed, progress=progress)
+
+
+def output_error(agreement) -> float:
+    """The relative output error energy of a comparison: the mean over float outputs of
+    rel_l2^2 (the currency the allocator estimates)."""
+    values = [a.rel_l2 ** 2 for a in agreement if a.cosine is not None]
+    return float(np.mean(values)) if values else 0.0

@@ -1,0 +1,31 @@
+"""The method registry: one entry per method, in the order their rewrites run (see `base.py` for
+the interface every method implements). Adding a method is one module and one line here."""
+from __future__ import annotations
+
+from .id import IdMethod
+from .lowrank import LowRankMethod
+
+REGISTRY = {
+    "id": IdMethod(),
+    "lowrank": LowRankMethod(),
+}
+
+# what each --method runs (the low-rank variant is read from the config by the method)
+CHOICES = {
+    "id": ("id",),
+    "svd": ("lowrank",),
+    "aasvd": ("lowrank",),
+    "lp": ("lowrank",),
+    "auto": ("id", "lowrank"),
+}
+
+
+def for_method(method: str) -> list:
+    """The method objects `--method` runs, in registry order."""
+    return [m for name, m in REGISTRY.items() if name in CHOICES[method]]
+
+
+def for_plan(plan) -> list:
+    """The method objects a saved plan needs, in registry order."""
+    used = {e.method for e in plan.entries}
+    return [m for name, m in REGISTRY.items() if name in used]

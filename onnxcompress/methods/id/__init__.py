@@ -1,0 +1,117 @@
+"""ID channel pruning (seed 000) as a method of the shared allocator.
+
+Sites are channel groups (`groups.py`); a group of C channels has candidates k = C, C-1, ..., 1
+(index j = C - k). Its local error at k is the normalized residual energy of the pivoted
+Cholesky of the consumer-weighted selection Gram (`select.py`), i.e. the relative calibration
+output error energy of the group's exits at k channels. Every weight the group slices or mixes
+scales with k / C (params, bytes), as does every node whose weight it edits (FLOPs).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ...core.config import Config
+from ...core.graph import GraphIndex
+from ...core.plan import GroupPlan
+from ...core.stats import ChannelGram
+from ...ops.edits import Mix, SetAttr, Shift, Slice
+from ..base import Cost, Curve, Site
+from .groups import Analysis, find_groups
+from .interpolate import best_residual, interpolation_matrix, selection_matrix
+from .rewrite import rewrite as rewrite_groups
+from .select import group_curve, norm_order, selection_error
+
+
+class IdMethod:
+    name = "id"
+    decision = GroupPlan
+    section = "groups"
+    entry_at_full = True   # a group kept whole is still an entry (its kept channels are all)
+
+    def sites(self, g: GraphIndex, config: Config):
+        analysis = find_groups(g, exclude=config.exclude, include=config.include)
+        sites = [Site(self.name, grp.id, "group", _claims(grp), grp) for grp in analysis.groups]
+        return sites, list(analysis.skipped)
+
+    def requests(self, site: Site):
+        grp = site.target
+        return [ChannelGram(e.tensor, e.axis, grp.channels) for e in grp.exits]
+
+    def curve(self, g: GraphIndex, site: Site, stats: dict, config: Config, flops: dict) -> Curve:
+        grp = site.target
+        state = group_curve(g, grp, {r.tensor: stats[r] for r in self.requests(site)}, config)
+        c = grp.channels
+        sizes = np.arange(c, 0, -1)
+        error = np.maximum(state.residual[sizes], 0.0)
+        floor = max(1, math.ceil(config.min_keep * c))
+        stride = max(1, c // 64)
+        steps = np.unique(np.append(np.arange(0, c - floor + 1, stride), c - floor))
+        return Curve(site, sizes, error, tuple(_costs(g, grp, sizes / c, flops)), state, steps)
+
+    def keep_index(self, curve: Curve, fraction: float):
+        c = curve.site.target.channels
+        return c - max(1, min(c, round(fraction * c)))
+
+    def tolerance_index(self, curve: Curve, eps: float):
+        rel = np.sqrt(np.clip(curve.error, 0, None))
+        ok = np.nonzero(rel <= eps)[0]
+        return int(ok[-1]) if len(ok) else 0
+
+    def realize(self, g: GraphIndex, curve: Curve, index: int, config: Config) -> GroupPlan:
+        grp, state = curve.site.target, curve.state
+        k = int(curve.sizes[index])
+        order = state.order if config.select == "id" else norm_order(g, grp)
+        keep = np.sort(order[:k])
+        interp, intercept = {}, {}
+        for e in grp.exits:
+            gram = state.grams[e.tensor]
+            interp[e.tensor] = (interpolation_matrix(gram, keep, config.ridge) if config.select == "id"
+                                else selection_matrix(grp.channels, keep))
+            if e.tensor in state.means:
+                mu = state.means[e.tensor]
+                intercept[e.tensor] = mu - mu[keep] @ interp[e.tensor]
+        err = selection_error(state, keep, interp)
+        best = best_residual(state.gram)
+        best_err = math.sqrt(max(best[k], 0.0) / best[0]) if best[0] > 0 else 0.0
+        return GroupPlan(grp.id, grp.channels, tuple(int(c) for c in keep), interp, err, best_err, intercept)
+
+    def rewrite(self, model, g: GraphIndex, sites: list[Site], decisions: list):
+        if not decisions:
+            return model
+        from ...core.plan import Plan
+        return rewrite_groups(model, g, Analysis(tuple(s.target for s in sites), ()), Plan("id", "id", tuple(decisions)))
+
+    def describe(self, site: Site, decision: GroupPlan) -> dict:
+        grp = site.target
+        return {**decision.to_dict(matrices=False), "producers": list(grp.producers),
+                "exits": [e.tensor for e in grp.exits],
+                "error_ratio": (decision.error / decision.best_error) if decision.best_error > 0 else None}
+
+
+def _claims(grp) -> frozenset:
+    return frozenset(e.tensor for e in grp.edits if isinstance(e, (Slice, Mix, Shift)))
+
+
+def _costs(g: GraphIndex, grp, fraction: np.ndarray, flops: dict) -> list[Cost]:
+    """Parameters and bytes of every weight the group slices or mixes, FLOPs of every node whose
+    weight it edits (or whose group attribute it sets), each scaling with k / C."""
+    out, tensors, nodes = [], set(), set()
+    for e in grp.edits:
+        if isinstance(e, (Slice, Mix)):
+            tensors.add(e.tensor)
+            node = g.nodes[e.node]
+            weight_pos = 0 if node.op_type == "Gather" else 1
+            if len(node.input) > weight_pos and node.input[weight_pos] == e.tensor:
+                nodes.add(e.node)
+        elif isinstance(e, SetAttr):
+            nodes.add(e.node)
+    for t in sorted(tensors):
+        value = g.const(t)
+        out.append(Cost("params", t, float(value.size), fraction))
+        out.append(Cost("bytes", t, float(value.nbytes), fraction))
+    for i in sorted(nodes):
+        if i in flops:
+            out.append(Cost("flops", g.key(i), flops[i], fraction))
+    return out

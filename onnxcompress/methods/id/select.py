@@ -1,15 +1,10 @@
-"""Decide: statistics + size rule -> Plan (design.md section 3, "Choosing sizes").
+"""ID selection: a group's statistics, its error curve and the kept channels.
 
 Per group, the selection Gram is the sum over its exit tensors e of D_e G_e D_e / trace, where
 D_e = diag(norms of the consumers' input columns) (with `weighted`), so pivoting targets the
 consumers' output error rather than the raw activations'. Its pivoted Cholesky gives the channel
-order and the error for every size at once; the size rule picks k:
-
-* keep F:        k = round(F C) in every group;
-* tolerance eps: the smallest k whose relative error sqrt(residual_k / trace) is at most eps;
-* flops/params target R: start at full width and repeatedly shrink the group whose next step
-  costs the least added (normalized) residual energy per FLOP/parameter saved (seed 000), until
-  the model's total is at most R of the original or every group is at `min_keep`.
+order and the error for every size k at once: the normalized residual energy, which the
+allocator (`allocate.py`) reads as the group's curve.
 
 Then, per exit tensor, T_e = G_e[S,S]^-1 G_e[S,:] (or the plain selection for `select="norm"`).
 
@@ -20,33 +15,19 @@ pivoting also runs on the centered Gram (the mean of a channel then costs nothin
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from ...core.config import Config
-from ...core.cost import Item, cheapest_first, scaled_total
 from ...core.graph import GraphIndex
-from .groups import Analysis, Group
-from .interpolate import best_residual, interpolation_matrix, pivot_order, selection_matrix
-from ...core.plan import GroupPlan, Plan
-
-log = logging.getLogger(__name__)
+from .groups import Group
+from .interpolate import pivot_order
 
 
 @dataclass(frozen=True)
-class Budget:
-    """Totals of the model and what the groups can shrink (for the budget rules)."""
-    params_total: float
-    flops_total: float
-    param_items: tuple[Item, ...]
-    flop_items: tuple[Item, ...]
-
-
-@dataclass(frozen=True)
-class Curve:
+class GroupStats:
     """A group's selection statistics: order of channels and normalized residual energy."""
     group: Group
     gram: np.ndarray          # selection Gram (consumer-weighted, trace-normalized sum)
@@ -75,7 +56,7 @@ def _row_blocks(w: np.ndarray, elements: int = 2**22):
         yield w[start:start + step]
 
 
-def group_curve(g: GraphIndex, group: Group, stats: dict, config: Config) -> Curve:
+def group_curve(g: GraphIndex, group: Group, stats: dict, config: Config) -> GroupStats:
     """The selection Gram sums each exit's Gram, trace-normalized, with one per-channel weight
     shared by all exits: the rms over exits of each exit's (rms-normalized) consumer norms.
     Exit-specific weights would break the collinearity the exits share (a channel that copies
@@ -99,7 +80,7 @@ def group_curve(g: GraphIndex, group: Group, stats: dict, config: Config) -> Cur
             gsel += part / tr
     order, residual = pivot_order(gsel)
     norm = residual / residual[0] if residual[0] > 0 else residual
-    return Curve(group, gsel, weights, grams, means, order, norm)
+    return GroupStats(group, gsel, weights, grams, means, order, norm)
 
 
 def _shared_weight(per_exit: list[np.ndarray], channels: int) -> np.ndarray:
@@ -125,31 +106,7 @@ def norm_order(g: GraphIndex, group: Group) -> np.ndarray:
     return np.argsort(-sq, kind="stable")
 
 
-def decide(g: GraphIndex, analysis: Analysis, stats: dict, config: Config, budget: Budget) -> Plan:
-    curves = [group_curve(g, grp, stats, config) for grp in analysis.groups]
-    sizes = choose_sizes(curves, config, budget)
-    plans = []
-    for curve in curves:
-        grp, k = curve.group, sizes[curve.group.id]
-        order = curve.order if config.select == "id" else norm_order(g, grp)
-        keep = np.sort(order[:k])
-        interp, intercept = {}, {}
-        for e in grp.exits:
-            gram = curve.grams[e.tensor]
-            interp[e.tensor] = (interpolation_matrix(gram, keep, config.ridge) if config.select == "id"
-                                else selection_matrix(grp.channels, keep))
-            if e.tensor in curve.means:
-                mu = curve.means[e.tensor]
-                intercept[e.tensor] = mu - mu[keep] @ interp[e.tensor]
-        err = selection_error(curve, keep, interp)
-        best = best_residual(curve.gram)
-        best_err = math.sqrt(max(best[k], 0.0) / best[0]) if best[0] > 0 else 0.0
-        plans.append(GroupPlan(grp.id, grp.channels, tuple(int(c) for c in keep), interp, err, best_err,
-                               intercept))
-    return Plan(config.method, config.select, tuple(plans))
-
-
-def selection_error(curve: Curve, keep: np.ndarray, interp: dict) -> float:
+def selection_error(curve: GroupStats, keep: np.ndarray, interp: dict) -> float:
     """Relative consumer-weighted error sqrt(mean_e ||(Z_e - Z_e[:,S] T_e) D_e||^2 / ||Z_e D_e||^2)
     over the exits, on the Gram each exit fits (centered where an intercept is used)."""
     num = den = 0.0
@@ -168,50 +125,3 @@ def selection_error(curve: Curve, keep: np.ndarray, interp: dict) -> float:
     return math.sqrt(num / den) if den else 0.0
 
 
-def choose_sizes(curves: list[Curve], config: Config, budget: Budget) -> dict[str, int]:
-    rule, value = config.size_rule
-    sizes = {}
-    for c in curves:
-        n = c.group.channels
-        if rule == "keep":
-            sizes[c.group.id] = max(1, min(n, round(value * n)))
-        elif rule == "tolerance":
-            rel = np.sqrt(np.clip(c.residual, 0, None))
-            sizes[c.group.id] = max(1, int(np.argmax(rel <= value)) if np.any(rel <= value) else n)
-    if rule in ("flops_target", "params_target"):
-        sizes = greedy_sizes(curves, config, budget, rule, value)
-    return sizes
-
-
-def greedy_sizes(curves: list[Curve], config: Config, budget: Budget, rule: str, target: float) -> dict[str, int]:
-    """Shrink, step by step, the group with the least added residual energy per unit of cost
-    saved, until the model total is at most `target` of the original (seed 000's allocation)."""
-    items = list(budget.flop_items if rule == "flops_target" else budget.param_items)
-    total = budget.flops_total if rule == "flops_target" else budget.params_total
-    fixed = total - sum(it.cost for it in items)
-    by_group = {c.group.id: [it for it in items if c.group.id in it.groups] for c in curves}
-    channels = {c.group.id: c.group.channels for c in curves}
-    k = dict(channels)
-    floor = {gid: max(1, math.ceil(config.min_keep * n)) for gid, n in channels.items()}
-    frac = {gid: 1.0 for gid in k}
-    goal = target * total
-
-    def steps():
-        for c in curves:
-            gid, n = c.group.id, c.group.channels
-            if k[gid] <= floor[gid] or not by_group[gid]:
-                continue
-            new_k = max(floor[gid], k[gid] - max(1, n // 64))
-            saved = scaled_total(by_group[gid], frac) - scaled_total(by_group[gid], {**frac, gid: new_k / n})
-            if saved > 0:
-                yield (c.residual[new_k] - c.residual[k[gid]]) / saved, gid, new_k, saved
-
-    def take(gid, new_k):
-        k[gid] = new_k
-        frac[gid] = new_k / channels[gid]
-
-    reached = cheapest_first(fixed + scaled_total(items, frac), goal, steps, take)
-    if reached > goal:
-        log.warning("decide: %s %.3f is not reachable by shrinking these groups; reached %.3f",
-                    rule, target, reached / total if total else 0.0)
-    return k

@@ -1,0 +1,107 @@
+"""Low-rank splits (seeds 001 and 002) as a method of the shared allocator.
+
+Sites are the layers `layers.py` finds (Gemm, MatMul, Conv, Gather with a constant weight read by
+no other node). Candidates: index 0 keeps the layer whole; index j >= 1 splits it at rank
+r = max_rank - j + 1, where max_rank is the largest rank whose split is smaller than the layer.
+The local error at r is the method's relative calibration output error energy (`ranks.py`);
+parameters and bytes scale by r (in + out) / (in out), FLOPs likewise, except a Gather's, which
+are 0 whole and 2 rows r out split.
+
+The variant is `--method` (svd, aasvd or lp); `--method auto` uses aasvd.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from ...core.config import Config
+from ...core.graph import GraphIndex
+from ...core.plan import LayerPlan, Plan
+from ..base import Cost, Curve, Site
+from .layers import find_layers
+from .ranks import errors, factors, layer_curve
+from .rewrite import split
+
+
+class LowRankMethod:
+    name = "lowrank"
+    decision = LayerPlan
+    section = "layers"
+    entry_at_full = False  # a layer kept whole is not split
+
+    VARIANTS = ("svd", "aasvd", "lp")
+
+    def _config(self, config: Config) -> Config:
+        """The config with its method as the low-rank variant (auto: aasvd)."""
+        return config if config.method in self.VARIANTS else dataclasses.replace(config, method="aasvd")
+
+    def sites(self, g: GraphIndex, config: Config):
+        found = find_layers(g, include=config.include, exclude=config.exclude, max_patch=config.max_patch)
+        claims = lambda x: frozenset(n for n in g.nodes[x.node].input if n in g.initializers)  # noqa: E731
+        sites = [Site(self.name, x.key, g.nodes[x.node].op_type, claims(x), x) for x in found.layers]
+        return sites, list(found.skipped)
+
+    def requests(self, site: Site):
+        return [site.target.request]
+
+    def curve(self, g: GraphIndex, site: Site, stats: dict, config: Config, flops: dict) -> Curve:
+        layer = site.target
+        state = layer_curve(g, layer, stats[layer.request], self._config(config))
+        top = layer.max_rank
+        ranks = np.arange(top, 0, -1)
+        sizes = np.concatenate([[min(layer.out, layer.inputs)], ranks])
+        spectrum = np.asarray(state.spectrum.error, dtype=np.float64)
+        error = np.concatenate([[0.0], np.maximum(spectrum[np.minimum(ranks, len(spectrum) - 1)], 0.0)])
+        floor = max(1, math.ceil(config.min_keep * min(layer.out, layer.inputs)))
+        last = top - floor + 1
+        steps = (np.unique(np.concatenate([[0], np.arange(1, last + 1, max(1, top // 32)), [last]]))
+                 if last >= 1 else np.array([0]))
+        return Curve(site, sizes, error, tuple(self._costs(g, layer, sizes, flops)), state, steps)
+
+    def _costs(self, g: GraphIndex, layer, sizes: np.ndarray, flops: dict) -> list[Cost]:
+        split = sizes * (layer.out + layer.inputs) / layer.params
+        split[0] = 1.0
+        w = g.const(layer.weight)
+        out = [Cost("params", layer.weight, float(layer.params), split),
+               Cost("bytes", layer.weight, float(w.nbytes), split)]
+        if layer.kind == "gather":
+            dense = 2.0 * layer.rows * layer.params
+            frac = sizes / layer.inputs
+            frac[0] = 0.0
+            out.append(Cost("flops", layer.key, dense, frac))
+        else:
+            out.append(Cost("flops", layer.key, flops.get(layer.node, 2.0 * layer.rows * layer.params), split))
+        return out
+
+    def keep_index(self, curve: Curve, fraction: float):
+        layer = curve.site.target
+        r = min(math.floor(fraction * layer.params / (layer.out + layer.inputs)), layer.max_rank)
+        if r < 1:
+            return f"keep {fraction} leaves no rank >= 1 for a {layer.out} x {layer.inputs} weight"
+        return layer.max_rank - r + 1
+
+    def tolerance_index(self, curve: Curve, eps: float):
+        layer = curve.site.target
+        r = max(1, curve.state.spectrum.rank_for(eps * eps))
+        if r > layer.max_rank:
+            return f"tolerance {eps} needs rank {r}; a split that size is not smaller than the layer"
+        return layer.max_rank - r + 1
+
+    def realize(self, g: GraphIndex, curve: Curve, index: int, config: Config) -> LayerPlan:
+        layer, state = curve.site.target, curve.state
+        rank = int(curve.sizes[index])
+        a, b = factors(state, rank, self._config(config))
+        err, best = errors(state, a, b, rank)
+        statistic = layer.statistic if state.gram is not None or state.counts is not None else "none"
+        return LayerPlan(layer.key, layer.kind, layer.out, layer.inputs, rank, a, b, err, best, statistic)
+
+    def rewrite(self, model, g: GraphIndex, sites: list[Site], decisions: list):
+        if not decisions:
+            return model
+        return split(model, g, {s.key: s.target for s in sites}, Plan("lowrank", "id", tuple(decisions)))
+
+    def describe(self, site: Site, decision: LayerPlan) -> dict:
+        return {**decision.to_dict(matrices=False),
+                "error_ratio": (decision.error / decision.best_error) if decision.best_error > 0 else None}

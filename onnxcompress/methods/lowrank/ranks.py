@@ -1,5 +1,5 @@
-"""Factorize: input statistics + size rule -> one `LayerPlan` per split layer (the low-rank
-counterpart of `decide.py`; design.md section 3, "Low rank", "Choosing sizes").
+"""Low-rank curves: input statistics -> each layer's error at every rank and its factors
+(design notes: "Low rank").
 
 Per layer, with W (out x in) and its input Gram G (see `layers.py`):
 
@@ -11,21 +11,14 @@ Per layer, with W (out x in) and its input Gram G (see `layers.py`):
   by IRLS (seed 002); with `lp_weighted`, a table's rows are weighted by smoothed token counts.
 
 A Conv reads the Gram of its im2col patches, or, for patches longer than `max_patch`, kron(G_c, I)
-from its channel Gram alone (the report says which).
-
-Sizes: `keep F` takes, per layer, the largest rank with r (in + out) <= F in out; `tolerance eps`
-the smallest rank whose relative error sqrt(e_r) is at most eps; the budgets start every layer
-unsplit and repeatedly take the step (unsplit -> the largest rank that saves anything, then
-smaller ranks) with the least added relative error energy per parameter or FLOP saved, until
-the model total is at most the target. The error curve is the method's own (plain SVD's for
-"lp"). A layer whose chosen split would not be smaller stays as it is, with the reason.
+from its channel Gram alone (the report says which). The error curve the allocator reads is the
+method's own (plain SVD's for "lp").
 
 Every plan carries its relative calibration output error sqrt(tr(D G D^T) / tr(W G W^T)) and
 the activation-aware optimum at the same rank, so any method is measured against the optimum.
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -34,13 +27,8 @@ import numpy as np
 from . import solvers as lowrank
 from ...core.stats import ChannelGram, PatchGram
 from ...core.config import Config
-from ...core.cost import cheapest_first
 from ...core.graph import GraphIndex
-from ..base import Skipped
-from .layers import Layer, LayerAnalysis, weight_matrix
-from ...core.plan import LayerPlan
-
-log = logging.getLogger(__name__)
+from .layers import Layer, weight_matrix
 
 _KRON_LIMIT = 8192   # channel-only Conv statistics are expanded to kron(G_c, I) up to this size
 
@@ -114,76 +102,3 @@ def errors(curve: LayerCurve, a: np.ndarray, b: np.ndarray, rank: int) -> tuple[
     err = lowrank.output_error(curve.w, a, b, curve.gram)
     best = (curve.spectrum if curve.optimal else lowrank.activation_aware(curve.w, curve.gram)).error[rank]
     return math.sqrt(max(err, 0.0)), math.sqrt(max(float(best), 0.0))
-
-
-def factorize(g: GraphIndex, analysis: LayerAnalysis, stats: dict, config: Config,
-              totals: tuple[float, float]) -> tuple[tuple[LayerPlan, ...], tuple[Skipped, ...]]:
-    """Plans for the layers worth splitting, and the layers left alone with their reasons."""
-    curves = [layer_curve(g, layer, stats[layer.request], config) for layer in analysis.layers]
-    ranks = choose_ranks(curves, config, totals)
-    plans, skipped = [], []
-    for curve in curves:
-        layer, rank = curve.layer, ranks[curve.layer.key]
-        if isinstance(rank, str):
-            skipped.append(Skipped(layer.key, g.nodes[layer.node].op_type, rank))
-            continue
-        a, b = factors(curve, rank, config)
-        err, best = errors(curve, a, b, rank)
-        plans.append(LayerPlan(layer.key, layer.kind, layer.out, layer.inputs, rank, a, b, err, best,
-                               layer.statistic if curve.gram is not None or curve.counts is not None else "none"))
-    return tuple(plans), tuple(skipped)
-
-
-def choose_ranks(curves: list[LayerCurve], config: Config, totals: tuple[float, float]) -> dict:
-    """Per layer key, the rank to split at, or the reason it stays whole."""
-    rule, value = config.size_rule
-    if rule in ("flops_target", "params_target"):
-        return greedy_ranks(curves, config, rule, value, totals)
-    out = {}
-    for c in curves:
-        layer = c.layer
-        if rule == "keep":
-            r = min(math.floor(value * layer.params / (layer.out + layer.inputs)), layer.max_rank)
-            out[layer.key] = r if r >= 1 else f"keep {value} leaves no rank >= 1 for a {layer.out} x {layer.inputs} weight"
-        else:
-            r = max(1, c.spectrum.rank_for(value * value))
-            out[layer.key] = r if r <= layer.max_rank else (
-                f"tolerance {value} needs rank {r}; a split that size is not smaller than the layer")
-    return out
-
-
-def step_cost(layer: Layer, rank: int | None, flops: bool) -> float:
-    """Parameters (or FLOPs per feed) of the layer whole (rank None) or split at `rank`."""
-    if not flops:
-        return float(layer.params if rank is None else layer.split_params(rank))
-    if layer.kind == "gather":
-        return 0.0 if rank is None else 2.0 * layer.rows * rank * layer.out
-    return 2.0 * layer.rows * (layer.params if rank is None else layer.split_params(rank))
-
-
-def greedy_ranks(curves: list[LayerCurve], config: Config, rule: str, target: float,
-                 totals: tuple[float, float]) -> dict:
-    """Seed 000's allocation over layers: shrink where the error per unit saved is least."""
-    flops = rule == "flops_target"
-    total = totals[1] if flops else totals[0]
-    rank: dict[str, int | None] = {c.layer.key: None for c in curves}
-    goal = target * total
-
-    def steps():
-        for c in curves:
-            layer, r = c.layer, rank[c.layer.key]
-            floor = max(1, math.ceil(config.min_keep * min(layer.out, layer.inputs)))
-            new = layer.max_rank if r is None else r - max(1, layer.max_rank // 32)
-            if new < floor or layer.max_rank < floor:
-                continue
-            saved = step_cost(layer, r, flops) - step_cost(layer, new, flops)
-            if saved > 0:
-                added = c.spectrum.error[new] - (0.0 if r is None else c.spectrum.error[r])
-                yield max(float(added), 0.0) / saved, layer.key, new, saved
-
-    reached = cheapest_first(total, goal, steps, rank.__setitem__)
-    if reached > goal:
-        log.warning("factorize: %s %.3f is not reachable by splitting these layers; reached %.3f",
-                    rule, target, reached / total if total else 0.0)
-    return {k: (r if r is not None else f"{rule} {target} is met without splitting it")
-            for k, r in rank.items()}

@@ -1,0 +1,145 @@
+"""Decide: curves + the size rule -> the plan's entries, running whatever measurements the rule
+needs (sensitivity probes for budgets and targets, validation passes for a target).
+
+* `keep` / `tolerance`: per site, in each method's own sense (`allocate.per_site`);
+* `params_target` / `flops_target` / `size_target`: the shared greedy walk (`allocate.budget`)
+  over sensitivity-weighted curves;
+* `target`: the walk to the end, then `allocate.search_path` over it, each probe a real
+  compressed model compared with the original on the validation feeds (at most 8 passes).
+
+A site left at its full size gets an entry only where its method makes one for "unchanged" (an
+ID group keeps all its channels) and no other site shrinks its weights; the others are reported
+as left alone, with the reason.
+"""
+from __future__ import annotations
+
+import logging
+from itertools import islice
+
+import numpy as np
+
+from .allocate import CostModel, budget, conflicts, per_site, search_path, walk
+from .core.errors import AgreementError, UsageError
+from .core.validate import output_error
+from .methods.base import Skipped
+from .sensitivity import measure
+
+log = logging.getLogger(__name__)
+
+BUDGETS = {"params_target": "params", "flops_target": "flops", "size_target": "bytes"}
+MINIMIZE = {"size": "bytes", "params": "params", "flops": "flops"}
+PASSES = 8
+
+
+def decide(norm, g, methods: dict, curves: list, config, before: dict, *, calib_src, reference, report,
+           timer, progress=None):
+    """Returns (entries, skipped, chosen): the plan's entries, the sites left whole with reasons,
+    and for a target the chosen (model, agreement) already built and validated (else None)."""
+    rule, value = config.size_rule
+    report.allocation = {"rule": rule, "value": value}
+    if rule in ("keep", "tolerance"):
+        def choose(c):
+            m = methods[c.site.method]
+            return m.keep_index(c, value) if rule == "keep" else m.tolerance_index(c, value)
+        with timer("decide"):
+            idx, reasons = per_site(curves, choose)
+            entries, left = _realize(g, methods, curves, idx, config, reasons)
+        return entries, left, None
+    costs = CostModel(curves, {"params": before["params"], "flops": before["flops"], "bytes": before["bytes"]})
+    weights = _weights(norm, g, methods, curves, config, calib_src, report, timer, progress)
+    if rule != "target":
+        metric = BUDGETS[rule]
+        with timer("decide"):
+            idx, path = budget(curves, costs, metric, value, weights)
+            report.allocation.update(metric=metric, estimated_error=path.error(len(path.steps)),
+                                     reached=path.cost(len(path.steps), metric) / (path.start[metric] or 1.0))
+            why = f"{rule.replace('_', ' ')} {value} is met without it"
+            entries, left = _realize(g, methods, curves, idx, config, {ci: why for ci in range(len(curves)) if idx[ci] == 0})
+        return entries, left, None
+    return _search(norm, g, methods, curves, costs, weights, config, reference, report, timer, progress)
+
+
+def _weights(norm, g, methods, curves, config, calib_src, report, timer, progress) -> list[float]:
+    if not config.sensitivity or len(curves) < 2:
+        report.allocation["sensitivity"] = None
+        return [1.0] * len(curves)
+    with timer("sensitivity"):
+        feeds = list(islice(iter(calib_src), config.probe_feeds))
+        found = measure(norm, g, methods, curves, feeds, config, progress=progress)
+    report.allocation["sensitivity"] = [s.to_dict() for s in found]
+    return [s.weight for s in found]
+
+
+def _realize(g, methods: dict, curves: list, idx: list[int], config, reasons: dict):
+    """Entries for the allocation `idx`; a site at index 0 gets an entry only if its method makes
+    one and none of its weights is shrunk by another site."""
+    clash = conflicts(curves)
+    entries, left = [], []
+    for ci, c in enumerate(curves):
+        method = methods[c.site.method]
+        if idx[ci] == 0:
+            shrunk_by = next((curves[o].id for o in clash[ci] if idx[o] > 0), None)
+            if shrunk_by or not method.entry_at_full or ci in reasons:
+                why = f"its weights are compressed by {shrunk_by}" if shrunk_by else reasons.get(ci)
+                if why:
+                    left.append(Skipped(c.site.key, c.site.op, why))
+                continue
+        entries.append(method.realize(g, c, idx[ci], config))
+    return entries, left
+
+
+def _search(norm, g, methods, curves, costs, weights, config, reference, report, timer, progress):
+    """The most compressed allocation along the walk whose validation outputs meet the target."""
+    target = config.quality_target
+    metric = MINIMIZE[config.minimize]
+    with timer("decide"):
+        path = walk(curves, costs, metric, weights)
+    best = {}
+
+    def evaluate(pos: int) -> float:
+        idx = path.at(pos)
+        with timer("decide"):
+            entries, _ = _realize(g, methods, curves, idx, config, {})
+        with timer("rewrite"):
+            new = norm
+            for name, m in methods.items():
+                new = m.rewrite(new, g, [c.site for c in curves if c.site.method == name],
+                                [e for e in entries if e.method == name])
+        with timer("validate"):
+            agreement = reference.compare(new, progress=progress)
+        score = worst(agreement, target)
+        if np.isnan(score):
+            raise UsageError(f"--target {target.metric}: no output of this model has that figure "
+                             f"({', '.join(a.output for a in agreement)}); use cosine or rel_l2")
+        probe_info[pos] = {"measured_error": output_error(agreement),
+                           "cost": {m: path.cost(pos, m) / (path.start[m] or 1.0) for m in ("params", "flops", "bytes")}}
+        if target.met(score) and (not best or pos > best["pos"]):
+            best.update(pos=pos, entries=entries, model=new, agreement=agreement)
+        return score
+
+    probe_info = {}
+    pos, probes = search_path(path, metric, target, evaluate, passes=PASSES)
+    report.allocation.update(metric=metric, target=str(target), path_length=len(path.steps), probes=[
+        {"position": p.position, **probe_info[p.position], "estimated_error": p.estimated_error,
+         "score": p.score, "passed": p.passed} for p in probes])
+    if pos == 0 or not best:
+        tried = min(probes, key=lambda p: p.position) if probes else None
+        reached = f"; the smallest step tried reaches {target.metric} {tried.score:.4f}" if tried else ""
+        raise AgreementError(f"target: no compressed model meets --target {target}{reached}; nothing written", report)
+    idx = path.at(best["pos"])
+    report.allocation["estimated_error"] = path.error(best["pos"])
+    chosen_reason = f"target {target} is met without it"
+    _, left = _realize(g, methods, curves, idx, config, {ci: chosen_reason for ci in range(len(curves)) if idx[ci] == 0})
+    return best["entries"], left, (best["model"], best["agreement"])
+
+
+def worst(agreement, target) -> float:
+    """The worst output's value of the target's metric (outputs without that metric are ignored;
+    for top-1, outputs that do not look like scores)."""
+    values = [getattr(a, target.metric) for a in agreement if getattr(a, target.metric) is not None]
+    if target.metric == "top1":
+        values = [a.top1 for a in agreement if a.top1 is not None]
+    if not values:
+        return float("nan")
+    values = [v if np.isfinite(v) else (np.inf if target.op == "<=" else -np.inf) for v in values]
+    return float(max(values) if target.op == "<=" else min(values))

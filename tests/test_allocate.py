@@ -1,0 +1,140 @@
+"""The shared allocator on toy curves: the walk against brute force, budgets, conflicts between
+methods, and the target search."""
+import itertools
+
+import numpy as np
+import pytest
+
+from onnxcompress.allocate import CostModel, budget, per_site, search_path, walk
+from onnxcompress.core.target import Target, parse_target
+from onnxcompress.methods.base import Cost, Curve, Site
+
+
+def curve(name, errors, costs, method="m", claims=(), item=None):
+    """A site whose candidates j = 0..n-1 have local error errors[j] and cost costs[j] (one
+    item of its own unless `item` names a shared one)."""
+    errors, costs = np.asarray(errors, float), np.asarray(costs, float)
+    site = Site(method, name, "toy", frozenset(claims), None)
+    cost = Cost("params", item or name, costs[0], costs / costs[0])
+    return Curve(site, np.arange(len(errors))[::-1] + 1, errors, (cost,), None, None)
+
+
+def random_curves(rng, sites, points, convex):
+    out = []
+    for s in range(sites):
+        saved = np.cumsum(np.concatenate([[0.0], rng.uniform(1, 5, points - 1)]))
+        costs = 20.0 - saved * (19.0 / saved[-1])
+        if convex:
+            slopes = np.sort(rng.uniform(0.01, 1.0, points - 1))       # error per unit saved grows
+            errors = np.concatenate([[0.0], np.cumsum(slopes * np.diff(saved))])
+        else:
+            errors = np.concatenate([[0.0], np.sort(rng.uniform(0, 5, points - 1))])
+        out.append(curve(f"s{s}", errors, costs))
+    return out
+
+
+def brute_force(curves):
+    """(cost, error) of every allocation."""
+    for idx in itertools.product(*[range(len(c.sizes)) for c in curves]):
+        yield sum(c.costs[0].base * c.costs[0].factor[j] for c, j in zip(curves, idx)), \
+            sum(c.error[j] for c, j in zip(curves, idx))
+
+
+@pytest.mark.parametrize("convex", [True, False])
+@pytest.mark.parametrize("seed", range(6))
+def test_every_point_of_the_walk_is_optimal_for_its_cost(seed, convex):
+    """Separable costs: no allocation that costs as little as a point of the walk has a lower
+    estimated error (for non-convex curves too: the walk follows their lower convex hulls)."""
+    rng = np.random.default_rng(seed)
+    curves = random_curves(rng, sites=3, points=5, convex=convex)
+    total = sum(c.costs[0].base for c in curves)
+    costs = CostModel(curves, {"params": total})
+    path = walk(curves, costs, "params", [1.0] * len(curves))
+    assert path.steps, "there is always a move"
+    options = list(brute_force(curves))
+    for n in range(len(path.steps) + 1):
+        cost, err = path.cost(n, "params"), path.error(n)
+        best = min(e for c, e in options if c <= cost + 1e-9)
+        assert err <= best + 1e-9, (n, cost, err, best)
+    assert path.cost(len(path.steps), "params") == pytest.approx(min(c for c, _ in options))
+
+
+def test_weights_scale_each_site_in_the_currency():
+    """Two identical sites; the one whose measured sensitivity is 10x is shrunk last."""
+    a = curve("a", [0, 1, 2, 3], [4, 3, 2, 1])
+    b = curve("b", [0, 1, 2, 3], [4, 3, 2, 1])
+    costs = CostModel([a, b], {"params": 8})
+    idx, _ = budget([a, b], costs, "params", 5 / 8, [1.0, 10.0])
+    assert idx == [3, 0]
+    idx, _ = budget([a, b], costs, "params", 5 / 8, [10.0, 1.0])
+    assert idx == [0, 3]
+
+
+def test_budget_stops_at_the_goal_and_counts_fixed_costs():
+    a = curve("a", [0, 0.1, 0.5, 2.0], [10, 7, 4, 1])
+    costs = CostModel([a], {"params": 30})              # 20 parameters no site can shrink
+    idx, path = budget([a], costs, "params", 27 / 30, [1.0])
+    assert idx == [1] and path.cost(len(path.steps), "params") == pytest.approx(27)
+    idx, path = budget([a], costs, "params", 0.1, [1.0])   # unreachable: everything taken
+    assert idx == [3] and path.cost(len(path.steps), "params") == pytest.approx(21)
+
+
+def test_shared_items_multiply():
+    """A weight between two sites (a Conv between two channel groups) scales with both."""
+    sa, sb = Site("id", "a", "group", frozenset(), None), Site("id", "b", "group", frozenset(), None)
+    fa, fb = np.array([1.0, 0.5]), np.array([1.0, 0.25])
+    a = Curve(sa, np.array([2, 1]), np.array([0.0, 0.1]), (Cost("params", "w", 100.0, fa),))
+    b = Curve(sb, np.array([4, 1]), np.array([0.0, 0.1]), (Cost("params", "w", 100.0, fb),))
+    costs = CostModel([a, b], {"params": 100.0})
+    assert costs.total("params", [1, 1]) == pytest.approx(12.5)
+    assert costs.site_costs("params", 0, [0, 1]).tolist() == pytest.approx([25.0, 12.5])
+
+
+def test_sites_of_two_methods_claiming_one_weight_exclude_each_other():
+    grp = curve("g", [0, 0.1, 0.2], [10, 6, 2], method="id", claims={"w"})
+    lay = curve("l", [0, 0.05, 0.3], [10, 5, 3], method="lowrank", claims={"w"}, item="l")
+    other = curve("o", [0, 0.01, 0.02], [10, 5, 1], method="lowrank", claims={"v"})
+    curves = [grp, lay, other]
+    path = walk(curves, CostModel(curves, {"params": 30}), "params", [1, 1, 1])
+    final = path.at(len(path.steps))
+    assert final[2] == 2 and (final[0] == 0) != (final[1] == 0)   # exactly one of the two moved
+    idx, reasons = per_site(curves, lambda c: 1)
+    assert idx == [1, 0, 1] and "compressed by id toy g" in reasons[1]
+
+
+def test_search_finds_the_last_passing_position_within_the_passes():
+    curves = [curve(f"s{i}", np.linspace(0, 1, 30) ** 2, np.linspace(30, 1, 30)) for i in range(3)]
+    costs = CostModel(curves, {"params": 90})
+    path = walk(curves, costs, "params", [1, 1, 1])
+    n = len(path.steps)
+    calls = []
+    for threshold in (1, n // 3, n - 2, n):
+        calls.clear()
+        evaluate = lambda pos: (calls.append(pos), 1.0 if pos <= threshold else 0.5)[1]  # noqa: E731
+        pos, probes = search_path(path, "params", Target("cosine", ">=", 0.99), evaluate, passes=8, tolerance=0.0)
+        assert len(calls) <= 8 and [p.position for p in probes] == calls
+        assert all(p.passed == (p.position <= threshold) for p in probes)
+        assert pos <= threshold and pos in calls
+        # the bracket closed, or 8 passes were spent narrowing it
+        assert pos == threshold or len(calls) == 8
+
+
+def test_search_tries_the_smallest_step_before_giving_up():
+    curves = [curve("a", np.linspace(0, 1, 40), np.linspace(40, 1, 40))]
+    path = walk(curves, CostModel(curves, {"params": 40}), "params", [1])
+    calls = []
+    pos, probes = search_path(path, "params", Target("top1", ">=", 0.99), lambda p: (calls.append(p), 0.0)[1])
+    assert pos == 0 and 1 in calls and len(calls) <= 8 and not any(p.passed for p in probes)
+
+
+@pytest.mark.parametrize("text, want", [("cosine>=0.99", ("cosine", ">=", 0.99)), ("top1>=0.9", ("top1", ">=", 0.9)),
+                                        ("rel_l2<=0.05", ("rel_l2", "<=", 0.05)), (" Cosine >= 1 ", ("cosine", ">=", 1.0))])
+def test_parse_target(text, want):
+    t = parse_target(text)
+    assert (t.metric, t.op, t.value) == want
+
+
+@pytest.mark.parametrize("text", ["cosine", "cosine<=0.9", "rel_l2>=0.1", "top1>=1.5", "psnr>=30", "cosine>=x"])
+def test_parse_target_refuses(text):
+    with pytest.raises(ValueError):
+        parse_target(text)
