@@ -235,7 +235,7 @@ def _fill(report: Report, new, before: dict, methods: dict, sites: list, skipped
         m = methods[e.method]
         site = by_key.get((e.method, e.site))
         row = m.describe(site, e) if site is not None else e.to_dict(matrices=False)
-        getattr(report, m.section).append(row)
+        report.rows(m.section).append(row)
     report.skipped = [vars(s) for s in skipped]
     report.agreement = [a.to_dict() for a in agreement]
     if report.allocation.get("estimated_error") is not None:

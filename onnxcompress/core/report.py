@@ -35,6 +35,7 @@ class Report:
     data: dict = field(default_factory=dict)        # calibration / validation source and counts
     groups: list = field(default_factory=list)
     layers: list = field(default_factory=list)      # low-rank splits
+    sections: dict = field(default_factory=dict)    # other methods' rows, by the method's section name
     skipped: list = field(default_factory=list)
     agreement: list = field(default_factory=list)
     gate: dict | None = None
@@ -44,7 +45,13 @@ class Report:
     plan: object = field(default=None, repr=False)  # the Plan applied (not part of the JSON)
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "plan"}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("plan", "sections")}
+        out.update(self.sections)
+        return out
+
+    def rows(self, section: str) -> list:
+        """The list of rows a method's decisions go to (`groups`, `layers`, or a section of its own)."""
+        return getattr(self, section) if section in ("groups", "layers") else self.sections.setdefault(section, [])
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=float) + "\n")

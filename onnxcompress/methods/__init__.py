@@ -1,5 +1,7 @@
 """The method registry: one entry per method, in the order their rewrites run (see `base.py` for
-the interface every method implements). Adding a method is one module and one line here."""
+the interface every method implements). Adding a method is one module and one line in
+`REGISTRY`: `--method auto` then runs it with the others (a `--method` of its own is one more
+line in `CHOICES` and the name in `core.config.METHODS`)."""
 from __future__ import annotations
 
 from .id import IdMethod
@@ -16,7 +18,7 @@ CHOICES = {
     "svd": ("lowrank",),
     "aasvd": ("lowrank",),
     "lp": ("lowrank",),
-    "auto": ("id", "lowrank"),
+    "auto": tuple(REGISTRY),
 }
 
 
