@@ -9,8 +9,9 @@ relative output error energy
 
     E_s = mean over float outputs o of  sum_feeds ||y_o - y'_o||^2 / sum_feeds ||y_o||^2.
 
-The site's weight is w_s = E_s / e_s(j_p); the allocator then estimates the model's error as
-sum_s w_s e_s(j_s). A site whose curve is flat at zero keeps w_s = 1.
+The site's weight is w_s = E_s / e_s(j_p), with e_s(j_p) the probe's local error on the
+calibration statistics; the allocator then estimates the model's error as sum_s w_s e_s(j_s).
+A site whose curve is flat at zero keeps w_s = 1.
 """
 from __future__ import annotations
 
@@ -48,6 +49,15 @@ def probe_index(curve: Curve, level: float = 0.05) -> int | None:
         return None
     hit = np.nonzero(err >= min(level, 0.5 * top))[0]
     return int(steps[hit[0]])
+
+
+def _local_error(decision, fallback: float) -> float:
+    """The probe's local error as measured on the calibration statistics (the decision's own
+    relative error, squared). For an embedding table this counts the tokens seen in calibration
+    only, while its curve also gives unseen tokens their smoothed weight: the ratio then carries
+    the curve's allowance for unseen tokens into the estimate."""
+    err = getattr(decision, "error", None)
+    return float(err) ** 2 if err is not None and np.isfinite(err) else fallback
 
 
 def reference_outputs(model, feeds: list[dict], names: list[str]) -> list[list[np.ndarray]]:
@@ -89,7 +99,7 @@ def measure(model, g, methods: dict, curves: list[Curve], feeds: list[dict], con
             decision = method.realize(g, curve, j, config)
             probe = method.rewrite(model, g, [curve.site], [decision])
             measured = output_error(probe, feeds, names, reference)
-            local = float(curve.error[j])
+            local = _local_error(decision, float(curve.error[j]))
             out.append(Sensitivity(curve.id, int(curve.sizes[j]), local, measured,
                                    measured / local if local > 0 else 1.0))
         if progress:
