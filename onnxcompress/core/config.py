@@ -57,6 +57,8 @@ class Config:
     keep_failed:     write the output even when the gate fails.
     force:           overwrite an existing output file.
     seed:            seed for synthesized inputs.
+    allow_nonfinite: accept NaN/Inf weights and data (refused otherwise): layers with such weights
+                     are left alone, and validation counts a NaN output as a disagreement.
     """
 
     method: str = "id"
@@ -82,6 +84,7 @@ class Config:
     keep_failed: bool = False
     force: bool = False
     seed: int = 0
+    allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -135,12 +138,14 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_OPTIONAL = ("keep", "tolerance", "flops_target", "params_target", "min_agreement", "exclude")
+_OPTIONAL = ("keep", "tolerance", "flops_target", "params_target", "min_agreement", "exclude", "include",
+             "smoothing")
 _KINDS = {"a number": (("keep", "tolerance", "flops_target", "params_target", "min_keep", "holdout",
-                        "ridge", "min_agreement"), lambda v: isinstance(v, numbers.Real)),
-          "an integer": (("batch_size", "max_rows", "seed"), lambda v: isinstance(v, numbers.Integral)),
-          "True or False": (("weighted", "intercept", "keep_failed", "force"), lambda v: True),
-          "a string": (("method", "select", "exclude"), lambda v: isinstance(v, str))}
+                        "ridge", "min_agreement", "p", "smoothing"), lambda v: isinstance(v, numbers.Real)),
+          "an integer": (("batch_size", "max_rows", "seed", "max_patch"), lambda v: isinstance(v, numbers.Integral)),
+          "True or False": (("weighted", "intercept", "keep_failed", "force", "lp_weighted", "allow_nonfinite"),
+                            lambda v: True),
+          "a string": (("method", "select", "exclude", "include"), lambda v: isinstance(v, str))}
 
 
 def _check_types(config: Config) -> None:

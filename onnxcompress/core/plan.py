@@ -9,12 +9,15 @@ Per layer (low rank): the rank and the factors A (out x r), B (r x in) with W ~ 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import files
 from .errors import UsageError
 
 PLAN_VERSION = 1
@@ -93,6 +96,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
+        check_plan_dict(d)
         if d.get("version") != PLAN_VERSION:
             raise UsageError(f"plan: unsupported plan version {d.get('version')!r}")
         return cls(method=d["method"], select=d["select"],
@@ -100,14 +104,95 @@ class Plan:
                    layers=tuple(LayerPlan.from_dict(x) for x in d.get("layers", [])))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
+        files.write_atomic(path, json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"plan: {path}: not a readable plan ({e})") from e
+            with files.open_regular(path) as f:
+                text = f.read(MAX_PLAN_BYTES + 1)
+            if len(text) > MAX_PLAN_BYTES:
+                raise ValueError(f"over {MAX_PLAN_BYTES // 2**20} MiB")
+            return cls.from_dict(json.loads(text))
+        except UsageError as e:
+            raise UsageError(f"plan: {path}: {str(e).removeprefix('plan: ')}") from e
+        except (OSError, ValueError, KeyError, TypeError, RecursionError, AttributeError) as e:
+            text = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
+            raise UsageError(f"plan: {path}: not a readable plan ({text})") from e
+
+
+MAX_PLAN_BYTES = 1024 * 2**20
+
+
+def check_plan_dict(d) -> None:
+    """The structure `Plan.from_dict` reads, checked before anything is built from it: types,
+    whole non-negative sizes, kept channels sorted, unique and in range, matrices whose declared
+    shape matches their bytes and the sizes around them, finite numbers. Raises `UsageError`
+    naming the entry; keys it does not know are left to `from_dict`."""
+    _need(isinstance(d, dict), "the file does not hold a JSON object")
+    for key in ("method", "select"):
+        _need(isinstance(d.get(key), str), f"{key!r} must be a string")
+    groups, layers = d.get("groups"), d.get("layers", [])
+    _need(isinstance(groups, list) and isinstance(layers, list), "'groups' and 'layers' must be lists")
+    for n, g in enumerate(groups):
+        where = f"groups[{n}]"
+        _need(isinstance(g, dict) and isinstance(g.get("group"), str), f"{where} must name its group")
+        channels, keep = g.get("channels"), g.get("keep")
+        _need(_whole(channels) and channels >= 1, f"{where}: 'channels' must be a positive integer")
+        _need(isinstance(keep, list) and keep and all(_whole(k) for k in keep),
+              f"{where}: 'keep' must be a non-empty list of integers")
+        _need(all(0 <= k < channels for k in keep), f"{where}: kept channels must lie in [0, {channels})")
+        _need(all(a < b for a, b in zip(keep, keep[1:])), f"{where}: kept channels must be sorted and unique")
+        for key, want in (("interpolation", (len(keep), channels)), ("intercept", None)):
+            mats = g.get(key, {})
+            _need(isinstance(mats, dict), f"{where}: {key!r} must be an object")
+            for name, m in mats.items():
+                _check_matrix(m, f"{where}.{key}[{name!r}]", want)
+        _check_numbers(g, where)
+    for n, x in enumerate(layers):
+        where = f"layers[{n}]"
+        _need(isinstance(x, dict) and isinstance(x.get("layer"), str) and isinstance(x.get("kind"), str),
+              f"{where} must name its layer and kind")
+        shape, rank = x.get("shape"), x.get("rank")
+        _need(isinstance(shape, list) and len(shape) == 2 and all(_whole(v) and v >= 1 for v in shape),
+              f"{where}: 'shape' must be two positive integers")
+        _need(_whole(rank) and 1 <= rank <= min(shape), f"{where}: 'rank' must be an integer in [1, {min(shape)}]")
+        _check_matrix(x.get("left"), f"{where}.left", (shape[0], rank))
+        _check_matrix(x.get("right"), f"{where}.right", (rank, shape[1]))
+        _check_numbers(x, where)
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(f"plan: {message}")
+
+
+def _whole(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_numbers(entry: dict, where: str) -> None:
+    for key in ("error", "best_error"):
+        v = entry.get(key, 0.0)
+        _need(v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool)), f"{where}: {key!r} must be a number")
+
+
+def _check_matrix(m, where: str, want: tuple | None) -> None:
+    _need(isinstance(m, dict) and isinstance(m.get("shape"), list) and isinstance(m.get("float64"), str),
+          f"{where} must hold 'shape' and 'float64'")
+    shape = m["shape"]
+    _need(all(_whole(v) and v >= 0 for v in shape), f"{where}: the shape must be non-negative integers")
+    _need(want is None or tuple(shape) == want, f"{where}: shape {shape}, expected {list(want or ())}")
+    count = 1
+    for v in shape:
+        count *= v
+    _need(len(m["float64"]) == 4 * (-(-8 * count // 3)), f"{where}: the data does not hold {shape} float64 values")
+    try:
+        raw = base64.b64decode(m["float64"], validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise UsageError(f"plan: {where}: the data is not base64") from e
+    _need(len(raw) == 8 * count, f"{where}: the data does not hold {shape} float64 values")
+    _need(bool(np.all(np.isfinite(np.frombuffer(raw, dtype="<f8")))), f"{where} holds NaN or Inf values")
 
 
 def _encode(a: np.ndarray) -> dict:

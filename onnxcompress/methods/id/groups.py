@@ -13,7 +13,10 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ...core.graph import GraphIndex
+from ...core.stats import gram_too_big
 from ...ops.edits import Exit, Member, Mix, Produce, SetAttr, ShapeEntry, Shift, Slice, Stop, Through
 from ...ops.compute import HANDLERS
 from ..base import Skipped
@@ -109,6 +112,7 @@ def find_groups(g: GraphIndex, *, exclude: str | None = None, include: str | Non
     groups = []
     for d in merged:
         _check_members(g, d, subgraph_names, pattern)
+        _check_size_and_values(g, d)
         if wanted and not any(wanted.search(g.nodes[p].name) for p in d.producers):
             d.reasons.append(f"no producer matches --include {include!r}")
         if d.reasons:
@@ -119,6 +123,19 @@ def find_groups(g: GraphIndex, *, exclude: str | None = None, include: str | Non
     order = {g.key(i): i for i in range(len(g.nodes))}
     skipped.sort(key=lambda s: order.get(s.node, 0))
     return Analysis(tuple(groups), tuple(skipped))
+
+
+def _check_size_and_values(g: GraphIndex, d: _Draft) -> None:
+    """Stop a group whose exit Grams would not fit the memory budget, or that edits a weight
+    holding NaN or Inf (accepted only with allow_nonfinite; such weights are left as they are)."""
+    too_big = gram_too_big(d.channels)
+    if too_big:
+        d.stop(f"group of {too_big}")
+    for name in sorted({e.tensor for e in d.edits if not isinstance(e, SetAttr)}):
+        value = g.const(name)
+        if value is not None and value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            d.stop(f"weight {name!r} holds NaN or Inf values")
+            break
 
 
 def _is_depthwise(g: GraphIndex, i: int) -> bool:

@@ -30,6 +30,7 @@ import numpy as np
 
 from ...ops.edits import Layer
 from ...core.graph import FLOAT_TYPES, GraphIndex
+from ...core.stats import gram_too_big
 from ..base import Skipped
 from ...ops.compute import HANDLERS
 
@@ -87,4 +88,9 @@ def _check(g: GraphIndex, layer: Layer) -> str:
         return f"weight {layer.weight!r} is not floating point"
     if layer.max_rank < 1:
         return f"no rank makes a {layer.out} x {layer.inputs} weight smaller"
+    too_big = gram_too_big(layer.request.width) if hasattr(layer.request, "width") else None
+    if too_big:
+        return f"input statistic of {too_big}"
+    if not np.all(np.isfinite(g.const(layer.weight))):
+        return f"weight {layer.weight!r} holds NaN or Inf values"
     return ""
