@@ -140,7 +140,7 @@ def main(model, output, calib, val, report_path, keep, tolerance, flops_target, 
             txn.rollback()
             if verbose:
                 traceback.print_exc()
-            click.echo(printable(f"onnxcompress: internal error: {type(e).__name__}: {e}"), err=True)
+            click.echo(printable(f"onnxcompress: internal error: {type(e).__name__}: {e}").replace("\n", "\\n"), err=True)
             sys.exit(1)
 
 
@@ -220,7 +220,7 @@ def _finish(txn: files.Transaction, report, report_path, plan_path, quiet: bool)
 def _fail(e: OnnxCompressError, verbose: bool) -> None:
     if verbose:
         traceback.print_exception(e)
-    click.echo(printable(f"onnxcompress: error: {e}"), err=True)
+    click.echo(printable(f"onnxcompress: error: {e}").replace("\n", "\\n"), err=True)
     sys.exit(e.exit_code)
 
 
