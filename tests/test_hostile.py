@@ -667,6 +667,15 @@ PLANS = {
     "matrix NaN": lambda d: _matrix(d, float64=base64.b64encode(
         np.full(len(d["groups"][0]["keep"]) * d["groups"][0]["channels"], np.nan).tobytes()).decode()),
     "error as text": lambda d: _g(d, error="small"),
+    "unknown method": lambda d: {**d, "method": "bogus"},
+    "unknown selection": lambda d: {**d, "select": "bogus"},
+    "groups in a low-rank plan": lambda d: {**d, "method": "svd"},
+    "group twice": lambda d: {**d, "groups": d["groups"] * 2},
+    "intercept of the wrong length": lambda d: _g(d, intercept={
+        k: {"shape": [3], "float64": base64.b64encode(np.zeros(3).tobytes()).decode()}
+        for k in d["groups"][0]["interpolation"]}),
+    "exit not in the model": lambda d: _g(d, interpolation={"nosuch": next(iter(d["groups"][0]["interpolation"].values()))}),
+    "no interpolation": lambda d: _g(d, interpolation={}),
     "no method": lambda d: {k: v for k, v in d.items() if k != "method"},
     "a list": lambda d: [d],
     "a number": lambda d: 3,

@@ -153,7 +153,7 @@ def _read_file(path: Path, specs: list[InputSpec]) -> Feed:
     except files.SpecialFile as e:
         raise DataError(f"data: {path}: {e}; refused") from e
     except ValueError as e:
-        if "pickle" in str(e) or "object" in str(e):
+        if "Object arrays cannot be loaded" in str(e):
             raise DataError(f"data: {path}: holds object arrays (pickled data); refused") from e
         raise DataError(f"data: {path}: cannot read ({str(e).splitlines()[0]})") from e
     except (OSError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError) as e:

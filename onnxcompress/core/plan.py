@@ -129,11 +129,15 @@ def check_plan_dict(d) -> None:
     whole non-negative sizes, kept channels sorted, unique and in range, matrices whose declared
     shape matches their bytes and the sizes around them, finite numbers. Raises `UsageError`
     naming the entry; keys it does not know are left to `from_dict`."""
+    from .config import METHODS, SELECTIONS
+
     _need(isinstance(d, dict), "the file does not hold a JSON object")
-    for key in ("method", "select"):
-        _need(isinstance(d.get(key), str), f"{key!r} must be a string")
+    for key, known in (("method", METHODS), ("select", SELECTIONS)):
+        _need(d.get(key) in known, f"{key!r} must be one of {', '.join(known)}, not {d.get(key)!r}")
     groups, layers = d.get("groups"), d.get("layers", [])
     _need(isinstance(groups, list) and isinstance(layers, list), "'groups' and 'layers' must be lists")
+    _need(not (groups if d["method"] != "id" else layers),
+          f"a plan of method {d['method']!r} holds {'groups' if d['method'] != 'id' else 'layers'}")
     for n, g in enumerate(groups):
         where = f"groups[{n}]"
         _need(isinstance(g, dict) and isinstance(g.get("group"), str), f"{where} must name its group")
@@ -143,7 +147,7 @@ def check_plan_dict(d) -> None:
               f"{where}: 'keep' must be a non-empty list of integers")
         _need(all(0 <= k < channels for k in keep), f"{where}: kept channels must lie in [0, {channels})")
         _need(all(a < b for a, b in zip(keep, keep[1:])), f"{where}: kept channels must be sorted and unique")
-        for key, want in (("interpolation", (len(keep), channels)), ("intercept", None)):
+        for key, want in (("interpolation", (len(keep), channels)), ("intercept", (channels,))):
             mats = g.get(key, {})
             _need(isinstance(mats, dict), f"{where}: {key!r} must be an object")
             for name, m in mats.items():
@@ -160,6 +164,9 @@ def check_plan_dict(d) -> None:
         _check_matrix(x.get("left"), f"{where}.left", (shape[0], rank))
         _check_matrix(x.get("right"), f"{where}.right", (rank, shape[1]))
         _check_numbers(x, where)
+    for kind, entries, key in (("group", groups, "group"), ("layer", layers, "layer")):
+        names = [e.get(key) for e in entries]
+        _need(len(set(names)) == len(names), f"a {kind} appears twice")
 
 
 def _need(ok: bool, message: str) -> None:
