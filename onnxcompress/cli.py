@@ -13,6 +13,7 @@ import signal
 import sys
 import traceback
 import unicodedata
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -153,26 +154,25 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-class _signals_raise:
+@contextmanager
+def _signals_raise():
     """SIGTERM and SIGHUP raise `Stopped` while the run lasts (main thread only)."""
-
-    def __enter__(self):
-        self.old = {}
-        for name in ("SIGTERM", "SIGHUP"):
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                try:
-                    self.old[sig] = signal.signal(sig, self._raise)
-                except ValueError:  # not the main thread
-                    pass
-
-    @staticmethod
-    def _raise(signum, frame):
+    def stop(signum, frame):
         raise Stopped(signum)
 
-    def __exit__(self, *exc):
-        for sig, old in self.old.items():
-            signal.signal(sig, old)
+    old = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            try:
+                old[sig] = signal.signal(sig, stop)
+            except ValueError:  # not the main thread
+                pass
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _check_side_outputs(model, output, calib, val, plan_path, force, **paths) -> Path:

@@ -36,7 +36,7 @@ import graphs
 from onnxcompress import Config, DataError, ModelError, OutputError, Plan, UsageError, compress
 from onnxcompress.cli import main, printable
 from onnxcompress.core import data as data_mod
-from onnxcompress.core import files, modelio
+from onnxcompress.core import files, modelio, stats
 from onnxcompress.core.report import Report
 from onnxcompress.core.validate import _Tally
 from test_errors import Work, invoke, one_line, snapshot
@@ -539,6 +539,41 @@ def test_very_wide_layer_is_left_alone_within_2_gib(big, method):
     reasons = [s["reason"] for s in doc["skipped"]]
     assert any("30000 columns" in x and "GiB, over the" in x for x in reasons), reasons
     del b
+
+
+def many_wide_groups(path: Path, groups: int = 100, width: int = 3000) -> None:
+    """y = sum_k Gemm_k(Relu(Gemm_k(x))), x[N,16]: `groups` channel groups of `width` channels, a
+    few MB of weights whose Grams would take groups * 8 width^2 bytes side by side."""
+    rng = np.random.default_rng(0)
+    nodes, inits, last = [], [], None
+    for k in range(groups):
+        inits += [numpy_helper.from_array(rng.standard_normal((16, width)).astype(np.float32) * 0.1, f"a{k}"),
+                  numpy_helper.from_array(rng.standard_normal((width, 4)).astype(np.float32) * 0.01, f"b{k}")]
+        nodes += [helper.make_node("Gemm", ["x", f"a{k}"], [f"h{k}"], name=f"up{k}"),
+                  helper.make_node("Relu", [f"h{k}"], [f"r{k}"], name=f"act{k}"),
+                  helper.make_node("Gemm", [f"r{k}", f"b{k}"], [f"y{k}"], name=f"down{k}")]
+        if last is not None:
+            nodes.append(helper.make_node("Add", [last, f"y{k}"], [f"s{k}"], name=f"sum{k}"))
+        last = f"s{k}" if k else f"y{k}"
+    nodes.append(helper.make_node("Identity", [last], ["y"], name="out"))
+    g = helper.make_graph(nodes, "many", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+@pytest.mark.parametrize("method", ["id", "aasvd"])
+def test_many_layers_stay_within_the_statistics_budget(work, monkeypatch, method):
+    """The budget over all statistics (patched small here: 12 groups of 64 channels, 32 KiB of
+    Gram each, against 100 KiB): the first layers are compressed, the rest left alone, saying why.
+    Low rank also counts the 2 KiB statistic of each 16-wide input, so two 64-wide ones fit."""
+    monkeypatch.setattr(stats, "STATS_BUDGET", 100 * 2**10)
+    many_wide_groups(work.inp / "many.onnx", groups=12, width=64)
+    report = compress(work.inp / "many.onnx", work.output, calib={"x": work.x},
+                      config=Config(method=method, keep=0.5))
+    over = [s for s in report.skipped if "budget for all statistics" in s["reason"]]
+    done = report.groups if method == "id" else [x for x in report.layers if x["shape"][1] == 64]
+    fit = 3 if method == "id" else 2
+    assert len(done) == fit and len(over) == 12 - fit
 
 
 @pytest.mark.parametrize("bits, what", [(0x1, "encrypted"), (None, "compression method 12")])

@@ -1,6 +1,7 @@
 """Peak memory (RSS, from /usr/bin/time) of the command line on hostile files under 100 MB: a
 zip bomb, an .npy whose header lies, huge declared input dims without --calib, a 30000-wide
-layer, and an honest 96 MB .npy beside a small honest run for scale. Each case runs in its own
+layer, 100 groups of 3000 channels (their Grams would take 6.7 GiB side by side), and an honest
+96 MB .npy beside a small honest run for scale. Each case runs in its own
 process; the files are built in a temporary folder (about 130 MB, removed at the end).
 
     python tools/hostile_memory.py
@@ -54,6 +55,11 @@ def wide_model(path: Path, width: int = 30000) -> None:
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
+def many_groups(path: Path, groups: int = 100, width: int = 3000) -> None:
+    from test_hostile import many_wide_groups
+    many_wide_groups(path, groups, width)
+
+
 def build(d: Path) -> dict[str, list]:
     np.savez(d / "c.npz", x=graphs.sample_inputs([("x", (16,))], 40)["x"])
     onnx.save(graphs.mlp(), str(d / "m.onnx"))
@@ -63,6 +69,7 @@ def build(d: Path) -> dict[str, list]:
     m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 10**8
     onnx.save(m, str(d / "huge.onnx"))
     wide_model(d / "wide.onnx")
+    many_groups(d / "many.onnx")
     rng = np.random.default_rng(0)
     np.save(d / "big_ok.npy", rng.standard_normal((1_500_000, 16)).astype(np.float32))
     return {"baseline (honest small run)": [d / "m.onnx", "--calib", d / "c.npz"],
@@ -71,6 +78,7 @@ def build(d: Path) -> dict[str, list]:
             "huge dims, no --calib": [d / "huge.onnx"],
             "30000-wide layer, id": [d / "wide.onnx", "--calib", d / "c.npz"],
             "30000-wide layer, aasvd": [d / "wide.onnx", "--calib", d / "c.npz", "--method", "aasvd"],
+            "100 groups of 3000 channels": [d / "many.onnx", "--calib", d / "c.npz"],
             "honest 96 MB .npy": [d / "m.onnx", "--calib", d / "big_ok.npy"]}
 
 
@@ -83,12 +91,13 @@ def main() -> None:
         for name, (model, *rest) in cases.items():
             out = d / "o.onnx"
             out.unlink(missing_ok=True)
-            cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "onnxcompress", model, out, *rest, "-q"]
+            cmd = ["/usr/bin/time", "-f", "%M %e", sys.executable, "-m", "onnxcompress", model, out, *rest, "-q"]
             r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True,
                                env={**os.environ, "PYTHONPATH": str(ROOT)})
             lines = r.stderr.strip().splitlines()
             message = lines[0][:110] if len(lines) > 1 else ""
-            print(f"{name:30s} exit {r.returncode}  peak RSS {int(lines[-1]) / 1024:6.0f} MiB  {message}")
+            rss, seconds = lines[-1].split()
+            print(f"{name:30s} exit {r.returncode}  peak RSS {int(rss) / 1024:6.0f} MiB  {float(seconds):6.1f} s  {message}")
     finally:
         shutil.rmtree(d)
 

@@ -24,13 +24,29 @@ import numpy as np
 from scipy.linalg import blas
 
 _BUFFER_ELEMENTS = 4 * 2**20  # rows buffered per tensor before a dsyrk update (x 8 bytes)
-GRAM_BUDGET = 256 * 2**20  # bytes of one float64 Gram (5792 columns); decide holds a few copies of it
+GRAM_BUDGET = 128 * 2**20  # bytes of one float64 Gram (4096 columns); decide holds a few copies of it
+
+
+STATS_BUDGET = 256 * 2**20  # bytes of all the Grams of one run, side by side; decide needs ~3x (real models: < 150 MiB)
+
+
+def gram_bytes(width: int) -> int:
+    return 8 * width * width
+
+
+def over_total(need: int, used: int) -> str | None:
+    """Why statistics of `need` bytes are not accumulated when earlier ones take `used` bytes of
+    STATS_BUDGET, or None if they fit."""
+    if used + need <= STATS_BUDGET:
+        return None
+    return (f"its statistics ({need / 2**20:.0f} MiB) would pass the {STATS_BUDGET // 2**20} MiB budget "
+            f"for all statistics, {used / 2**20:.0f} MiB of which earlier layers take")
 
 
 def gram_too_big(width: int) -> str | None:
     """Why a Gram of `width` columns is not accumulated (over GRAM_BUDGET), or None if it fits.
     A layer this wide is left alone rather than allowed to exhaust memory."""
-    need = 8 * width * width
+    need = gram_bytes(width)
     if need <= GRAM_BUDGET:
         return None
     return (f"{width} columns: the Gram would take {need / 2**30:.3g} GiB, over the "

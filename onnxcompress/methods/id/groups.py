@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ...core.graph import GraphIndex
-from ...core.stats import gram_too_big
+from ...core.stats import gram_bytes, gram_too_big, over_total
 from ...ops.edits import Exit, Member, Mix, Produce, SetAttr, ShapeEntry, Shift, Slice, Stop, Through
 from ...ops.compute import HANDLERS
 from ..base import Skipped
@@ -109,12 +109,18 @@ def find_groups(g: GraphIndex, *, exclude: str | None = None, include: str | Non
     _check_weights(g, merged, subgraph_names)
     pattern = re.compile(exclude) if exclude else None
     wanted = re.compile(include) if include else None
-    groups = []
+    groups, used = [], 0
     for d in merged:
         _check_members(g, d, subgraph_names, pattern)
         _check_size_and_values(g, d)
         if wanted and not any(wanted.search(g.nodes[p].name) for p in d.producers):
             d.reasons.append(f"no producer matches --include {include!r}")
+        if not d.reasons:
+            need = len(d.exits) * gram_bytes(d.channels)
+            reason = over_total(need, used)
+            if reason:
+                d.stop(reason)
+            used += 0 if reason else need
         if d.reasons:
             reason = "; ".join(d.reasons)
             skipped.extend(Skipped(g.key(p), g.nodes[p].op_type, reason) for p in sorted(d.producers))
