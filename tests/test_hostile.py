@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 import graphs
 from onnxcompress import Config, DataError, ModelError, OutputError, Plan, UsageError, compress
-from onnxcompress.cli import main, printable
+from onnxcompress.cli import printable
 from onnxcompress.core import data as data_mod
 from onnxcompress.core import files, modelio, stats
 from onnxcompress.core.report import Report
@@ -521,44 +521,13 @@ def test_huge_declared_dims_without_calibration_are_refused(big):
 @pytest.mark.parametrize("method", ["id", "aasvd"])
 def test_very_wide_layer_is_left_alone_within_2_gib(big, method):
     """A 16 -> 30000 -> 4 MLP: a Gram over 30000 channels would take 6.7 GiB."""
-    b = graphs.Builder() if hasattr(graphs, "Builder") else None
-    rng = np.random.default_rng(0)
-    w1 = numpy_helper.from_array(rng.standard_normal((16, 30000)).astype(np.float32) * 0.1, "w1")
-    w2 = numpy_helper.from_array(rng.standard_normal((30000, 4)).astype(np.float32) * 0.01, "w2")
-    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], name="wide"),
-             helper.make_node("Relu", ["h"], ["r"], name="act"),
-             helper.make_node("Gemm", ["r", "w2"], ["y"], name="head")]
-    g = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w1, w2])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.save(m, str(big.inp / "wide.onnx"))
+    onnx.save(graphs.parallel_mlps(1, 30000), str(big.inp / "wide.onnx"))
     report = big.out / "r.json"
     r = limited([big.inp / "wide.onnx", big.output, "--calib", big.calib, "--method", method, "--report", report])
     assert r.returncode == 0, r.stderr
     doc = json.loads(report.read_text())
     reasons = [s["reason"] for s in doc["skipped"]]
     assert any("30000 columns" in x and "GiB, over the" in x for x in reasons), reasons
-    del b
-
-
-def many_wide_groups(path: Path, groups: int = 100, width: int = 3000) -> None:
-    """y = sum_k Gemm_k(Relu(Gemm_k(x))), x[N,16]: `groups` channel groups of `width` channels, a
-    few MB of weights whose Grams would take groups * 8 width^2 bytes side by side."""
-    rng = np.random.default_rng(0)
-    nodes, inits, last = [], [], None
-    for k in range(groups):
-        inits += [numpy_helper.from_array(rng.standard_normal((16, width)).astype(np.float32) * 0.1, f"a{k}"),
-                  numpy_helper.from_array(rng.standard_normal((width, 4)).astype(np.float32) * 0.01, f"b{k}")]
-        nodes += [helper.make_node("Gemm", ["x", f"a{k}"], [f"h{k}"], name=f"up{k}"),
-                  helper.make_node("Relu", [f"h{k}"], [f"r{k}"], name=f"act{k}"),
-                  helper.make_node("Gemm", [f"r{k}", f"b{k}"], [f"y{k}"], name=f"down{k}")]
-        if last is not None:
-            nodes.append(helper.make_node("Add", [last, f"y{k}"], [f"s{k}"], name=f"sum{k}"))
-        last = f"s{k}" if k else f"y{k}"
-    nodes.append(helper.make_node("Identity", [last], ["y"], name="out"))
-    g = helper.make_graph(nodes, "many", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
 @pytest.mark.parametrize("method", ["id", "aasvd"])
@@ -567,7 +536,7 @@ def test_many_layers_stay_within_the_statistics_budget(work, monkeypatch, method
     Gram each, against 100 KiB): the first layers are compressed, the rest left alone, saying why.
     Low rank also counts the 2 KiB statistic of each 16-wide input, so two 64-wide ones fit."""
     monkeypatch.setattr(stats, "STATS_BUDGET", 100 * 2**10)
-    many_wide_groups(work.inp / "many.onnx", groups=12, width=64)
+    onnx.save(graphs.parallel_mlps(12, 64), str(work.inp / "many.onnx"))
     report = compress(work.inp / "many.onnx", work.output, calib={"x": work.x},
                       config=Config(method=method, keep=0.5))
     over = [s for s in report.skipped if "budget for all statistics" in s["reason"]]

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -44,22 +43,6 @@ def lying_npy(path: Path) -> None:
         f.write(bytes(64))
 
 
-def wide_model(path: Path, width: int = 30000) -> None:
-    rng = np.random.default_rng(0)
-    w1 = numpy_helper.from_array(rng.standard_normal((16, width)).astype(np.float32), "w1")
-    w2 = numpy_helper.from_array(rng.standard_normal((width, 4)).astype(np.float32), "w2")
-    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("Gemm", ["r", "w2"], ["y"])]
-    g = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w1, w2])
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-
-
-def many_groups(path: Path, groups: int = 100, width: int = 3000) -> None:
-    from test_hostile import many_wide_groups
-    many_wide_groups(path, groups, width)
-
-
 def build(d: Path) -> dict[str, list]:
     np.savez(d / "c.npz", x=graphs.sample_inputs([("x", (16,))], 40)["x"])
     onnx.save(graphs.mlp(), str(d / "m.onnx"))
@@ -68,8 +51,8 @@ def build(d: Path) -> dict[str, list]:
     m = graphs.mlp()
     m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 10**8
     onnx.save(m, str(d / "huge.onnx"))
-    wide_model(d / "wide.onnx")
-    many_groups(d / "many.onnx")
+    onnx.save(graphs.parallel_mlps(1, 30000), str(d / "wide.onnx"))
+    onnx.save(graphs.parallel_mlps(100, 3000), str(d / "many.onnx"))
     rng = np.random.default_rng(0)
     np.save(d / "big_ok.npy", rng.standard_normal((1_500_000, 16)).astype(np.float32))
     return {"baseline (honest small run)": [d / "m.onnx", "--calib", d / "c.npz"],
