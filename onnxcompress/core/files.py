@@ -12,8 +12,9 @@
   them all into place with signals held off; until `commit`, and on `rollback`, the destinations
   keep what they held before (an existing output is backed up by a hard link first). An
   existing file's permission bits carry over to its replacement.
-* `remove_stale` deletes temporary files and folders of our own naming (`.onnxcompress-*`)
-  older than a day, left by a run that was killed outright.
+* `remove_stale` deletes temporary files and folders of our own naming (`.onnxcompress-*`
+  beside outputs, `onnxcompress-*` in the system's temporary folder) older than a day, left by
+  a run that was killed outright.
 * `open_regular` opens a file for reading only if it is a regular file, without blocking on a
   FIFO (the check is made on the opened descriptor, so nothing can be swapped in between).
 """
@@ -36,7 +37,7 @@ from .errors import OutputError
 log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".onnxcompress-"
-VALIDATE_PREFIX = "onnxcompress-validate-"
+SYSTEM_PREFIX = "onnxcompress-"  # our folders in the system temporary folder (validate, session, check)
 STALE_SECONDS = 24 * 3600
 _SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
@@ -313,12 +314,12 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def remove_stale(folders: Iterable[str | os.PathLike], *, now: float | None = None) -> list[Path]:
-    """Delete our temporary files and folders (`.onnxcompress-*` in `folders`,
-    `onnxcompress-validate-*` in the system's temporary folder) that are older than a day and
+    """Delete our temporary files and folders (`.onnxcompress-*` in `folders`, `onnxcompress-*`
+    in the system's temporary folder) that are older than a day and
     belong to this user: what a run killed outright left behind. Returns what was removed."""
     now = time.time() if now is None else now
     places = [(Path(f), TEMP_PREFIX) for f in dict.fromkeys(map(str, folders))]
-    places.append((Path(tempfile.gettempdir()), VALIDATE_PREFIX))
+    places.append((Path(tempfile.gettempdir()), SYSTEM_PREFIX))
     removed = []
     for folder, prefix in places:
         try:

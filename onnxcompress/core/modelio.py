@@ -228,7 +228,7 @@ def check_model(model: onnx.ModelProto, where: str) -> None:
         if serialized_size(model) < PROTOBUF_LIMIT:
             onnx.checker.check_model(model, full_check=True)
         else:
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory(prefix="onnxcompress-check-") as tmp:
                 p = Path(tmp) / "model.onnx"
                 onnx.save(model, str(p), save_as_external_data=True, location="model.onnx.data")
                 onnx.checker.check_model(str(p), full_check=True)
