@@ -18,7 +18,7 @@ from .core.config import SIZE_RULES, Config
 from .core.cost import count_params, node_flops
 from .core.errors import AgreementError, ModelError, RewriteError, UsageError
 from .core.graph import GraphIndex
-from .core.modelio import check_output_path, load_model, save_model, serialized_size
+from .core.modelio import check_finite_weights, check_output_path, load_model, save_model, serialized_size
 from .core.normalize import normalize, static_shapes
 from .core.plan import Plan
 from .core.report import Report, StageTimer
@@ -96,6 +96,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
         original = load_model(src)
     with timer("normalize"):
         norm = normalize(original, copy=False)  # validation reads the input file itself
+        check_finite_weights(norm, src, allow=config.allow_nonfinite, warnings=report.warnings)
         specs = data_mod.input_specs(norm)
         calib_src, val_src = _sources(calib, val, specs, config, report)
         first = next(iter(calib_src))
@@ -149,7 +150,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     if report.gate and not report.gate["passed"] and not config.keep_failed:
         raise AgreementError(report.gate["message"], report)
     with timer("save"):
-        written = save_model(new, out, force=config.force, inputs=[src, *inputs])
+        written = save_model(new, out, force=config.force, inputs=[src, *inputs], source=src)
     report.output = str(out)
     report.file_size["after"] = sum(p.stat().st_size for p in written)
     report.seconds = timer.seconds
@@ -189,9 +190,11 @@ def _sources(calib, val, specs, config: Config, report: Report):
         report.warnings.append(msg)
         calib_src = data_mod.synthesize(specs, count=SYNTHETIC_FEEDS, seed=config.seed)
     else:
-        calib_src = data_mod.open_source(calib, specs, batch_size=config.batch_size)
+        calib_src = data_mod.open_source(calib, specs, batch_size=config.batch_size,
+                                         allow_nonfinite=config.allow_nonfinite)
     if val is not None:
-        val_src = data_mod.open_source(val, specs, batch_size=config.batch_size, label="validation")
+        val_src = data_mod.open_source(val, specs, batch_size=config.batch_size, label="validation",
+                                       allow_nonfinite=config.allow_nonfinite)
     else:
         calib_src, val_src = data_mod.split(calib_src, config.holdout)
         if val_src is calib_src:

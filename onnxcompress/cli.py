@@ -1,14 +1,19 @@
 """The command line: a thin layer over `onnxcompress.compress` (design.md section 4).
 
 Exit codes: 0 success, 1 error (one line, no traceback unless -v), 2 bad usage, 3 the agreement
-gate (--min-agreement) was not met, 130 interrupted. Nothing is written on any non-zero exit
-except the --report JSON (and the model itself with --keep-failed on exit 3).
+gate (--min-agreement) was not met, 130 interrupted (SIGINT), 143 terminated (SIGTERM), 129 hung
+up (SIGHUP). Nothing is written on any non-zero exit except the --report JSON (and the model
+itself with --keep-failed on exit 3): the model, the report and the plan are committed together
+(`files.Transaction`), and a failure after the model is in place puts back what was there.
 """
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import traceback
+import unicodedata
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -16,7 +21,7 @@ import click
 from .api import compress, default_output
 from .core.config import METHODS, MINIMIZE, SELECTIONS, Config
 from .core.errors import AgreementError, OnnxCompressError, OutputError, UsageError
-from .core.modelio import check_output_path
+from .core import files
 from .core.plan import Plan
 
 log = logging.getLogger("onnxcompress")
@@ -95,87 +100,158 @@ class _Command(click.Command):
 @click.option("--holdout", type=float, default=0.2, show_default=True, help="Share of --calib held out for validation when --val is not given.")
 @click.option("--save-plan", type=click.Path(), help="Write the decisions (kept channels, interpolation matrices) as JSON.")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, exists=True), help="Apply a plan saved with --save-plan instead of calibrating.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file (its permissions are kept).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("-v", "--verbose", is_flag=True, help="More logging, and tracebacks on errors.")
+@click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf weights and data (refused otherwise): such layers are left alone, NaN outputs count as disagreement.")
 @click.version_option(package_name="onnxcompress")
 def main(model, output, calib, val, report_path, keep, tolerance, flops_target, params_target, size_target, target,
          minimize, sensitivity, probe_feeds, min_keep,
          select, method, include, p, lp_weighted, smoothing, max_patch, intercept, exclude, min_agreement, keep_failed, batch_size, max_rows, holdout, save_plan, plan_path,
-         force, quiet, verbose):
+         force, quiet, verbose, allow_nonfinite):
     """Compress MODEL.onnx into OUTPUT (default: MODEL.compressed.onnx beside it)."""
     logging.basicConfig(format="onnxcompress: %(levelname)s: %(message)s",
                         level=logging.ERROR if quiet else (logging.INFO if verbose else logging.WARNING))
-    written = False
-    try:
-        config = Config(keep=keep, tolerance=tolerance, flops_target=flops_target, params_target=params_target,
-                        size_target=size_target, target=target, minimize=minimize, sensitivity=sensitivity,
-                        probe_feeds=probe_feeds,
-                        min_keep=min_keep, select=select, method=method, intercept=intercept, exclude=exclude,
-                        include=include, p=p, lp_weighted=lp_weighted, smoothing=smoothing, max_patch=max_patch,
-                        min_agreement=min_agreement, keep_failed=keep_failed, batch_size=batch_size, max_rows=max_rows,
-                        holdout=holdout, force=force)
-        _check_side_outputs(model, output, calib, val, plan_path, report=report_path, save_plan=save_plan)
-        plan = Plan.load(plan_path) if plan_path else None
+    _printable_logs()
+    txn = files.Transaction()
+    with _signals_raise():
         try:
-            report = compress(model, output, config=config, calib=calib, val=val, plan=plan,
-                              progress=ProgressBar(not quiet and sys.stderr.isatty()))
-        except AgreementError as e:
-            written = e.report is not None and e.report.output is not None
-            _finish(e.report, report_path, quiet)
-            raise
-        written = True
-        if save_plan:
-            _write("plan", save_plan, report.plan.save)
-        _finish(report, report_path, quiet)
-    except OnnxCompressError as e:
-        _fail(e, verbose)
-    except KeyboardInterrupt:
-        click.echo("onnxcompress: interrupted; " + ("the output model had been written" if written
-                                                     else "no output was written"), err=True)
-        sys.exit(130)
-    except Exception as e:  # a bug: say so in one line, traceback with -v
-        if verbose:
-            traceback.print_exc()
-        click.echo(f"onnxcompress: internal error: {type(e).__name__}: {e}", err=True)
-        sys.exit(1)
+            config = Config(keep=keep, tolerance=tolerance, flops_target=flops_target, params_target=params_target,
+                            size_target=size_target, target=target, minimize=minimize, sensitivity=sensitivity,
+                            probe_feeds=probe_feeds, min_keep=min_keep, select=select, method=method, intercept=intercept, exclude=exclude,
+                            include=include, p=p, lp_weighted=lp_weighted, smoothing=smoothing, max_patch=max_patch,
+                            min_agreement=min_agreement, keep_failed=keep_failed, batch_size=batch_size, max_rows=max_rows,
+                            holdout=holdout, force=force, allow_nonfinite=allow_nonfinite)
+            out = _check_side_outputs(model, output, calib, val, plan_path, force, report=report_path, save_plan=save_plan)
+            files.remove_stale({Path(x).parent for x in (out, report_path, save_plan) if x})
+            plan = Plan.load(plan_path) if plan_path else None
+            txn.guard(out)  # a failure after the model is in place puts back what was there
+            txn.guard(str(out) + ".data")
+            try:
+                report = compress(model, output, config=config, calib=calib, val=val, plan=plan,
+                                  progress=ProgressBar(not quiet and sys.stderr.isatty()))
+            except AgreementError as e:
+                _finish(txn, e.report, report_path, None, quiet)
+                raise
+            _finish(txn, report, report_path, save_plan, quiet)
+        except OnnxCompressError as e:
+            txn.rollback()
+            _fail(e, verbose)
+        except KeyboardInterrupt as e:
+            if not txn.committed:
+                txn.rollback()
+            signum = getattr(e, "signum", signal.SIGINT)
+            what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+            click.echo(f"onnxcompress: {what}; " + ("the output had been written" if txn.committed
+                                                   else "no output was written"), err=True)
+            sys.exit(128 + signum)
+        except Exception as e:  # a bug: say so in one line, traceback with -v
+            txn.rollback()
+            if verbose:
+                traceback.print_exc()
+            click.echo(printable(f"onnxcompress: internal error: {type(e).__name__}: {e}").replace("\n", "\\n"), err=True)
+            sys.exit(1)
 
 
-def _check_side_outputs(model, output, calib, val, plan_path, **paths) -> None:
-    """--report and --save-plan are checked before any work: an existing folder, writable, not a
-    directory, not an input and not the output model (an existing report or plan is replaced)."""
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, like Ctrl-C: every `finally` runs, so
+    temporary files are removed and nothing half-written stays."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _signals_raise():
+    """SIGTERM and SIGHUP raise `Stopped` while the run lasts (main thread only)."""
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    old = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            try:
+                old[sig] = signal.signal(sig, stop)
+            except ValueError:  # not the main thread
+                pass
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _check_side_outputs(model, output, calib, val, plan_path, force, **paths) -> Path:
+    """Every path the run writes is checked before any work against every file it reads
+    (`files.Inputs`): the output model (replaced only with --force), --report and --save-plan (an
+    existing report or plan is replaced), and each against the others. Returns the output path."""
     given = {"--" + name.replace("_", "-"): Path(p) for name, p in paths.items() if p}
     out = Path(output) if output else default_output(model)
-    inputs = [Path(p) for p in (model, calib, val, plan_path) if p]
+    inputs = files.Inputs.of_run(model, calib, val, plan_path)
+    files.check_output(out, inputs=inputs, replace=force)
     for flag, path in given.items():
-        if path.resolve() == out.resolve():
+        if files.same_file(path, out) or files.same_file(path, Path(str(out) + ".data")):
             raise OutputError(f"{flag}: {path} is the output model")
         try:
-            check_output_path(path, force=True, source=Path(model), inputs=inputs)
+            files.check_output(path, inputs=inputs, replace=True)
         except OutputError as e:
             raise OutputError(f"{flag}: {e}") from e
-    if len(given) == 2 and given["--report"].resolve() == given["--save-plan"].resolve():
+    if len(given) == 2 and files.same_file(given["--report"], given["--save-plan"]):
         raise UsageError("--report and --save-plan name the same file")
+    return out
 
 
-def _write(what: str, path, save) -> None:
+def _stage(txn: files.Transaction, what: str, path, save) -> None:
     try:
-        save(path)
+        txn.stage(path, save)
     except OSError as e:
         raise OutputError(f"{what}: {path}: cannot write ({e.strerror or e})") from e
 
 
-def _finish(report, report_path, quiet: bool) -> None:
-    if report is None:
-        return
-    if report_path:
-        _write("report", report_path, report.save)
-    if not quiet:
-        click.echo(report.table())
+def _finish(txn: files.Transaction, report, report_path, plan_path, quiet: bool) -> None:
+    """Stage the plan and the report beside their destinations, then move every file into place
+    together; print the table."""
+    if report is not None and plan_path:
+        _stage(txn, "plan", plan_path, report.plan.save)
+    if report is not None and report_path:
+        _stage(txn, "report", report_path, report.save)
+    try:
+        txn.commit()
+    except OSError as e:
+        raise OutputError(f"cannot move the outputs into place ({e.strerror or e}); nothing was written") from e
+    if report is not None and not quiet:
+        click.echo(printable(report.table()))
 
 
 def _fail(e: OnnxCompressError, verbose: bool) -> None:
     if verbose:
         traceback.print_exception(e)
-    click.echo(f"onnxcompress: error: {e}", err=True)
+    click.echo(printable(f"onnxcompress: error: {e}").replace("\n", "\\n"), err=True)
     sys.exit(e.exit_code)
+
+
+def printable(text: str) -> str:
+    """`text` with control and format characters (terminal escape sequences, bidirectional
+    overrides) shown as escapes, so names from a model cannot drive the terminal; newlines and
+    tabs stay."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf", "Zl", "Zp")
+                   else ascii(ch)[1:-1] for ch in text)
+
+
+class _PrintableFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = printable(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
+def _printable_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _PrintableFilter) for f in handler.filters):
+            handler.addFilter(_PrintableFilter())

@@ -448,3 +448,23 @@ def ffn_flat(dup: bool = False) -> onnx.ModelProto:
                                    b.const("b1", b.random((32,), 0 if dup else None, 0.1))])])
     y = b.op("MatMul", [h, b.weight("w2", (32, 16), None, 0.2)], name="fc2")
     return b.model([("x", ["B", "S", 16])], [b.op("Reshape", [y, b.op("Shape", ["x"])])])
+
+
+def parallel_mlps(groups: int, width: int) -> onnx.ModelProto:
+    """y = sum_k Gemm(Relu(Gemm(x, A_k)), B_k), x[N,16] -> y[N,4], A_k 16 x width, B_k width x 4:
+    `groups` channel groups of `width` channels (one group when groups=1: a single wide layer).
+    A few MB of weights whose Grams would take groups * 8 width^2 bytes side by side."""
+    rng = np.random.default_rng(0)
+    nodes, inits, last = [], [], None
+    for k in range(groups):
+        inits += [numpy_helper.from_array(rng.standard_normal((16, width)).astype(np.float32) * 0.1, f"a{k}"),
+                  numpy_helper.from_array(rng.standard_normal((width, 4)).astype(np.float32) * 0.01, f"b{k}")]
+        nodes += [helper.make_node("Gemm", ["x", f"a{k}"], [f"h{k}"], name=f"up{k}"),
+                  helper.make_node("Relu", [f"h{k}"], [f"r{k}"], name=f"act{k}"),
+                  helper.make_node("Gemm", [f"r{k}", f"b{k}"], [f"y{k}"], name=f"down{k}")]
+        if last is not None:
+            nodes.append(helper.make_node("Add", [last, f"y{k}"], [f"s{k}"], name=f"sum{k}"))
+        last = f"s{k}" if k else f"y{k}"
+    nodes.append(helper.make_node("Identity", [last], ["y"], name="out"))
+    graph = helper.make_graph(nodes, "parallel_mlps", [_vi("x", ["N", 16])], [_vi("y", ["N", 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -73,6 +73,8 @@ class Config:
     keep_failed:     write the output even when the gate fails.
     force:           overwrite an existing output file.
     seed:            seed for synthesized inputs.
+    allow_nonfinite: accept NaN/Inf weights and data (refused otherwise): layers with such weights
+                     are left alone, and validation counts a NaN output as a disagreement.
     """
 
     method: str | None = None
@@ -103,6 +105,7 @@ class Config:
     keep_failed: bool = False
     force: bool = False
     seed: int = 0
+    allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         if self.method is None:
@@ -171,12 +174,15 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_OPTIONAL = ("keep", "tolerance", "flops_target", "params_target", "size_target", "target", "min_agreement", "exclude")
+_OPTIONAL = ("keep", "tolerance", "flops_target", "params_target", "size_target", "target", "min_agreement",
+             "exclude", "include", "smoothing")
 _KINDS = {"a number": (("keep", "tolerance", "flops_target", "params_target", "size_target", "min_keep", "holdout",
-                        "ridge", "min_agreement"), lambda v: isinstance(v, numbers.Real)),
-          "an integer": (("batch_size", "max_rows", "seed", "probe_feeds"), lambda v: isinstance(v, numbers.Integral)),
-          "True or False": (("weighted", "intercept", "keep_failed", "force", "sensitivity"), lambda v: True),
-          "a string": (("method", "select", "exclude", "target", "minimize"), lambda v: isinstance(v, str))}
+                        "ridge", "min_agreement", "p", "smoothing"), lambda v: isinstance(v, numbers.Real)),
+          "an integer": (("batch_size", "max_rows", "seed", "max_patch", "probe_feeds"),
+                         lambda v: isinstance(v, numbers.Integral)),
+          "True or False": (("weighted", "intercept", "keep_failed", "force", "lp_weighted", "allow_nonfinite",
+                             "sensitivity"), lambda v: True),
+          "a string": (("method", "select", "exclude", "include", "target", "minimize"), lambda v: isinstance(v, str))}
 
 
 def _check_types(config: Config) -> None:

@@ -10,12 +10,18 @@ Sources:
 * from Python: any iterable of dicts, or an ONNX Runtime `CalibrationDataReader`.
 
 Files are opened with `allow_pickle=False`: object arrays are refused, nothing in a data file runs.
+Only regular files are read (a FIFO or device is refused, never waited on). Memory is bounded
+before anything is allocated: an array's header must match the bytes the file (or the zip
+member) holds, compressed members may expand to at most `MEMORY_BUDGET` bytes in all (a zip bomb
+is refused unread), and a one-shot iterable (a generator, a CalibrationDataReader) is read up to
+`MAX_STREAM_FEEDS` feeds or `MEMORY_BUDGET` bytes, with a warning when it is cut.
 """
 from __future__ import annotations
 
 import logging
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -24,11 +30,15 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from . import files
 from .errors import DataError
 
 log = logging.getLogger(__name__)
 
 Feed = dict[str, np.ndarray]
+
+MEMORY_BUDGET = 512 * 2**20  # bytes: compressed data expanded, a one-shot stream kept, synthesized feeds
+MAX_STREAM_FEEDS = 4096      # feeds taken from a one-shot iterable
 
 
 @dataclass(frozen=True)
@@ -59,21 +69,30 @@ class FeedSource:
 
     def __init__(self, name: str, make: Callable[[], Iterator[Feed]], specs: list[InputSpec],
                  samples: int | None, feeds: int | None = None, arrays: Feed | None = None,
-                 batch_size: int = 1):
+                 batch_size: int = 1, allow_nonfinite: bool = False):
         self.name, self._make, self.specs, self.samples, self.feeds = name, make, specs, samples, feeds
         self.arrays, self.batch_size = arrays, batch_size  # set for array sources: split by sample
+        self.allow_nonfinite = allow_nonfinite
 
     def __iter__(self) -> Iterator[Feed]:
         count = 0
         for k, feed in enumerate(self._make()):
-            yield check_feed(feed, self.specs, f"{self.name} feed {k}")
+            yield check_feed(feed, self.specs, f"{self.name} feed {k}", allow_nonfinite=self.allow_nonfinite)
             count += 1
         if count == 0:
             raise DataError(f"data: {self.name} holds no samples")
 
 
-def open_source(spec, specs: list[InputSpec], *, batch_size: int, label: str = "calibration") -> FeedSource:
-    """Turn a path, iterable or CalibrationDataReader into a `FeedSource`."""
+def open_source(spec, specs: list[InputSpec], *, batch_size: int, label: str = "calibration",
+                allow_nonfinite: bool = False) -> FeedSource:
+    """Turn a path, iterable or CalibrationDataReader into a `FeedSource`. NaN/Inf values are
+    refused unless `allow_nonfinite`."""
+    source = _open(spec, specs, batch_size, label)
+    source.allow_nonfinite = allow_nonfinite
+    return source
+
+
+def _open(spec, specs: list[InputSpec], batch_size: int, label: str) -> FeedSource:
     if isinstance(spec, (str, os.PathLike)):
         return _open_path(Path(spec), specs, batch_size)
     if hasattr(spec, "get_next"):
@@ -92,10 +111,13 @@ def _open_path(path: Path, specs: list[InputSpec], batch_size: int) -> FeedSourc
     if not path.exists():
         raise DataError(f"data: {path}: no such file or directory")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy") and p.is_file())
-        if not files:
+        try:
+            found = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy") and not p.is_dir())
+        except OSError as e:
+            raise DataError(f"data: {path}: cannot list the directory ({e.strerror or e})") from e
+        if not found:
             raise DataError(f"data: {path}: the directory holds no .npz or .npy files")
-        return FeedSource(str(path), lambda: (_read_file(p, specs) for p in files), specs, None, len(files))
+        return FeedSource(str(path), lambda: (_read_file(p, specs) for p in found), specs, None, len(found))
     arrays = _read_file(path, specs)
     return _from_arrays(str(path), arrays, specs, batch_size)
 
@@ -105,34 +127,109 @@ _NPY_MAGIC, _ZIP_MAGICS = b"\x93NUMPY", (b"PK\x03\x04", b"PK\x05\x06")
 
 def _read_file(path: Path, specs: list[InputSpec]) -> Feed:
     """One file's arrays. The format is taken from the first bytes, not trusted from the suffix:
-    anything that is not an .npy array or a zip of them (a pickle above all) is refused unread."""
+    anything that is not an .npy array or a zip of them (a pickle above all) is refused unread.
+    Only a regular file is opened (a FIFO would block forever)."""
     if path.suffix not in (".npz", ".npy"):
         raise DataError(f"data: {path}: expected a .npz or .npy file or a directory")
     if path.suffix == ".npy" and len(specs) != 1:
         raise DataError(f"data: {path}: a .npy file serves a single-input model; this model "
                         f"has inputs {', '.join(s.name for s in specs)} (use .npz)")
     try:
-        with open(path, "rb") as f:
+        with files.open_regular(path) as f:
             head = f.read(6)
-        want = _NPY_MAGIC if path.suffix == ".npy" else _ZIP_MAGICS
-        if not head:
-            raise DataError(f"data: {path}: the file is empty")
-        if not head.startswith(want):
-            kind = ("pickled data" if head[:1] == b"\x80" else "a .npy array" if head == _NPY_MAGIC
-                    else "a zip archive" if head[:4] in _ZIP_MAGICS else "not numpy data")
-            raise DataError(f"data: {path}: not a {path.suffix} file ({kind}); refused")
-        if path.suffix == ".npy":
-            return {specs[0].name: np.load(path, allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            want = _NPY_MAGIC if path.suffix == ".npy" else _ZIP_MAGICS
+            if not head:
+                raise DataError(f"data: {path}: the file is empty")
+            if not head.startswith(want):
+                kind = ("pickled data" if head[:1] == b"\x80" else "a .npy array" if head == _NPY_MAGIC
+                        else "a zip archive" if head[:4] in _ZIP_MAGICS else "not numpy data")
+                raise DataError(f"data: {path}: not a {path.suffix} file ({kind}); refused")
+            f.seek(0)
+            if path.suffix == ".npy":
+                return {specs[0].name: _read_npy(f, os.fstat(f.fileno()).st_size, f"data: {path}")}
+            return _read_npz(f, path)
     except DataError:
         raise
+    except files.SpecialFile as e:
+        raise DataError(f"data: {path}: {e}; refused") from e
     except ValueError as e:
-        if "pickle" in str(e):
+        if "Object arrays cannot be loaded" in str(e):
             raise DataError(f"data: {path}: holds object arrays (pickled data); refused") from e
         raise DataError(f"data: {path}: cannot read ({str(e).splitlines()[0]})") from e
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"data: {path}: cannot read ({str(e).splitlines()[0] or type(e).__name__})") from e
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError) as e:
+        text = (str(e).splitlines() or [""])[0] or type(e).__name__
+        raise DataError(f"data: {path}: cannot read ({text})") from e
+
+
+def _npy_header(f, where: str) -> tuple[tuple, np.dtype, int]:
+    """(shape, dtype, data bytes) from an .npy header, without reading the data. Object dtypes
+    are refused here: they would need pickle."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version in ((2, 0), (3, 0)):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise DataError(f"{where}: unknown .npy format version {version}")
+    if dtype.hasobject:
+        raise DataError(f"{where}: holds object arrays (pickled data); refused")
+    count = 1
+    for d in shape:
+        count *= int(d)
+    return shape, dtype, count * dtype.itemsize
+
+
+def _read_npy(f, available: int, where: str) -> np.ndarray:
+    """Read one .npy array from `f` after checking that its header's size fits in `available`
+    bytes (the file's, or the zip member's, declared length)."""
+    start = f.tell()
+    shape, dtype, nbytes = _npy_header(f, where)
+    body = available - (f.tell() - start)
+    if nbytes > body:
+        raise DataError(f"{where}: the header declares shape {tuple(shape)} of {dtype} ({_gib(nbytes)}), "
+                        f"but only {_gib(max(body, 0))} follow; refused")
+    f.seek(start)
+    return np.lib.format.read_array(f, allow_pickle=False)
+
+
+def _read_npz(f, path: Path) -> Feed:
+    """The arrays of a zip of .npy members. Every member is checked before any is read: stored or
+    deflated only, not encrypted, an .npy header whose size is the member's declared size, and
+    deflated members that expand to at most MEMORY_BUDGET bytes in all."""
+    out, expanded = {}, 0
+    with zipfile.ZipFile(f) as z:
+        members = z.infolist()
+        for info in members:
+            where = f"data: {path}: member {info.filename!r}"
+            if info.flag_bits & 0x1:
+                raise DataError(f"{where} is encrypted; refused")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise DataError(f"{where} uses compression method {info.compress_type}; only stored "
+                                f"or deflated members are read")
+            if not info.filename.endswith(".npy"):
+                raise DataError(f"{where} is not an .npy array; refused")
+            with z.open(info) as m:
+                _, _, nbytes = _npy_header(m, where)
+                header = m.tell() if m.seekable() else None
+            if header is not None and header + nbytes != info.file_size:
+                raise DataError(f"{where}: the header declares {_gib(nbytes)} but the member holds "
+                                f"{_gib(max(info.file_size - header, 0))}; refused")
+            if info.compress_type == zipfile.ZIP_STORED and info.file_size > info.compress_size:
+                raise DataError(f"{where}: declares {_gib(info.file_size)} but stores {_gib(info.compress_size)}; refused")
+            if info.compress_type == zipfile.ZIP_DEFLATED:
+                expanded += nbytes
+        if expanded > MEMORY_BUDGET:
+            raise DataError(f"data: {path}: compressed members would expand to {_gib(expanded)}, over the "
+                            f"{_gib(MEMORY_BUDGET)} limit for compressed data (save with np.savez, "
+                            f"uncompressed, or as a folder of files)")
+        for info in members:
+            with z.open(info) as m:
+                out[info.filename[:-4]] = _read_npy(m, info.file_size, f"data: {path}: member {info.filename!r}")
+    return out
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes} bytes" if nbytes < 2**20 else f"{nbytes / 2**30:.3g} GiB"
 
 
 def _from_arrays(name: str, arrays: Feed, specs: list[InputSpec], batch_size: int) -> FeedSource:
@@ -171,11 +268,24 @@ def _one_shot(name: str, iterator: Iterator[Feed], specs: list[InputSpec]) -> Fe
     """An iterable that can be read once: its feeds are kept as they stream by, so later passes
     (validation of the held-out part) replay them."""
     seen: list[Feed] = []
+    held = [0, False]  # bytes kept, cut
 
     def make():
         yield from seen
-        for feed in iterator:
+        while not held[1]:
+            if len(seen) >= MAX_STREAM_FEEDS or held[0] >= MEMORY_BUDGET:
+                held[1] = True
+                log.warning("data: %s: took the first %d feeds (%s) and stopped: a one-shot iterable "
+                            "is kept in memory, so at most %d feeds or %s are read", name, len(seen),
+                            _gib(held[0]), MAX_STREAM_FEEDS, _gib(MEMORY_BUDGET))
+                return
+            try:
+                feed = next(iterator)
+            except StopIteration:
+                held[1] = True
+                return
             seen.append(feed)
+            held[0] += sum(int(getattr(v, "nbytes", 0)) for v in feed.values()) if isinstance(feed, dict) else 0
             yield feed
 
     return FeedSource(name, make, specs, None)
@@ -190,9 +300,12 @@ def split(source: FeedSource, holdout: float) -> tuple[FeedSource, FeedSource]:
     if source.arrays is not None and source.samples >= 2:
         idx = np.arange(source.samples)
         held = idx % m == m - 1
-        return tuple(_from_arrays(f"{source.name} ({part})", {k: v[mask] for k, v in source.arrays.items()},
-                                  source.specs, source.batch_size)
-                     for part, mask in (("calibration part", ~held), ("held-out part", held)))
+        parts = tuple(_from_arrays(f"{source.name} ({part})", {k: v[mask] for k, v in source.arrays.items()},
+                                   source.specs, source.batch_size)
+                      for part, mask in (("calibration part", ~held), ("held-out part", held)))
+        for p in parts:
+            p.allow_nonfinite = source.allow_nonfinite
+        return parts
     feeds = list(source) if source.feeds is None else None
     total = source.feeds if feeds is None else len(feeds)
     if total < 2:
@@ -208,8 +321,10 @@ def split(source: FeedSource, holdout: float) -> tuple[FeedSource, FeedSource]:
         return make
 
     n_val = total // m
-    return (FeedSource(source.name + " (calibration part)", part(False), source.specs, None, total - n_val),
-            FeedSource(source.name + " (held-out part)", part(True), source.specs, None, n_val))
+    allow = source.allow_nonfinite
+    return (FeedSource(source.name + " (calibration part)", part(False), source.specs, None, total - n_val,
+                       allow_nonfinite=allow),
+            FeedSource(source.name + " (held-out part)", part(True), source.specs, None, n_val, allow_nonfinite=allow))
 
 
 def check_names(feed: Feed, specs: list[InputSpec], where: str) -> None:
@@ -221,9 +336,10 @@ def check_names(feed: Feed, specs: list[InputSpec], where: str) -> None:
         raise DataError(f"data: {where}: {extra[0]!r} is not an input of the model (inputs: {', '.join(sorted(names))})")
 
 
-def check_feed(feed: Feed, specs: list[InputSpec], where: str) -> Feed:
-    """Check names, dtypes, ranks, static dimensions and finiteness; cast within a kind
-    (float64 -> float32, int32 -> int64). Returns the feed ready for ONNX Runtime."""
+def check_feed(feed: Feed, specs: list[InputSpec], where: str, *, allow_nonfinite: bool = False) -> Feed:
+    """Check names, dtypes, ranks, static dimensions and finiteness (unless `allow_nonfinite`);
+    cast within a kind (float64 -> float32, int32 -> int64). Returns the feed ready for ONNX
+    Runtime."""
     if not isinstance(feed, dict):
         raise DataError(f"data: {where}: a feed must be a dict of input name -> array, got {type(feed).__name__}")
     check_names(feed, specs, where)
@@ -246,7 +362,7 @@ def check_feed(feed: Feed, specs: list[InputSpec], where: str) -> Feed:
                                     f"takes {want} (shape {a.shape})")
         if a.size == 0:
             raise DataError(f"data: {where}: input {s.name!r} is empty (shape {a.shape})")
-        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+        if a.dtype.kind == "f" and not allow_nonfinite and not np.all(np.isfinite(a)):
             bad = np.argwhere(~np.isfinite(a))[0]
             what = "NaN" if np.isnan(a[tuple(bad)]) else "Inf"
             raise DataError(f"data: {where}: input {s.name!r} holds {what} values (first at index "
@@ -260,6 +376,15 @@ def synthesize(specs: list[InputSpec], *, count: int, seed: int) -> FeedSource:
     standard normal, integers in [0, 100). Only a fallback: statistics of random inputs say little
     about real ones."""
     rng = np.random.default_rng(seed)
+    for s in specs:
+        count_ = 1
+        dims = tuple(d if d is not None else (1 if k == 0 else 16) for k, d in enumerate(s.shape or (1,)))
+        for d in dims:
+            count_ *= d
+        if count_ * s.dtype.itemsize * count > MEMORY_BUDGET:
+            raise DataError(f"data: input {s.name!r} declares shape {dims}: {count} synthesized feeds would "
+                            f"take {_gib(count_ * s.dtype.itemsize * count)}, over the {_gib(MEMORY_BUDGET)} "
+                            f"budget; pass --calib")
     feeds = []
     for _ in range(count):
         feed = {}

@@ -11,14 +11,16 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import onnx
-from onnx import external_data_helper, helper
+from onnx import external_data_helper, helper, numpy_helper
 
+from . import files
 from .errors import ModelError, OutputError, RewriteError
 
 log = logging.getLogger(__name__)
@@ -35,11 +37,17 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     normalize sorts it.
     """
     path = Path(path)
-    if not path.exists():
-        raise ModelError(f"load: {path}: no such file")
-    if path.is_dir():
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ModelError(f"load: {path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise ModelError(f"load: {path}: cannot read ({getattr(e, 'strerror', None) or e})") from e
+    if stat.S_ISDIR(st.st_mode):
         raise ModelError(f"load: {path}: is a directory, not an ONNX file")
-    if path.stat().st_size == 0:
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelError(f"load: {path}: is {files.kind_of(st.st_mode)}, not a regular file; refused")
+    if st.st_size == 0:
         raise ModelError(f"load: {path}: the file is empty")
     try:
         model = onnx.load(str(path), load_external_data=False)
@@ -59,23 +67,66 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def _check_external(model: onnx.ModelProto, base: Path, path: Path) -> None:
-    """Every external-data reference must name an existing file inside `base`."""
+    """Every external-data reference must name an existing regular file inside `base`, with an
+    offset and length that are whole numbers within that file and that hold exactly the bytes the
+    tensor's dims and type declare (so a lying header cannot ask for more memory than the file
+    holds)."""
     base_real = base.resolve()
     for tensor in external_data_helper._get_all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
             continue
-        info = external_data_helper.ExternalDataInfo(tensor)
-        location = Path(info.location)
-        target = (base / location).resolve()
-        if location.is_absolute():
-            raise ModelError(f"load: {path}: external data of tensor {tensor.name!r} has an absolute "
-                             f"location ({info.location!r}); refused")
-        if not target.is_relative_to(base_real):
-            raise ModelError(f"load: {path}: external data of tensor {tensor.name!r} points outside "
-                             f"the model's folder ({info.location!r}); refused")
-        if not target.is_file():
-            raise ModelError(f"load: {path}: external data file {info.location!r} of tensor "
-                             f"{tensor.name!r} is missing")
+        try:
+            _check_one_external(tensor, base, base_real)
+        except (OSError, ValueError, RuntimeError, TypeError, OverflowError) as e:
+            text = getattr(e, "strerror", None) or _first_line(e)
+            raise ModelError(f"load: {path}: external data of tensor {tensor.name!r}: {text}; refused") from e
+
+
+def _check_one_external(tensor: onnx.TensorProto, base: Path, base_real: Path) -> None:
+    fields = {}
+    for entry in tensor.external_data:
+        fields[entry.key] = entry.value
+    location = fields.get("location", "")
+    if not location or "\0" in location:
+        raise ValueError(f"location {location!r} is empty or holds a NUL byte")
+    if Path(location).is_absolute():
+        raise ValueError(f"absolute location {location!r}")
+    target = (base / location).resolve()
+    if not target.is_relative_to(base_real):
+        raise ValueError(f"location {location!r} points outside the model's folder")
+    try:
+        st = target.stat()
+    except FileNotFoundError:
+        raise ValueError(f"external data file {location!r} is missing") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"external data file {location!r} is {files.kind_of(st.st_mode)}, not a regular file")
+    offset = _whole(fields.get("offset", "0"), "offset")
+    length = _whole(fields["length"], "length") if "length" in fields else st.st_size - offset
+    if offset + length > st.st_size:
+        raise ValueError(f"offset {offset} + length {length} pass the end of {location!r} ({st.st_size} bytes)")
+    if tensor.data_type not in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        if any(d < 0 for d in tensor.dims):
+            raise ValueError(f"negative dims {list(tensor.dims)}")
+        count = 1
+        for d in tensor.dims:
+            count *= d
+        bits = _ELEMENT_BITS.get(tensor.data_type)
+        if bits is None:
+            bits = 8 * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        need = (count * bits + 7) // 8
+        if need != length:
+            raise ValueError(f"dims {list(tensor.dims)} need {need} bytes, the data holds {length}")
+
+
+_ELEMENT_BITS = {getattr(onnx.TensorProto, n): b for n, b in
+                 (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
+                 if hasattr(onnx.TensorProto, n)}
+
+
+def _whole(text: str, name: str) -> int:
+    if not text.isdigit() or not text.isascii():
+        raise ValueError(f"{name} {text!r} is not a whole number")
+    return int(text)
 
 
 def _check_input(path: Path) -> bool:
@@ -105,6 +156,35 @@ def _check_sorted_copy(model: onnx.ModelProto, path: Path) -> None:
         onnx.checker.check_model(copy)
     except Exception as e:
         raise ModelError(f"load: {path}: not a valid ONNX model: {_one_line(e)}") from e
+
+
+def check_finite_weights(model: onnx.ModelProto, path, *, allow: bool, warnings: list | None = None) -> None:
+    """Every floating-point initializer must be finite: a NaN or Inf weight makes every agreement
+    figure meaningless (a NaN row's argmax is 0 on both sides). Raises `ModelError` naming the
+    first such tensor, or with `allow` logs it (and appends the message to `warnings`): such
+    layers are then left alone and validation counts NaN outputs as disagreement."""
+    bad = []
+    for t in model.graph.initializer:
+        if t.data_type not in _FLOAT_TYPES:
+            continue
+        a = numpy_helper.to_array(t)
+        if not np.all(np.isfinite(a)):
+            bad.append((t.name, "NaN" if np.isnan(a).any() else "Inf"))
+    if not bad:
+        return
+    name, what = bad[0]
+    more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+    if not allow:
+        raise ModelError(f"load: {path}: weight {name!r} holds {what} values{more}; pass "
+                         f"--allow-nonfinite to compress it anyway")
+    msg = f"weight {name!r} holds {what} values{more}: its layers are left alone, NaN outputs count as disagreement"
+    log.warning(msg)
+    if warnings is not None:
+        warnings.append(msg)
+
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                onnx.TensorProto.BFLOAT16}
 
 
 def serialized_size(model: onnx.ModelProto) -> int:
@@ -148,7 +228,7 @@ def check_model(model: onnx.ModelProto, where: str) -> None:
         if serialized_size(model) < PROTOBUF_LIMIT:
             onnx.checker.check_model(model, full_check=True)
         else:
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory(prefix="onnxcompress-check-") as tmp:
                 p = Path(tmp) / "model.onnx"
                 onnx.save(model, str(p), save_as_external_data=True, location="model.onnx.data")
                 onnx.checker.check_model(str(p), full_check=True)
@@ -157,37 +237,44 @@ def check_model(model: onnx.ModelProto, where: str) -> None:
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool = False,
-               inputs: Iterable[str | os.PathLike] = ()) -> list[Path]:
+               inputs: Iterable[str | os.PathLike] = (), source: str | os.PathLike | None = None) -> list[Path]:
     """Write `model` to `path` atomically; return the files written (the model, maybe its data).
 
     The model is staged in a temporary folder beside `path`, checked with the full ONNX checker
     there, and only then moved into place (data file first, model last). On any failure or
     interrupt nothing appears under the final names and the temporary folder is removed.
-    `inputs` are files that must never be overwritten (the input model, the data).
+    `inputs` are files that must never be overwritten (the input model, the data), `source` the
+    input model (its external-data files are protected too). The file is binary protobuf
+    whatever its suffix (onnx would write text for `.json` or `.textproto`); a replaced file's
+    permission bits carry over. Stale temporary folders of killed runs are removed first.
     """
     path = Path(path)
-    check_output_path(path, force=force, inputs=inputs)
+    inputs = list(inputs)
+    check_output_path(path, force=force, inputs=inputs, source=source)
+    files.remove_stale([path.parent])
     external = serialized_size(model) > PROTOBUF_LIMIT - _EXTERNAL_MARGIN
     data_name = path.name + ".data"
     data_path = path.parent / data_name
     if external:
-        check_output_path(data_path, force=force, inputs=inputs)
+        check_output_path(data_path, force=force, inputs=inputs, source=source)
     tmp = moved_data = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=".onnxcompress-", dir=path.parent))
         staged = tmp / path.name
         if external:
-            onnx.save(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=data_name, size_threshold=1024)
+            onnx.save(model, str(staged), format="protobuf", save_as_external_data=True,
+                      all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
         else:
-            onnx.save(model, str(staged))
+            onnx.save(model, str(staged), format="protobuf")
         try:
             onnx.checker.check_model(str(staged), full_check=True)
         except Exception as e:
             raise RewriteError(f"save: {path}: the compressed model fails the ONNX checker "
                                f"({_first_line(e)}); nothing was written") from e
         written = [path]
+        files.keep_mode(path, staged)
         if external:
+            files.keep_mode(data_path, tmp / data_name)
             os.replace(tmp / data_name, data_path)
             moved_data = data_path
             written.append(data_path)
@@ -205,39 +292,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool =
 
 def check_output_path(path: Path, *, force: bool, source: Path | None = None,
                       inputs: Iterable[str | os.PathLike] = ()) -> None:
-    """Refuse an output that would overwrite the input model (`source`) or any of `inputs`, an
-    existing file without `force`, a directory, or a folder that is missing or not writable.
-    Writability is probed by creating (and removing) a temporary file in the folder, which also
-    catches read-only mounts and special filesystems where root cannot write either."""
-    path = Path(path)
-    for other in ([source] if source is not None else []) + [Path(p) for p in inputs]:
-        if _same_file(path, other):
-            what = "the input model" if other is source else "one of the input files"
-            raise OutputError(f"output {path} is {what}; inputs are never overwritten")
-    if not path.parent.is_dir():
-        raise OutputError(f"output folder {path.parent} does not exist")
-    if path.is_dir():
-        raise OutputError(f"output {path} is a directory")
-    if path.exists() and not force:
-        raise OutputError(f"output {path} exists; pass --force to overwrite it")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".onnxcompress-", dir=path.parent)
-    except OSError as e:
-        raise OutputError(f"output folder {path.parent} is not writable ({e.strerror or e})") from e
-    try:
-        os.close(fd)
-    finally:
-        os.unlink(probe)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """True if `a` and `b` name the same file (same path after resolving links, or same inode)."""
-    try:
-        if a.resolve() == b.resolve():
-            return True
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
+    """Refuse an output that would overwrite the input model (`source`, with its external-data
+    files) or any of `inputs`, an existing file without `force`, a link, a directory or special
+    file, or a folder that is missing or not writable (`files.check_output`)."""
+    protected = files.Inputs([source] if source is not None else [],
+                             [(p, "one of the input files") for p in inputs])
+    files.check_output(path, inputs=protected, replace=force)
 
 
 def _first_line(e: BaseException) -> str:

@@ -9,12 +9,15 @@ Per layer (low rank): the rank and the factors A (out x r), B (r x in) with W ~ 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import files
 from .errors import UsageError
 
 PLAN_VERSION = 2
@@ -78,7 +81,7 @@ class LayerPlan:
     def to_dict(self, *, matrices: bool = True) -> dict:
         d = {"layer": self.layer, "kind": self.kind, "shape": [self.out, self.inputs], "rank": self.rank,
              "params_before": self.out * self.inputs, "params_after": self.rank * (self.out + self.inputs),
-             "error": self.error, "best_error": self.best_error, "statistic": self.statistic}
+             "error": _finite(self.error), "best_error": _finite(self.best_error), "statistic": self.statistic}
         if matrices:
             d["left"], d["right"] = _encode(self.left), _encode(self.right)
         return d
@@ -87,7 +90,7 @@ class LayerPlan:
     def from_dict(cls, d: dict) -> "LayerPlan":
         return cls(layer=d["layer"], kind=d["kind"], out=int(d["shape"][0]), inputs=int(d["shape"][1]),
                    rank=int(d["rank"]), left=_decode(d["left"]), right=_decode(d["right"]),
-                   error=float(d.get("error", 0.0)), best_error=float(d.get("best_error", 0.0)),
+                   error=_float(d.get("error", 0.0)), best_error=_float(d.get("best_error", 0.0)),
                    statistic=d.get("statistic", ""))
 
 
@@ -115,6 +118,7 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         from ..methods import REGISTRY  # the methods know their decisions' formats
+        check_plan_dict(d)
         version = d.get("version")
         if version == 1:  # one method per plan: ID groups, then low-rank layers
             entries = [GroupPlan.from_dict(g) for g in d["groups"]] + [LayerPlan.from_dict(x) for x in d.get("layers", [])]
@@ -129,14 +133,127 @@ class Plan:
         return cls(method=d["method"], select=d["select"], entries=tuple(entries))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
+        files.write_atomic(path, json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"plan: {path}: not a readable plan ({e})") from e
+            with files.open_regular(path) as f:
+                text = f.read(MAX_PLAN_BYTES + 1)
+            if len(text) > MAX_PLAN_BYTES:
+                raise ValueError(f"over {MAX_PLAN_BYTES // 2**20} MiB")
+            return cls.from_dict(json.loads(text))
+        except UsageError as e:
+            raise UsageError(f"plan: {path}: {str(e).removeprefix('plan: ')}") from e
+        except (OSError, ValueError, KeyError, TypeError, RecursionError, AttributeError) as e:
+            text = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
+            raise UsageError(f"plan: {path}: not a readable plan ({text})") from e
+
+
+MAX_PLAN_BYTES = 1024 * 2**20
+
+
+def check_plan_dict(d) -> None:
+    """The structure `Plan.from_dict` reads, checked before anything is built from it: types,
+    whole non-negative sizes, kept channels sorted, unique and in range, matrices whose declared
+    shape matches their bytes and the sizes around them, finite numbers. Raises `UsageError`
+    naming the entry; keys it does not know are left to `from_dict`."""
+    from .config import METHODS, SELECTIONS
+
+    _need(isinstance(d, dict), "the file does not hold a JSON object")
+    for key, known in (("method", METHODS), ("select", SELECTIONS)):
+        _need(d.get(key) in known, f"{key!r} must be one of {', '.join(known)}, not {d.get(key)!r}")
+    _need(d.get("version") in (1, PLAN_VERSION), f"unsupported plan version {d.get('version')!r}")
+    if d["version"] == 1:
+        groups, layers = d.get("groups"), d.get("layers", [])
+        _need(isinstance(groups, list) and isinstance(layers, list), "'groups' and 'layers' must be lists")
+        _need(not (groups if d["method"] != "id" else layers),
+              f"a plan of method {d['method']!r} holds {'groups' if d['method'] != 'id' else 'layers'}")
+        entries = [("id", g, f"groups[{n}]") for n, g in enumerate(groups)] + \
+                  [("lowrank", x, f"layers[{n}]") for n, x in enumerate(layers)]
+    else:
+        raw = d.get("entries")
+        _need(isinstance(raw, list), "'entries' must be a list")
+        _need(all(isinstance(e, dict) for e in raw), "every entry must be an object")
+        entries = [(e.get("method"), e, f"entries[{n}]") for n, e in enumerate(raw)]
+    checks = {"id": _check_group, "lowrank": _check_layer}
+    seen = set()
+    for method, e, where in entries:
+        _need(method in checks, f"{where}: unknown method {method!r}")
+        checks[method](e, where)
+        key = (method, e.get("group") if method == "id" else e.get("layer"))
+        _need(key not in seen, f"a {'group' if method == 'id' else 'layer'} appears twice")
+        seen.add(key)
+
+
+def _check_group(g, where: str) -> None:
+    _need(isinstance(g, dict) and isinstance(g.get("group"), str), f"{where} must name its group")
+    channels, keep = g.get("channels"), g.get("keep")
+    _need(_whole(channels) and channels >= 1, f"{where}: 'channels' must be a positive integer")
+    _need(isinstance(keep, list) and keep and all(_whole(k) for k in keep),
+          f"{where}: 'keep' must be a non-empty list of integers")
+    _need(all(0 <= k < channels for k in keep), f"{where}: kept channels must lie in [0, {channels})")
+    _need(all(a < b for a, b in zip(keep, keep[1:])), f"{where}: kept channels must be sorted and unique")
+    for key, want in (("interpolation", (len(keep), channels)), ("intercept", (channels,))):
+        mats = g.get(key, {})
+        _need(isinstance(mats, dict), f"{where}: {key!r} must be an object")
+        for name, m in mats.items():
+            _check_matrix(m, f"{where}.{key}[{name!r}]", want)
+    _check_numbers(g, where)
+
+
+def _check_layer(x, where: str) -> None:
+    _need(isinstance(x, dict) and isinstance(x.get("layer"), str) and isinstance(x.get("kind"), str),
+          f"{where} must name its layer and kind")
+    shape, rank = x.get("shape"), x.get("rank")
+    _need(isinstance(shape, list) and len(shape) == 2 and all(_whole(v) and v >= 1 for v in shape),
+          f"{where}: 'shape' must be two positive integers")
+    _need(_whole(rank) and 1 <= rank <= min(shape), f"{where}: 'rank' must be an integer in [1, {min(shape)}]")
+    _check_matrix(x.get("left"), f"{where}.left", (shape[0], rank))
+    _check_matrix(x.get("right"), f"{where}.right", (rank, shape[1]))
+    _check_numbers(x, where)
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(f"plan: {message}")
+
+
+def _whole(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_numbers(entry: dict, where: str) -> None:
+    for key in ("error", "best_error"):
+        v = entry.get(key, 0.0)
+        _need(v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool)), f"{where}: {key!r} must be a number")
+
+
+def _check_matrix(m, where: str, want: tuple | None) -> None:
+    _need(isinstance(m, dict) and isinstance(m.get("shape"), list) and isinstance(m.get("float64"), str),
+          f"{where} must hold 'shape' and 'float64'")
+    shape = m["shape"]
+    _need(all(_whole(v) and v >= 0 for v in shape), f"{where}: the shape must be non-negative integers")
+    _need(want is None or tuple(shape) == want, f"{where}: shape {shape}, expected {list(want or ())}")
+    count = 1
+    for v in shape:
+        count *= v
+    _need(len(m["float64"]) == 4 * (-(-8 * count // 3)), f"{where}: the data does not hold {shape} float64 values")
+    try:
+        raw = base64.b64decode(m["float64"], validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise UsageError(f"plan: {where}: the data is not base64") from e
+    _need(len(raw) == 8 * count, f"{where}: the data does not hold {shape} float64 values")
+    _need(bool(np.all(np.isfinite(np.frombuffer(raw, dtype="<f8")))), f"{where} holds NaN or Inf values")
+
+
+def _finite(x: float) -> float | None:
+    """A figure for strict JSON: None where it is NaN or infinite (no statistic)."""
+    return float(x) if np.isfinite(x) else None
+
+
+def _float(x) -> float:
+    return float("nan") if x is None else float(x)
 
 
 def _encode(a: np.ndarray) -> dict:

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+
+from .files import write_atomic
 
 
 class StageTimer:
@@ -53,8 +58,13 @@ class Report:
         """The list of rows a method's decisions go to (`groups`, `layers`, or a section of its own)."""
         return getattr(self, section) if section in ("groups", "layers") else self.sections.setdefault(section, [])
 
+    def to_json(self) -> str:
+        """Strict JSON (RFC 8259): a NaN or infinite figure is written as null."""
+        return json.dumps(strict(self.to_dict()), indent=2, allow_nan=False) + "\n"
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=float) + "\n")
+        """Write the JSON through a temporary file beside `path` and a rename (never in place)."""
+        write_atomic(path, self.to_json())
 
     def table(self) -> str:
         """A compact human-readable summary."""
@@ -93,6 +103,25 @@ class Report:
             lines.append(f"warning: {w}")
         lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()))
         return "\n".join(lines)
+
+
+def strict(value):
+    """`value` with numpy scalars made plain and non-finite floats made None, for strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return strict(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if value is None or isinstance(value, str):
+        return value
+    return strict(float(value))
 
 
 def _size_lines(r: Report) -> list[str]:

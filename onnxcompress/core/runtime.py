@@ -53,7 +53,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, outputs: Iterable[s
         if weights_bytes(model) <= LARGE_MODEL:
             shell.graph.initializer.extend(model.graph.initializer)
             return _session(shell.SerializeToString(), large=False)
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(prefix="onnxcompress-session-") as tmp:
             path = Path(tmp) / "model.onnx"
             _write_external(model.graph.initializer, shell, path.with_name("model.onnx.data"))
             onnx.save(shell, str(path))

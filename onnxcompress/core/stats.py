@@ -24,6 +24,33 @@ import numpy as np
 from scipy.linalg import blas
 
 _BUFFER_ELEMENTS = 4 * 2**20  # rows buffered per tensor before a dsyrk update (x 8 bytes)
+GRAM_BUDGET = 128 * 2**20  # bytes of one float64 Gram (4096 columns); decide holds a few copies of it
+
+
+STATS_BUDGET = 256 * 2**20  # bytes of all the Grams of one run, side by side; decide needs ~3x (real models: < 150 MiB)
+
+
+def gram_bytes(width: int) -> int:
+    return 8 * width * width
+
+
+def over_total(need: int, used: int) -> str | None:
+    """Why statistics of `need` bytes are not accumulated when earlier ones take `used` bytes of
+    STATS_BUDGET, or None if they fit."""
+    if used + need <= STATS_BUDGET:
+        return None
+    return (f"its statistics ({need / 2**20:.0f} MiB) would pass the {STATS_BUDGET // 2**20} MiB budget "
+            f"for all statistics, {used / 2**20:.0f} MiB of which earlier layers take")
+
+
+def gram_too_big(width: int) -> str | None:
+    """Why a Gram of `width` columns is not accumulated (over GRAM_BUDGET), or None if it fits.
+    A layer this wide is left alone rather than allowed to exhaust memory."""
+    need = gram_bytes(width)
+    if need <= GRAM_BUDGET:
+        return None
+    return (f"{width} columns: the Gram would take {need / 2**30:.3g} GiB, over the "
+            f"{GRAM_BUDGET // 2**20} MiB budget")
 
 
 @dataclass(frozen=True)
@@ -49,6 +76,9 @@ class GramAccumulator:
     def add(self, z: np.ndarray) -> None:
         if z.shape[1] != self.channels:
             raise ValueError(f"expected {self.channels} channels, got {z.shape[1]}")
+        finite = np.isfinite(z).all(axis=1)
+        if not finite.all():  # only with allow_nonfinite: such rows carry no statistic
+            z = z[finite]
         self._buffer.append(np.asarray(z, dtype=np.float64))
         self._buffered += z.size
         if self._buffered >= _BUFFER_ELEMENTS:
@@ -110,6 +140,10 @@ class ChannelGram:
     def accumulator(self) -> GramAccumulator:
         return GramAccumulator(self.channels)
 
+    @property
+    def width(self) -> int:
+        return self.channels
+
     def rows(self, value: np.ndarray, max_rows: int, rng: np.random.Generator) -> np.ndarray:
         return channel_rows(value, self.axis, max_rows, rng)
 
@@ -126,7 +160,11 @@ class PatchGram:
     auto_pad: str = "NOTSET"
 
     def accumulator(self) -> GramAccumulator:
-        return GramAccumulator(self.channels * int(np.prod(self.kernel)))
+        return GramAccumulator(self.width)
+
+    @property
+    def width(self) -> int:
+        return self.channels * int(np.prod(self.kernel))
 
     def rows(self, value: np.ndarray, max_rows: int, rng: np.random.Generator) -> np.ndarray:
         return patch_rows(value, self, max_rows, rng)

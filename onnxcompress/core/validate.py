@@ -80,6 +80,17 @@ class _Tally:
             self.top_n += ref.size
             return
         r, c = ref.astype(np.float64), new.astype(np.float64)
+        with np.errstate(all="ignore"):  # NaN/Inf outputs (allow_nonfinite) must not print warnings
+            self._add_floats(r, c, scores)
+
+    def _add_floats(self, r: np.ndarray, c: np.ndarray, scores: bool) -> None:
+        """NaN anywhere, or an Inf the other side does not match, is a disagreement: its row gets
+        cosine 0 and misses top-1, and max abs and the L2 error become inf."""
+        nonfinite = ~(np.isfinite(r) & np.isfinite(c))
+        bad = None
+        if nonfinite.any():
+            bad = nonfinite & (r != c)
+            r, c = np.where(nonfinite, 0.0, r), np.where(nonfinite, 0.0, c)
         self.max_abs = max(self.max_abs, float(np.max(np.abs(r - c))) if r.size else 0.0)
         self.diff2 += float(np.sum((r - c) ** 2))
         self.ref2 += float(np.sum(r * r))
@@ -88,17 +99,24 @@ class _Tally:
         nr, nc = np.linalg.norm(rows_r, axis=1), np.linalg.norm(rows_c, axis=1)
         both_zero = (nr == 0) & (nc == 0)
         cos = np.where(both_zero, 1.0, np.sum(rows_r * rows_c, axis=1) / np.maximum(nr * nc, 1e-300))
+        if bad is not None and bad.any():
+            self.max_abs, self.diff2 = float("inf"), float("inf")
+            cos = np.where(bad.reshape(rows_r.shape).any(axis=1), 0.0, cos)
         self.cos_sum += float(np.sum(cos))
         self.cos_n += len(cos)
         if scores and r.ndim >= 1:
-            self.top_hits += int(np.sum(np.argmax(r, axis=-1) == np.argmax(c, axis=-1)))
+            hits = np.argmax(r, axis=-1) == np.argmax(c, axis=-1)
+            if bad is not None:
+                hits = hits & ~bad.any(axis=-1)
+            self.top_hits += int(np.sum(hits))
             self.top_n += int(np.prod(r.shape[:-1], dtype=np.int64))
 
     def result(self, name: str, integer: bool) -> Agreement:
         top1 = self.top_hits / self.top_n if self.top_n else None
         if integer:
             return Agreement(name, self.n, 0.0, 0.0, None, top1)
-        rel = float(np.sqrt(self.diff2 / self.ref2)) if self.ref2 > 0 else float(np.sqrt(self.diff2))
+        with np.errstate(all="ignore"):
+            rel = float(np.sqrt(self.diff2 / self.ref2)) if self.ref2 > 0 else float(np.sqrt(self.diff2))
         return Agreement(name, self.n, self.max_abs, rel, self.cos_sum / max(self.cos_n, 1), top1)
 
 

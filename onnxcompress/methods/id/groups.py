@@ -13,7 +13,10 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ...core.graph import GraphIndex
+from ...core.stats import gram_bytes, gram_too_big, over_total
 from ...ops.edits import Exit, Member, Mix, Produce, SetAttr, ShapeEntry, Shift, Slice, Stop, Through
 from ...ops.compute import HANDLERS
 from ..base import Skipped
@@ -106,11 +109,18 @@ def find_groups(g: GraphIndex, *, exclude: str | None = None, include: str | Non
     _check_weights(g, merged, subgraph_names)
     pattern = re.compile(exclude) if exclude else None
     wanted = re.compile(include) if include else None
-    groups = []
+    groups, used = [], 0
     for d in merged:
         _check_members(g, d, subgraph_names, pattern)
+        _check_size_and_values(g, d)
         if wanted and not any(wanted.search(g.nodes[p].name) for p in d.producers):
             d.reasons.append(f"no producer matches --include {include!r}")
+        if not d.reasons:
+            need = len(d.exits) * gram_bytes(d.channels)
+            reason = over_total(need, used)
+            if reason:
+                d.stop(reason)
+            used += 0 if reason else need
         if d.reasons:
             reason = "; ".join(d.reasons)
             skipped.extend(Skipped(g.key(p), g.nodes[p].op_type, reason) for p in sorted(d.producers))
@@ -119,6 +129,19 @@ def find_groups(g: GraphIndex, *, exclude: str | None = None, include: str | Non
     order = {g.key(i): i for i in range(len(g.nodes))}
     skipped.sort(key=lambda s: order.get(s.node, 0))
     return Analysis(tuple(groups), tuple(skipped))
+
+
+def _check_size_and_values(g: GraphIndex, d: _Draft) -> None:
+    """Stop a group whose exit Grams would not fit the memory budget, or that edits a weight
+    holding NaN or Inf (accepted only with allow_nonfinite; such weights are left as they are)."""
+    too_big = gram_too_big(d.channels)
+    if too_big:
+        d.stop(f"group of {too_big}")
+    for name in sorted({e.tensor for e in d.edits if not isinstance(e, SetAttr)}):
+        value = g.const(name)
+        if value is not None and value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            d.stop(f"weight {name!r} holds NaN or Inf values")
+            break
 
 
 def _is_depthwise(g: GraphIndex, i: int) -> bool:

@@ -41,7 +41,9 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, analysis: Analysis, plan: Pla
     changed: set[str] = set()
     for gp in plan.groups:
         grp = groups.get(gp.group)
-        if grp is None or grp.channels != gp.channels:
+        exits = {e.tensor for e in grp.exits} if grp is not None else set()
+        if grp is None or grp.channels != gp.channels or set(gp.interpolation) != exits \
+                or not set(gp.intercept) <= exits:
             raise UsageError(f"plan: group {gp.group!r} does not match this model")
         for e in grp.edits:
             if isinstance(e, Shift) and e.source in gp.intercept:

@@ -30,6 +30,7 @@ import numpy as np
 
 from ...ops.edits import Layer
 from ...core.graph import FLOAT_TYPES, GraphIndex
+from ...core.stats import gram_bytes, gram_too_big, over_total
 from ..base import Skipped
 from ...ops.compute import HANDLERS
 
@@ -45,7 +46,7 @@ def find_layers(g: GraphIndex, *, include: str | None = None, exclude: str | Non
     """Every Gemm / MatMul / Conv / Gather with a constant weight that a split can shrink."""
     inc = re.compile(include) if include else None
     exc = re.compile(exclude) if exclude else None
-    layers, skipped = [], []
+    layers, skipped, used = [], [], 0
     for i, node in enumerate(g.nodes):
         handler = HANDLERS.get(node.op_type)
         if handler is None or node.domain not in ("", "ai.onnx"):
@@ -57,6 +58,10 @@ def find_layers(g: GraphIndex, *, include: str | None = None, exclude: str | Non
         if found is None:
             continue
         reason = found if isinstance(found, str) else _check(g, found)
+        if not reason:
+            need = gram_bytes(found.request.width) if hasattr(found.request, "width") else 0
+            reason = over_total(need, used) or ""
+            used += 0 if reason else need
         if reason:
             skipped.append(Skipped(key, node.op_type, reason))
         else:
@@ -87,4 +92,9 @@ def _check(g: GraphIndex, layer: Layer) -> str:
         return f"weight {layer.weight!r} is not floating point"
     if layer.max_rank < 1:
         return f"no rank makes a {layer.out} x {layer.inputs} weight smaller"
+    too_big = gram_too_big(layer.request.width) if hasattr(layer.request, "width") else None
+    if too_big:
+        return f"input statistic of {too_big}"
+    if not np.all(np.isfinite(g.const(layer.weight))):
+        return f"weight {layer.weight!r} holds NaN or Inf values"
     return ""
