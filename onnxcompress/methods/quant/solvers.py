@@ -129,8 +129,10 @@ def scales_for(W, fmt: Format, group: np.ndarray, weights=None, clip: int = 0) -
     w = np.asarray(W, dtype=np.float64)
     out, inputs = w.shape
     ngroups = int(group.max()) + 1 if inputs else 0
+    members = [np.flatnonzero(group == k) for k in range(ngroups)]
     amax = np.zeros((out, ngroups))
-    np.maximum.at(amax.T, group, np.abs(w).T)
+    for k, cols in enumerate(members):
+        amax[:, k] = np.max(np.abs(w[:, cols]), axis=1) if len(cols) else 0.0
     base = np.where(amax > 0, amax / fmt.qmax, 1.0)
     if not clip:
         return base
@@ -139,8 +141,8 @@ def scales_for(W, fmt: Format, group: np.ndarray, weights=None, clip: int = 0) -
     for f in np.linspace(1.0, 0.5, clip):
         s = base * f
         d = w - _round(w, s[:, group], fmt) * s[:, group]
-        err = np.zeros((out, ngroups))
-        np.add.at(err.T, group, (d * d * h).T)
+        dd = d * d * h
+        err = np.stack([np.sum(dd[:, cols], axis=1) for cols in members], axis=1)
         if best_err is None:
             best, best_err = s, err
         else:
@@ -212,16 +214,17 @@ def gptq(W, G, fmt: Format, kernel: tuple[int, ...] = (), damp: float = 0.01, ac
 
 
 def _upper_inverse_cholesky(h: np.ndarray) -> np.ndarray:
-    """Upper U with H^-1 = U^T U (H symmetric positive definite), via H = L L^T:
-    H^-1 = L^-T L^-1, and the upper Cholesky factor of that."""
+    """Upper U with H^-1 = U^T U (H symmetric positive definite), from one Cholesky: with J the
+    reversal permutation, J H J = L L^T gives H = R R^T, R = J L J upper, so U = R^-1."""
+    n = len(h)
     for _ in range(8):
         try:
-            low = scipy.linalg.cholesky(h, lower=True, check_finite=False)
+            low = scipy.linalg.cholesky(h[::-1, ::-1], lower=True, check_finite=False)
             break
         except np.linalg.LinAlgError:
-            h = h + np.eye(len(h)) * max(float(np.mean(np.diag(h))), 1e-12) * 1e-2
-    linv = scipy.linalg.solve_triangular(low, np.eye(len(h)), lower=True, check_finite=False)
-    return scipy.linalg.cholesky(linv.T @ linv, lower=False, check_finite=False)
+            h = h + np.eye(n) * max(float(np.mean(np.diag(h))), 1e-12) * 1e-2
+    r = np.ascontiguousarray(low[::-1, ::-1])
+    return scipy.linalg.solve_triangular(r, np.eye(n), lower=False, check_finite=False)
 
 
 def quantize_embedding(E, counts, fmt: Format, smoothing: float | None = None, clip: int = 0) -> Quantized:
