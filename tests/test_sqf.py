@@ -145,3 +145,21 @@ def test_index_storage_is_smaller_than_dense_codes():
         sizes[fmt.nnz] = sum(len(t.raw_data) for t in new.graph.initializer if t.data_type in
                              (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4))
     assert sizes[2] < sizes[20]
+
+
+def test_row_weights_give_the_frequency_weighted_optimum():
+    rng = np.random.default_rng(5)
+    E = rng.standard_normal((60, 12)) @ np.diag(np.linspace(2, 0.1, 12))
+    counts = rng.integers(0, 30, 60).astype(float)
+    from onnxcompress.methods.lowrank.solvers import frequency_weighted, token_weights
+    w = token_weights(counts)
+    r = ss.sqf(E, np.eye(12), ss.SQFFormat(4, 4, None, None), row_weights=w)
+    assert r.error == pytest.approx(frequency_weighted(E, counts).error[4], rel=1e-6)
+    # vector quantization with row weights: every centroid is the weighted mean of its rows
+    v = ss.sqf(E, np.eye(12), ss.SQFFormat(5, 1, 0, None), row_weights=w)
+    labels = np.argmax(v.z, axis=1)
+    for j in np.unique(labels):
+        rows = labels == j
+        np.testing.assert_allclose(v.c[j], (w[rows, None] * E[rows]).sum(0) / w[rows].sum(), atol=1e-9)
+    with pytest.raises(ValueError, match="row_weights"):
+        ss.sqf(E, np.eye(12), ss.SQFFormat(4, 4), row_weights=np.zeros(60))

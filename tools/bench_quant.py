@@ -57,7 +57,6 @@ OURS = {
     "ours-gptq-int4b32": (F(4, 32), "gptq", F(4, 32)),
     "ours-rtn-int4b32": (F(4, 32), "rtn", F(4, 32)),
     "ours-gptq-int4b128": (F(4, 128), "gptq", F(4, 128)),
-    "ours-gptq-int4b32-emb4b128": (F(4, 32), "gptq", F(4, 128)),
 }
 ORT_RUNS = ("ort-dynamic-int8", "ort-nbits8-rtn", "ort-nbits4-rtn", "ort-nbits4-hqq", "ort-nbits8-mm-4-emb")
 
@@ -170,7 +169,9 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t0
         onnx.checker.check_model(str(dst), full_check=True)
         cos = float(np.mean(np.sum(embeddings(dst, val) * reference, axis=1)))
-        cos_f = float(np.mean(np.sum(embeddings(dst, val, "0") * reference, axis=1)))
+        # only a DequantizeLinear -> MatMul pair is fused at a session-chosen accuracy level; ORT's
+        # own quantizers write MatMulNBits nodes that carry theirs (measured: no difference)
+        cos_f = float(np.mean(np.sum(embeddings(dst, val, "0") * reference, axis=1))) if name in OURS else cos
         row = {"run": name, "bytes": dst.stat().st_size, "size": dst.stat().st_size / base,
                "cos": cos, "cos_f": cos_f, "seconds": round(seconds, 1), **extra}
         rows.append(row)

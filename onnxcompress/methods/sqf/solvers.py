@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..lowrank.solvers import activation_aware, output_error
+from ..lowrank.solvers import activation_aware
 
 SCALE_BYTES = 4
 
@@ -148,32 +148,44 @@ def assign(W: np.ndarray, C: np.ndarray, G: np.ndarray) -> np.ndarray:
     return z
 
 
-def _objective(w, g, z, c) -> float:
+def _objective(w, g, z, c, rw) -> float:
     r = w - z @ c
-    return max(float(np.sum((r @ g) * r)), 0.0)
+    return max(float(np.sum(((r @ g) * r).sum(axis=1) * rw)), 0.0)
 
 
-def sqf(W, G, fmt: SQFFormat, iters: int = 50, c_step: str = "exact", ridge: float = 1e-6) -> SQF:
-    """Sparse quantized factors minimizing tr((W - ZC) G (W - ZC)^T) (module docstring)."""
+def sqf(W, G, fmt: SQFFormat, iters: int = 50, c_step: str = "exact", ridge: float = 1e-6,
+        row_weights=None) -> SQF:
+    """Sparse quantized factors minimizing sum_o r_o tr((w_o - z_o C) G (w_o - z_o C)^T) over the
+    rows o of W, r = row_weights (default ones: the output error tr((W - ZC) G (W - ZC)^T); for
+    an embedding table E (vocab x d) pass W = E, G = I and r = token weights, the Gather's
+    one-hot Gram). Row weights leave the Z-step as it is (row-separable, the step per row is
+    1 / (2 r_o lambda_max(C G C^T)) times a gradient proportional to r_o); the exact C-step
+    becomes the weighted least squares C = (Z^T R Z)^+ Z^T R W, and the start the SVD of
+    R^1/2 W L (module docstring). error: the relative weighted error of the returned Z C."""
     w = np.asarray(W, dtype=np.float64)
     g = np.asarray(G, dtype=np.float64)
     out, n = w.shape
     if fmt.rank > min(out, n):
         raise ValueError(f"rank {fmt.rank} exceeds min{w.shape}")
+    rw = np.ones(out) if row_weights is None else np.asarray(row_weights, dtype=np.float64)
+    if rw.shape != (out,) or np.any(rw <= 0):
+        raise ValueError(f"row_weights must be {out} positive numbers")
+    sw = np.sqrt(rw)[:, None]
     g = 0.5 * (g + g.T)
-    total = max(float(np.sum((w @ g) * w)), np.finfo(float).tiny)
-    z, c = activation_aware(w, g, ridge).factors(fmt.rank)
+    total = max(float(np.sum(((w @ g) * w).sum(axis=1) * rw)), np.finfo(float).tiny)
+    z, c = activation_aware(sw * w, g, ridge).factors(fmt.rank)
+    z = z / sw
     c, c_codes, c_scales = grid(c, fmt.c_bits)
     if fmt.z_bits == 0:
         z = assign(w, c, g)
         z_codes, z_scales = z.astype(np.int8), None
     else:
         z, z_codes, z_scales = grid(top_s(z, fmt.nnz), fmt.z_bits)
-    best = (_objective(w, g, z, c), z, c, z_codes, z_scales, c_codes, c_scales)
+    best = (_objective(w, g, z, c, rw), z, c, z_codes, z_scales, c_codes, c_scales)
     history = [best[0] / total]
     lam_g = float(np.linalg.eigvalsh(g)[-1]) if n else 0.0
     for _ in range(iters):
-        if fmt.z_bits == 0 and fmt.nnz == 1:
+        if fmt.z_bits == 0:
             z = assign(w, c, g)
             z_codes, z_scales = z.astype(np.int8), None
         else:
@@ -182,20 +194,20 @@ def sqf(W, G, fmt: SQFFormat, iters: int = 50, c_step: str = "exact", ridge: flo
             if lz > 0:
                 z, z_codes, z_scales = _project_z(z + 2 * ((w - z @ c) @ g @ c.T) / lz, fmt)
         if c_step == "exact":
-            c = np.linalg.lstsq(z, w, rcond=None)[0]
+            c = np.linalg.lstsq(sw * z, sw * w, rcond=None)[0]
         else:
-            lc = 2 * float(np.linalg.eigvalsh(z.T @ z)[-1]) * lam_g
+            lc = 2 * float(np.linalg.eigvalsh((z * rw[:, None]).T @ z)[-1]) * lam_g
             if lc > 0:
-                c = c + 2 * (z.T @ ((w - z @ c) @ g)) / lc
+                c = c + 2 * ((z * rw[:, None]).T @ ((w - z @ c) @ g)) / lc
         c, c_codes, c_scales = grid(c, fmt.c_bits)
-        obj = _objective(w, g, z, c)
+        obj = _objective(w, g, z, c, rw)
         history.append(obj / total)
         if obj < best[0]:
             best = (obj, z, c, z_codes, z_scales, c_codes, c_scales)
         if len(history) > 2 and abs(history[-2] - history[-1]) <= 1e-10 * max(history[-1], 1e-300):
             break
     obj, z, c, z_codes, z_scales, c_codes, c_scales = best
-    return SQF(z, c, z_codes, z_scales, c_codes, c_scales, output_error(w, z, c, g), fmt, tuple(history))
+    return SQF(z, c, z_codes, z_scales, c_codes, c_scales, obj / total, fmt, tuple(history))
 
 
 @dataclass(frozen=True)
