@@ -240,3 +240,23 @@ def test_upgrade_refused_with_a_reason(monkeypatch):
     # int8 per channel needs no conversion and still works
     new = storage.store(model, layer, qs.rtn(weight_matrix(g, layer), np.eye(64), qs.Format(8)))
     assert storage.model_opset(new) == 17
+
+
+@pytest.mark.parametrize("kind,fmt,op", [("matmul", qs.Format(4, 32), "MatMulNBits"),
+                                         ("matmul", qs.Format(8, 16), "MatMulNBits"),
+                                         ("gather", qs.Format(4, 16), "GatherBlockQuantized"),
+                                         ("gemm", qs.Format(4, 32), "DequantizeLinear"),
+                                         ("matmul", qs.Format(8), "DequantizeLinear")])
+def test_ort_format(kind, fmt, op):
+    model, feed = _model(kind)
+    g, layer = _layer(model, feed)
+    if kind == "gather":
+        q = qs.quantize_embedding(g.const(layer.weight), np.ones(layer.inputs), fmt)
+    else:
+        W = weight_matrix(g, layer)
+        W[:, 3] = 0  # a dead input column: codes 0, stored as the zero point
+        q = qs.gptq(W, np.eye(layer.inputs), fmt)
+    new = storage.store(model, layer, q, format="ort")
+    onnx.checker.check_model(new, full_check=True)
+    assert op in [n.op_type for n in new.graph.node]
+    np.testing.assert_allclose(run(new, feed)[0], run(_with_weight(model, layer, q), feed)[0], rtol=1e-4, atol=1e-4)

@@ -127,11 +127,56 @@ def dequantize_node(name: str, codes: str, scale: str, out: str, axis: int, bloc
     return helper.make_node("DequantizeLinear", [codes, scale], [out], name=name, **attrs)
 
 
-def apply(model: onnx.ModelProto, edits) -> onnx.ModelProto:
+def ort_kernel(layer: Layer, q: Quantized) -> str | None:
+    """The ONNX Runtime contrib op that can hold this edit (format="ort"), or None: MatMulNBits
+    for MatMul(X, Wc) in 4- or 8-bit blocks of a power of two >= 16; GatherBlockQuantized for a
+    Gather table in 4-bit blocks along d (power of two >= 16)."""
+    b = q.format.block
+    if not b or b < 16 or b & (b - 1):
+        return None
+    if layer.kind == "matmul" and q.format.bits in (4, 8):
+        return "MatMulNBits"
+    if layer.kind == "gather" and q.format.bits == 4:
+        return "GatherBlockQuantized"
+    return None
+
+
+def _ort_nodes(node: onnx.NodeProto, layer: Layer, q: Quantized, names, dtype) -> tuple[onnx.NodeProto, list]:
+    """The contrib node replacing `node` and its initializers. MatMulNBits: B (N, K/B, B*bits/8)
+    uint8, the codes offset by the default zero point 2^(bits-1) and packed low nibble first
+    along K (zero-padded to whole blocks), scales (N, K/B). GatherBlockQuantized: the int4
+    codes of E (vocab x d) as they are, scales (vocab, d/B), quantize_axis 1."""
+    bits, block = q.format.bits, q.format.block
+    scales = np.ascontiguousarray(q.scales.astype(dtype))
+    if layer.kind == "gather":
+        inits = [int_tensor(names[0], q.codes, 4), numpy_helper.from_array(scales, names[1])]
+        new = helper.make_node("GatherBlockQuantized", [names[0], node.input[1], names[1]], list(node.output),
+                               name=node.name, domain="com.microsoft", block_size=block, gather_axis=0,
+                               quantize_axis=1)
+        return new, inits
+    n, k = q.codes.shape
+    blocks = -(-k // block)
+    u = np.full((n, blocks * block), 2 ** (bits - 1), dtype=np.uint8)
+    u[:, :k] = (q.codes.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8)
+    if bits == 4:
+        u = u[:, 0::2] | (u[:, 1::2] << 4)
+    packed = u.reshape(n, blocks, block * bits // 8)
+    inits = [numpy_helper.from_array(packed, names[0]), numpy_helper.from_array(scales, names[1])]
+    new = helper.make_node("MatMulNBits", [node.input[0], names[0], names[1]], list(node.output), name=node.name,
+                           domain="com.microsoft", K=k, N=n, bits=bits, block_size=block, accuracy_level=0)
+    return new, inits
+
+
+def apply(model: onnx.ModelProto, edits, format: str = "onnx") -> onnx.ModelProto:
     """A new model with every `QuantEdit`'s weight stored as integers + DequantizeLinear, at the
-    opset the formats need (upgraded when necessary; ValueError with the reason when that fails)."""
+    opset the formats need (upgraded when necessary; ValueError with the reason when that fails).
+    format="ort": where `ort_kernel` allows, ONNX Runtime's MatMulNBits / GatherBlockQuantized
+    (com.microsoft domain; runs in ONNX Runtime only) instead; the rest as with "onnx"."""
+    if format not in ("onnx", "ort"):
+        raise ValueError(f"format must be 'onnx' or 'ort', got {format!r}")
     edits = list(edits)
-    need = max((required_opset(e.quantized) for e in edits), default=0)
+    contrib = {id(e): format == "ort" and ort_kernel(e.layer, e.quantized) for e in edits}
+    need = max((required_opset(e.quantized) for e in edits if not contrib[id(e)]), default=0)
     base = model
     if model_opset(model) < need:
         base, reason = upgrade_opset(model, need)
@@ -139,8 +184,10 @@ def apply(model: onnx.ModelProto, edits) -> onnx.ModelProto:
             raise ValueError(f"{reason}; quantize with int8 per channel (Format(8)) instead")
     out = onnx.ModelProto()
     out.CopyFrom(base)
-    if need >= BLOCKED_OPSET:
+    if need >= BLOCKED_OPSET or any(contrib.values()):
         out.ir_version = max(out.ir_version, BLOCKED_IR)
+    if any(contrib.values()) and not any(o.domain == "com.microsoft" for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     graph = out.graph
     inits = {t.name: t for t in graph.initializer}
     taken = set(inits) | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
@@ -153,8 +200,14 @@ def apply(model: onnx.ModelProto, edits) -> onnx.ModelProto:
         if layer.weight not in inits:
             raise ValueError(f"layer {layer.key!r}: weight {layer.weight!r} is not an initializer")
         dtype = helper.tensor_dtype_to_np_dtype(inits[layer.weight].data_type)
-        codes, scales, axis, block = layout(node, layer, q)
         names = [fresh_name(f"{layer.weight}_{s}", taken) for s in ("quantized", "scale", "dequantized")]
+        if contrib[id(e)]:
+            new, inits_ = _ort_nodes(node, layer, q, names, dtype)
+            node.CopyFrom(new)
+            new_inits += inits_
+            dropped.add(layer.weight)
+            continue
+        codes, scales, axis, block = layout(node, layer, q)
         new_inits += [int_tensor(names[0], codes, q.format.bits),
                       numpy_helper.from_array(scales.astype(dtype), names[1])]
         before.setdefault(index, []).append(
@@ -185,9 +238,9 @@ def _splice(graph: onnx.GraphProto, before: dict, dropped: set, new_inits: list)
         graph.input.extend(keep_inputs)
 
 
-def store(model: onnx.ModelProto, layer: Layer, q: Quantized) -> onnx.ModelProto:
+def store(model: onnx.ModelProto, layer: Layer, q: Quantized, format: str = "onnx") -> onnx.ModelProto:
     """`apply` for one layer."""
-    return apply(model, [QuantEdit(layer, q)])
+    return apply(model, [QuantEdit(layer, q)], format)
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
