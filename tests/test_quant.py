@@ -260,3 +260,15 @@ def test_ort_format(kind, fmt, op):
     onnx.checker.check_model(new, full_check=True)
     assert op in [n.op_type for n in new.graph.node]
     np.testing.assert_allclose(run(new, feed)[0], run(_with_weight(model, layer, q), feed)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_layer_bytes_match_the_stored_initializers():
+    for kind, fmt, fmt_name in (("matmul", qs.Format(4, 32), "onnx"), ("conv", qs.Format(8, 16), "onnx"),
+                                ("gather", qs.Format(4, 16), "onnx"), ("matmul", qs.Format(8, 16), "ort")):
+        model, feed = _model(kind)
+        g, layer = _layer(model, feed)
+        q = (qs.quantize_embedding(g.const(layer.weight), np.ones(layer.inputs), fmt) if kind == "gather"
+             else qs.rtn(weight_matrix(g, layer), np.eye(layer.inputs), fmt, kernel=layer.kernel))
+        new = storage.store(model, layer, q, format=fmt_name)
+        added = [t for t in new.graph.initializer if t.name.startswith(layer.weight + "_")]
+        assert sum(len(t.raw_data) for t in added) == storage.layer_bytes(layer, fmt, fmt_name)

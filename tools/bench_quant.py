@@ -11,6 +11,9 @@ stored as integers + DequantizeLinear (standard ops; opset raised to 21 for int4
 ORT: `quantize_dynamic` (int8 per-channel weights, uint8 dynamic activations) and
 `MatMulNBitsQuantizer` (4 / 8 bit, block 32, RTN and HQQ) on MatMul and Gather.
 
+`--layers`: per-layer table instead (two layers): relative output error and bytes of GPTQ
+formats, sparse quantized factors, and activation-aware low rank at SQF's bytes.
+
 Metric: mean cosine between original and quantized mean-pooled sentence embeddings (as
 tools/bench_metrics.py). ORT fuses DequantizeLinear + MatMul into MatMulNBits and, at its default
 session setting `session.qdq_matmulnbits_accuracy_level` = 4, then quantizes the activations to
@@ -134,6 +137,49 @@ def embeddings(path: Path, feeds, accuracy_level=None) -> np.ndarray:
     return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """File size (% of the original) against mean cosine, ours and ORT's, if matplotlib is there."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for who, marker in (("ours", "o"), ("ort", "s")):
+        pts = [r for r in rows if r["run"].startswith(who)]
+        ax.scatter([100 * r["size"] for r in pts], [r["cos_f"] for r in pts], marker=marker, label=who)
+        for r in pts:
+            ax.annotate(r["run"].split("-", 1)[1], (100 * r["size"], r["cos_f"]), fontsize=7)
+    ax.set_xlabel("file size, % of the original")
+    ax.set_ylabel("mean cosine (held-out sentences)")
+    ax.set_title("MiniLM weight quantization")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def layer_table(prepared, keys: int = 2) -> list[dict]:
+    """Per layer (the first attention and the first FFN output projection): relative output error
+    and bytes of GPTQ formats, SQF formats, and the activation-aware low rank at SQF's bytes."""
+    from onnxcompress.methods.sqf import solvers as sq
+    norm, g, layers, stats = prepared
+    picks = [x for x in layers if x.kind != "gather"]
+    picks = [picks[0], next(x for x in picks if x.inputs > x.out)]
+    rows = []
+    for x in picks:
+        W, G = weight_matrix(g, x), stats[x.key].gram
+        for p in qs.error_curve(W, G):
+            rows.append({"layer": x.key, "what": f"gptq {p.format.name}", "bytes": p.bytes, "error": p.error})
+        k = min(W.shape)
+        for fmt in (sq.SQFFormat(k // 2, k // 8, 8, 8), sq.SQFFormat(k, k // 8, 8, 4), sq.SQFFormat(k // 4, k // 4, 8, 8)):
+            c = sq.versus_lowrank(W, G, fmt, iters=20)
+            rows.append({"layer": x.key, "what": fmt.name, "bytes": c.bytes, "error": c.error,
+                         "lowrank_rank": c.lowrank_rank, "lowrank_error": c.lowrank_error})
+        rows.append({"layer": x.key, "what": "float32", "bytes": 4 * W.size, "error": 0.0})
+    return rows
+
+
 def main(argv=None) -> int:
     import logging
     logging.getLogger("onnxruntime").setLevel(logging.WARNING)
@@ -143,7 +189,12 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-limit", type=int, default=256)
     ap.add_argument("--val-limit", type=int, default=512)
     ap.add_argument("--runs", default=",".join([*OURS, *ORT_RUNS]))
+    ap.add_argument("--layers", action="store_true", help="only the per-layer GPTQ / SQF / low-rank table")
     args = ap.parse_args(argv)
+    if args.layers:
+        for row in layer_table(prepare(args.bench / "model.onnx", args.bench / "calib", args.calib_limit)):
+            print(json.dumps(row), flush=True)
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     src = args.bench / "model.onnx"
     runs = args.runs.split(",")
@@ -176,6 +227,8 @@ def main(argv=None) -> int:
                "cos": cos, "cos_f": cos_f, "seconds": round(seconds, 1), **extra}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, args.out / "size_vs_cosine.png")
     print(f"\n{'run':30s} {'size':>7s} {'cos':>8s} {'cos_f':>8s}")
     for r in sorted(rows, key=lambda r: r["size"]):
         print(f"{r['run']:30s} {100 * r['size']:6.1f}% {r['cos']:8.4f} {r['cos_f']:8.4f}")

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ...ops.edits import Layer
 from ...ops.surgery import drop_value_info, fresh_name
-from .solvers import Quantized
+from .solvers import Format, Quantized
 
 #: opsets at which DequantizeLinear takes per-axis scales, and int4 / block_size
 PER_AXIS_OPSET, BLOCKED_OPSET, BLOCKED_IR = 13, 21, 10
@@ -127,16 +127,16 @@ def dequantize_node(name: str, codes: str, scale: str, out: str, axis: int, bloc
     return helper.make_node("DequantizeLinear", [codes, scale], [out], name=name, **attrs)
 
 
-def ort_kernel(layer: Layer, q: Quantized) -> str | None:
+def ort_kernel(layer: Layer, fmt: Format) -> str | None:
     """The ONNX Runtime contrib op that can hold this edit (format="ort"), or None: MatMulNBits
     for MatMul(X, Wc) in 4- or 8-bit blocks of a power of two >= 16; GatherBlockQuantized for a
     Gather table in 4-bit blocks along d (power of two >= 16)."""
-    b = q.format.block
+    b = fmt.block
     if not b or b < 16 or b & (b - 1):
         return None
-    if layer.kind == "matmul" and q.format.bits in (4, 8):
+    if layer.kind == "matmul" and fmt.bits in (4, 8):
         return "MatMulNBits"
-    if layer.kind == "gather" and q.format.bits == 4:
+    if layer.kind == "gather" and fmt.bits == 4:
         return "GatherBlockQuantized"
     return None
 
@@ -175,7 +175,7 @@ def apply(model: onnx.ModelProto, edits, format: str = "onnx") -> onnx.ModelProt
     if format not in ("onnx", "ort"):
         raise ValueError(f"format must be 'onnx' or 'ort', got {format!r}")
     edits = list(edits)
-    contrib = {id(e): format == "ort" and ort_kernel(e.layer, e.quantized) for e in edits}
+    contrib = {id(e): format == "ort" and ort_kernel(e.layer, e.quantized.format) for e in edits}
     need = max((required_opset(e.quantized) for e in edits if not contrib[id(e)]), default=0)
     base = model
     if model_opset(model) < need:
@@ -241,6 +241,18 @@ def _splice(graph: onnx.GraphProto, before: dict, dropped: set, new_inits: list)
 def store(model: onnx.ModelProto, layer: Layer, q: Quantized, format: str = "onnx") -> onnx.ModelProto:
     """`apply` for one layer."""
     return apply(model, [QuantEdit(layer, q)], format)
+
+
+def layer_bytes(layer: Layer, fmt: Format, format: str = "onnx") -> int:
+    """Bytes `apply` stores for `layer` in `fmt` (codes + scales): a Gather table is quantized
+    per token row (vocab x d), every other layer as W (out x in); MatMulNBits pads K to whole
+    blocks. The float original costs 4 * layer.params (float32)."""
+    rows, cols, kernel = (layer.inputs, layer.out, ()) if layer.kind == "gather" else \
+        (layer.out, layer.inputs, layer.kernel)
+    if format == "ort" and layer.kind == "matmul" and ort_kernel(layer, fmt):
+        blocks = -(-cols // fmt.block)
+        return rows * blocks * fmt.block * fmt.bits // 8 + rows * blocks * 4
+    return fmt.bytes(rows, cols, kernel)
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
