@@ -52,7 +52,7 @@ from onnxcompress.methods.quant import solvers as qs  # noqa: E402
 from onnxcompress.methods.quant import storage  # noqa: E402
 
 F = qs.Format
-#: ours: name -> (MatMul format, solver, embedding format or None)
+#: ours: name -> (MatMul format, solver, embedding format or None[, solver keywords])
 OURS = {
     "ours-gptq-int8": (F(8), "gptq", F(8)),
     "ours-rtn-int8": (F(8), "rtn", F(8)),
@@ -60,6 +60,9 @@ OURS = {
     "ours-gptq-int4b32": (F(4, 32), "gptq", F(4, 32)),
     "ours-rtn-int4b32": (F(4, 32), "rtn", F(4, 32)),
     "ours-gptq-int4b128": (F(4, 128), "gptq", F(4, 128)),
+    "ours-gptq-int4b32-clip": (F(4, 32), "gptq", F(4, 32), {"clip": 16}),
+    "ours-gptq-int4b128-clip": (F(4, 128), "gptq", F(4, 128), {"clip": 16}),
+    "ours-gptq-int4ch-clip": (F(4), "gptq", F(4), {"clip": 16}),
 }
 ORT_RUNS = ("ort-dynamic-int8", "ort-nbits8-rtn", "ort-nbits4-rtn", "ort-nbits4-hqq", "ort-nbits8-mm-4-emb")
 
@@ -80,17 +83,18 @@ def prepare(model_path: Path, calib_dir: Path, calib_limit: int):
     return norm, g, layers, {x.key: stats[x.request] for x in layers}
 
 
-def ours(norm, g, layers, stats, fmt, solver, emb_fmt) -> tuple[onnx.ModelProto, dict]:
+def ours(norm, g, layers, stats, fmt, solver, emb_fmt, kw=None) -> tuple[onnx.ModelProto, dict]:
+    kw = kw or {}
     edits, errors = [], {}
     largest = max((x for x in layers if x.kind == "gather"), key=lambda x: x.params, default=None)
     for x in layers:
         if x.kind == "gather":
             if emb_fmt is None:
                 continue
-            q = qs.quantize_embedding(g.const(x.weight), stats[x.key], emb_fmt if x is largest else F(8))
+            q = qs.quantize_embedding(g.const(x.weight), stats[x.key], emb_fmt if x is largest else F(8), **kw)
         else:
             G = stats[x.key].gram
-            q = getattr(qs, solver)(weight_matrix(g, x), G, fmt, kernel=x.kernel)
+            q = getattr(qs, solver)(weight_matrix(g, x), G, fmt, kernel=x.kernel, **kw)
         edits.append(storage.QuantEdit(x, q))
         errors[x.key] = q.error
     return storage.apply(norm, edits), errors
@@ -189,6 +193,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-limit", type=int, default=256)
     ap.add_argument("--val-limit", type=int, default=512)
     ap.add_argument("--runs", default=",".join([*OURS, *ORT_RUNS]))
+    ap.add_argument("--keep", action="store_true", help="keep the quantized models in --out")
     ap.add_argument("--layers", action="store_true", help="only the per-layer GPTQ / SQF / low-rank table")
     args = ap.parse_args(argv)
     if args.layers:
@@ -227,6 +232,8 @@ def main(argv=None) -> int:
                "cos": cos, "cos_f": cos_f, "seconds": round(seconds, 1), **extra}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if not args.keep:
+            dst.unlink()
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     plot(rows, args.out / "size_vs_cosine.png")
     print(f"\n{'run':30s} {'size':>7s} {'cos':>8s} {'cos_f':>8s}")

@@ -15,8 +15,11 @@ Z = U_k S_k, C = V_k^T L^-1, so that C G C^T ~ I), project it, then alternate
   grid with s = 1 the projection of a gradient step says nothing; the step is then the exact
   assignment of every row of W to its G-nearest row of C (the k-means assignment).
 * C-step: C <- P_C(C - grad_C f / L_C), grad_C f = -2 Z^T (W - ZC) G, L_C = 2 lambda_max(Z^T Z)
-  lambda_max(G); or (`c_step="exact"`, the default) the block minimizer C = (Z^T Z)^+ Z^T W, which
-  needs no G when G is positive definite, then P_C (rounding each row to its grid).
+  lambda_max(G); or (`c_step="exact"`, the default) the block minimizer C = (Z^T Z)^+ Z^T W, a
+  minimizer for every PSD G (the residual (I - P_Z) W is orthogonal to Z's columns, so the cross
+  term vanishes), then P_C (rounding each row to its grid).
+Optional row weights r (an embedding table: token weights) make the objective
+sum_o r_o (w_o - z_o C) G (w_o - z_o C)^T; see `sqf`.
 Projected steps onto a grid are not monotone; the best iterate seen is returned.
 
 Special cases (the tests): s = k at full precision stays at the activation-aware optimum;
