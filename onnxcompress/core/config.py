@@ -14,6 +14,7 @@ from .errors import UsageError
 
 METHODS = ("id", "svd", "aasvd", "lp")
 SELECTIONS = ("id", "norm")
+SOLVERS = ("irls", "ellipsoid")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +58,9 @@ class Config:
     keep_failed:     write the output even when the gate fails.
     force:           overwrite an existing output file.
     seed:            seed for synthesized inputs.
+    solver:          how "lp" finds its subspace: "irls" (iteratively reweighted least squares, a
+                     local optimum from the SVD) or "ellipsoid" (seed 002: the Löwner ellipsoid of
+                     the l_p body, a provable approximation; `methods/lowrank/ellipsoid.py`).
     """
 
     method: str = "id"
@@ -82,6 +86,7 @@ class Config:
     keep_failed: bool = False
     force: bool = False
     seed: int = 0
+    solver: str = "irls"
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -121,6 +126,10 @@ class Config:
                     re.compile(getattr(self, name))
                 except re.error as e:
                     raise UsageError(f"{name} is not a valid regular expression: {e}") from e
+        if self.solver not in SOLVERS:
+            raise UsageError(f"unknown solver (--solver) {self.solver!r}; choose from {', '.join(SOLVERS)}")
+        if self.solver != "irls" and self.method != "lp":
+            raise UsageError(f"solver (--solver) {self.solver!r} applies to method 'lp' only, not {self.method!r}")
 
     @property
     def size_rule(self) -> tuple[str, float]:
@@ -140,7 +149,7 @@ _KINDS = {"a number": (("keep", "tolerance", "flops_target", "params_target", "m
                         "ridge", "min_agreement"), lambda v: isinstance(v, numbers.Real)),
           "an integer": (("batch_size", "max_rows", "seed"), lambda v: isinstance(v, numbers.Integral)),
           "True or False": (("weighted", "intercept", "keep_failed", "force"), lambda v: True),
-          "a string": (("method", "select", "exclude"), lambda v: isinstance(v, str))}
+          "a string": (("method", "select", "exclude", "solver"), lambda v: isinstance(v, str))}
 
 
 def _check_types(config: Config) -> None:
