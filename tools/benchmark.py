@@ -71,6 +71,9 @@ RUNS = (
     Run("ocr_rec-aasvd80", "ocr_rec", ("--method", "aasvd", "--keep", "0.8")),
     # ID at the parameter count aasvd80 reaches (80.5% of the model)
     Run("ocr_rec-params80-id", "ocr_rec", ("--params-target", "0.805")),
+    # seed 002's solver: l_1 by the Löwner ellipsoid of the l_p body, beside IRLS (minilm-emb72-l1)
+    Run("minilm-emb72-l1-ellipsoid", "minilm", ("--method", "lp", "--p", "1", "--solver", "ellipsoid",
+                                                "--include", "word_embeddings", "--keep", "0.72")),
 )
 
 

@@ -39,6 +39,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 
 _RANK_TOL = 1e-10   # eigenvalues of X^T X below this fraction of the largest are treated as 0
 
@@ -93,7 +94,7 @@ def mvee(points, eps: float = 1e-3, start=None, max_iter: int = 100_000) -> Elli
         return m_inv, np.einsum("ij,ij->i", x @ m_inv, x)
 
     m_inv, kappa = exact(u)
-    if not np.all(np.isfinite(kappa)) or np.linalg.matrix_rank(x) < d:
+    if not np.all(np.isfinite(kappa)) or np.linalg.cond(x.T @ x) > 1 / _RANK_TOL ** 2:
         raise ValueError("the points do not span R^d")
     it = 0
     for it in range(1, max_iter + 1):
@@ -135,7 +136,7 @@ def lewis_weights(X, p: float, iters: int = 200, tol: float = 1e-10) -> np.ndarr
     for _ in range(iters):
         q = x.T @ (x * (w ** (1 - 2 / p))[:, None])
         low = np.linalg.cholesky(0.5 * (q + q.T))
-        z = np.linalg.solve(low, x.T)
+        z = scipy.linalg.solve_triangular(low, x.T, lower=True, check_finite=False)
         new = np.clip(np.einsum("ij,ij->j", z, z), 1e-300, None) ** (p / 2)
         done = np.max(np.abs(new - w) / new) <= tol
         w = new
