@@ -100,3 +100,19 @@ def test_export_writes_what_the_tool_reads(tmp_path):
     with torch.no_grad():
         ref = model(torch.from_numpy(np.random.default_rng(0).standard_normal((7, 1, 5, 5)).astype(np.float32)))
     assert np.allclose(y, ref.numpy(), atol=1e-5)
+
+
+def test_the_core_never_imports_torch():
+    import subprocess
+    import sys
+    code = ("import sys, onnxcompress, onnxcompress.api, onnxcompress.cli, onnxcompress.methods.lowrank.ranks; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=300).returncode == 0
+
+
+def test_torch_is_an_extra_not_a_dependency():
+    import tomllib
+    from pathlib import Path
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    assert not any(d.lower().startswith("torch") for d in project["dependencies"])
+    assert any(d.startswith("torch") for d in project["optional-dependencies"]["torch"])
