@@ -42,6 +42,7 @@ import numpy as np
 import scipy.linalg
 
 _RANK_TOL = 1e-10   # eigenvalues of X^T X below this fraction of the largest are treated as 0
+_LEWIS_TOL = 1e-6   # relative change of the Lewis weights at which the fixed point stops
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def subspace(X, rank: int, p: float, row_weights=None, eps: float = 1e-3) -> Ell
     z = x @ basis
     live = np.any(z != 0, axis=1)
     zl = z[live]
-    w = lewis_weights(zl, p)
+    w = lewis_weights(zl, p, tol=_LEWIS_TOL)   # Khachiyan below closes the rest of the gap
     ell = mvee(zl * (w ** (-1 / p))[:, None], eps=eps, start=w)
     # Q is proportional to M of the rescaled rows: sum u_i w_i^(-2/p) z_i z_i^T with u = w / r.
     vals, v = np.linalg.eigh(ell.shape)
