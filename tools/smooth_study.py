@@ -18,6 +18,10 @@ One command, CPU, one thread. Steps:
 4. Writes OUT/smooth_study.json (every run, and the per-level summary: mean and standard
    deviation over seeds) and OUT/smooth_study.png (test accuracy against parameters kept).
 
+Each finished model is kept in OUT/VARIANT_sSEED.json and reused, so an interrupted study resumes
+where it stopped, and `--only-seed N` runs one seed (for example, seeds in parallel processes; a
+final run without it summarizes).
+
 torch and matplotlib are tool-time dependencies (`pip install 'onnxcompress[torch]' matplotlib`).
 """
 from __future__ import annotations
@@ -176,12 +180,13 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--per-class", type=int, default=300, help="training samples per class")
+    ap.add_argument("--only-seed", type=int, help="train and compress this seed only, no summary "
+                    "(finished models are kept in OUT/VARIANT_sSEED.json and reused by later runs)")
     args = ap.parse_args()
 
     import torch
     torch.set_num_threads(1)
     sys.path.insert(0, str(REPO))
-    from onnxcompress.smooth import export_onnx
 
     args.out.mkdir(parents=True, exist_ok=True)
     train_set = render(args.per_class, seed=1)
@@ -193,28 +198,18 @@ def main() -> int:
           f"{len(fonts())} fonts, {len(CLASSES)} classes", flush=True)
 
     runs, trained = [], []
-    for seed in range(args.seeds):
+    seeds = [args.only_seed] if args.only_seed is not None else range(args.seeds)
+    for seed in seeds:
         for variant in ("plain", "smooth"):
-            model, info = train(torch, train_set, seed, variant == "smooth", args.epochs)
-            path = export_onnx(model, args.out / f"{variant}_s{seed}.onnx", test_x[:8])
-            base = accuracy(path, test_x, test_y)
-            n = sum(p.numel() for p in model.parameters())
-            trained.append({"variant": variant, "seed": seed, "accuracy": base, "params": n, **info})
-            runs.append({"variant": variant, "seed": seed, "method": "none", "level": 1.0,
-                         "accuracy": base, "params_before": n, "params_after": n})
-            print(f"{variant} seed {seed}: test accuracy {base:.4f} "
-                  f"({info['train_seconds']:.0f} s, terms {info['penalty_terms']})", flush=True)
-            for method in METHODS:
-                for level in LEVELS:
-                    out = args.out / f"{variant}_s{seed}_{method}_{level}.onnx"
-                    report = compress(path, out, calib, method, level)
-                    acc = accuracy(out, test_x, test_y)
-                    runs.append({"variant": variant, "seed": seed, "method": method, "level": level,
-                                 "accuracy": acc, "params_before": report["params"]["before"],
-                                 "params_after": report["params"]["after"]})
-                    print(f"  {method} {level}: accuracy {acc:.4f}, params "
-                          f"{report['params']['after']}/{report['params']['before']}", flush=True)
-                    out.unlink()
+            done = args.out / f"{variant}_s{seed}.json"       # finished models are not redone
+            if not done.exists():
+                done.write_text(json.dumps(one_model(torch, train_set, calib, test_x, test_y, seed,
+                                                     variant, args)))
+            record = json.loads(done.read_text())
+            trained.append(record["trained"])
+            runs.extend(record["runs"])
+    if args.only_seed is not None:
+        return 0
     summary = summarize(runs)
     result = {"classes": CLASSES, "fonts": [f.name for f in fonts()], "epochs": args.epochs,
               "seeds": args.seeds, "penalties": PENALTIES, "levels": LEVELS, "trained": trained,
@@ -223,6 +218,33 @@ def main() -> int:
     plot(summary, args.out / "smooth_study.png")
     print(table(summary))
     return 0
+
+
+def one_model(torch, train_set, calib, test_x, test_y, seed, variant, args) -> dict:
+    """Train, export, measure, and compress one model at every method and level."""
+    from onnxcompress.smooth import export_onnx
+
+    model, info = train(torch, train_set, seed, variant == "smooth", args.epochs)
+    path = export_onnx(model, args.out / f"{variant}_s{seed}.onnx", test_x[:8])
+    base = accuracy(path, test_x, test_y)
+    n = sum(p.numel() for p in model.parameters())
+    trained = {"variant": variant, "seed": seed, "accuracy": base, "params": n, **info}
+    runs = [{"variant": variant, "seed": seed, "method": "none", "level": 1.0,
+             "accuracy": base, "params_before": n, "params_after": n}]
+    print(f"{variant} seed {seed}: test accuracy {base:.4f} "
+          f"({info['train_seconds']:.0f} s, terms {info['penalty_terms']})", flush=True)
+    for method in METHODS:
+        for level in LEVELS:
+            out = args.out / f"{variant}_s{seed}_{method}_{level}.onnx"
+            report = compress(path, out, calib, method, level)
+            acc = accuracy(out, test_x, test_y)
+            runs.append({"variant": variant, "seed": seed, "method": method, "level": level,
+                         "accuracy": acc, "params_before": report["params"]["before"],
+                         "params_after": report["params"]["after"]})
+            print(f"  {method} {level}: accuracy {acc:.4f}, params "
+                  f"{report['params']['after']}/{report['params']['before']}", flush=True)
+            out.unlink()
+    return {"trained": trained, "runs": runs}
 
 
 def table(summary: list[dict]) -> str:
