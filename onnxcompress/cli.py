@@ -104,11 +104,12 @@ class _Command(click.Command):
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("-v", "--verbose", is_flag=True, help="More logging, and tracebacks on errors.")
 @click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf weights and data (refused otherwise): such layers are left alone, NaN outputs count as disagreement.")
+@click.option("--solver", default="irls", show_default=True, help="--method lp: irls (reweighted least squares) or ellipsoid (Löwner ellipsoid of the l_p body, seed 002).")
 @click.version_option(package_name="onnxcompress")
 def main(model, output, calib, val, report_path, keep, tolerance, flops_target, params_target, size_target, target,
          minimize, sensitivity, probe_feeds, min_keep,
          select, method, include, p, lp_weighted, smoothing, max_patch, intercept, exclude, min_agreement, keep_failed, batch_size, max_rows, holdout, save_plan, plan_path,
-         force, quiet, verbose, allow_nonfinite):
+         force, quiet, verbose, allow_nonfinite, solver):
     """Compress MODEL.onnx into OUTPUT (default: MODEL.compressed.onnx beside it)."""
     logging.basicConfig(format="onnxcompress: %(levelname)s: %(message)s",
                         level=logging.ERROR if quiet else (logging.INFO if verbose else logging.WARNING))
@@ -121,7 +122,7 @@ def main(model, output, calib, val, report_path, keep, tolerance, flops_target, 
                             probe_feeds=probe_feeds, min_keep=min_keep, select=select, method=method, intercept=intercept, exclude=exclude,
                             include=include, p=p, lp_weighted=lp_weighted, smoothing=smoothing, max_patch=max_patch,
                             min_agreement=min_agreement, keep_failed=keep_failed, batch_size=batch_size, max_rows=max_rows,
-                            holdout=holdout, force=force, allow_nonfinite=allow_nonfinite)
+                            holdout=holdout, force=force, allow_nonfinite=allow_nonfinite, solver=solver)
             out = _check_side_outputs(model, output, calib, val, plan_path, force, report=report_path, save_plan=save_plan)
             files.remove_stale({Path(x).parent for x in (out, report_path, save_plan) if x})
             plan = Plan.load(plan_path) if plan_path else None

@@ -17,6 +17,7 @@ METHODS = ("auto", "id", "svd", "aasvd", "lp")
 MINIMIZE = ("size", "params", "flops")
 SIZE_RULES = ("keep", "tolerance", "flops_target", "params_target", "size_target", "target")
 SELECTIONS = ("id", "norm")
+SOLVERS = ("irls", "ellipsoid")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +76,9 @@ class Config:
     seed:            seed for synthesized inputs.
     allow_nonfinite: accept NaN/Inf weights and data (refused otherwise): layers with such weights
                      are left alone, and validation counts a NaN output as a disagreement.
+    solver:          how "lp" finds its subspace: "irls" (iteratively reweighted least squares, a
+                     local optimum from the SVD) or "ellipsoid" (seed 002: the Löwner ellipsoid of
+                     the l_p body, a provable approximation; `methods/lowrank/ellipsoid.py`).
     """
 
     method: str | None = None
@@ -106,6 +110,7 @@ class Config:
     force: bool = False
     seed: int = 0
     allow_nonfinite: bool = False
+    solver: str = "irls"
 
     def __post_init__(self) -> None:
         if self.method is None:
@@ -155,6 +160,10 @@ class Config:
                     re.compile(getattr(self, name))
                 except re.error as e:
                     raise UsageError(f"{name} is not a valid regular expression: {e}") from e
+        if self.solver not in SOLVERS:
+            raise UsageError(f"unknown solver (--solver) {self.solver!r}; choose from {', '.join(SOLVERS)}")
+        if self.solver != "irls" and self.method != "lp":
+            raise UsageError(f"solver (--solver) {self.solver!r} applies to method 'lp' only, not {self.method!r}")
 
     @property
     def size_rule(self) -> tuple[str, float]:
@@ -182,7 +191,8 @@ _KINDS = {"a number": (("keep", "tolerance", "flops_target", "params_target", "s
                          lambda v: isinstance(v, numbers.Integral)),
           "True or False": (("weighted", "intercept", "keep_failed", "force", "lp_weighted", "allow_nonfinite",
                              "sensitivity"), lambda v: True),
-          "a string": (("method", "select", "exclude", "include", "target", "minimize"), lambda v: isinstance(v, str))}
+          "a string": (("method", "select", "exclude", "include", "target", "minimize", "solver"),
+                       lambda v: isinstance(v, str))}
 
 
 def _check_types(config: Config) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import ellipsoid
 from . import solvers as lowrank
 from ...core.stats import ChannelGram, PatchGram
 from ...core.config import Config
@@ -80,11 +81,12 @@ def factors(curve: LayerCurve, rank: int, config: Config) -> tuple[np.ndarray, n
     """(A, B) for W ~ A B at `rank`, by the configured method."""
     if config.method != "lp":
         return curve.spectrum.factors(rank)
+    lp_factors = ellipsoid.lp_factors if config.solver == "ellipsoid" else lowrank.lp_factors
     if curve.layer.kind == "gather":
         weights = lowrank.token_weights(curve.counts, config.smoothing) if config.lp_weighted else None
-        a_e, b_e = lowrank.lp_factors(curve.w.T, rank, config.p, row_weights=weights)
+        a_e, b_e = lp_factors(curve.w.T, rank, config.p, row_weights=weights)
         return b_e.T, a_e.T
-    return lowrank.lp_factors(curve.w, rank, config.p)
+    return lp_factors(curve.w, rank, config.p)
 
 
 def errors(curve: LayerCurve, a: np.ndarray, b: np.ndarray, rank: int) -> tuple[float, float]:
