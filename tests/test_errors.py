@@ -10,6 +10,7 @@ is mostly interpreter start-up); each test asserts on its own case.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import re
@@ -625,10 +626,27 @@ def test_interrupt_exits_130_and_writes_nothing(work, monkeypatch, where):
     assert snapshot(work.root) == before
 
 
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe")
+def _interrupt_main_thread(pid: int) -> None:
+    """SIGINT to the main thread of process `pid` (its thread id is `pid`), as a terminal's Ctrl-C
+    reaches a program blocked in a read. `kill()` would let the kernel pick any thread, and when it
+    picks one of numpy's BLAS threads the main thread stays blocked in read() on the pipe."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.tgkill(pid, pid, signal.SIGINT) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill failed")
+
+
+def _has_tgkill() -> bool:
+    try:
+        return hasattr(os, "mkfifo") and hasattr(ctypes.CDLL(None), "tgkill")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_tgkill(), reason="needs a named pipe and tgkill (Linux)")
 def test_sigint_exits_130_and_writes_nothing(work):
     """The calibration data is a named pipe that never delivers: once the tool has opened it, it
-    is certainly inside compress() and waiting, so SIGINT lands at a known point."""
+    is certainly inside compress() and waiting, so SIGINT lands at a known point. The bounds are
+    generous on purpose: they only matter when something is broken, never on a loaded machine."""
     fifo = work.inp / "calib.npz"
     fifo.unlink()
     os.mkfifo(fifo)
@@ -638,22 +656,22 @@ def test_sigint_exits_130_and_writes_nothing(work):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if ignored here
     writer = None
     try:
-        deadline = time.monotonic() + 120
-        while writer is None:  # opening the write end succeeds only once the tool reads
+        deadline = time.monotonic() + 600
+        while writer is None:  # readiness: opening the write end succeeds only once the tool reads
             try:
                 writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
             except OSError:
                 assert proc.poll() is None, proc.communicate()
                 assert time.monotonic() < deadline, "the tool never opened the calibration data"
                 time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
+        _interrupt_main_thread(proc.pid)
+        _, stderr = proc.communicate(timeout=600)
     finally:
         if writer is not None:
             os.close(writer)
         if proc.poll() is None:
             proc.kill()
+            proc.communicate()
     assert proc.returncode == 130
     assert one_line(stderr) == "onnxcompress: interrupted; no output was written"
     assert snapshot(work.root) == before
-
