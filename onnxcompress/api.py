@@ -15,7 +15,7 @@ from .core import data as data_mod
 from .core.calibrate import Progress, calibrate
 from .core.runtime import make_session, observed_shapes, run
 from .core.stats import ChannelGram
-from .core.config import Config
+from .core.config import Config, flag
 from .core.cost import cost_items, count_params, node_flops
 from .methods.id.select import Budget, decide
 from .core.errors import AgreementError, ModelError, RewriteError, UsageError
@@ -56,7 +56,7 @@ def _check_arguments(model, output, config, calib, val, plan) -> tuple[Config, P
             raise UsageError(f"plan must be an onnxcompress.Plan, got {type(plan).__name__}")
         given = [n for n in ("keep", "tolerance", "flops_target", "params_target") if getattr(config, n) is not None]
         if given:
-            raise UsageError(f"a plan fixes the sizes; {given[0]} contradicts it")
+            raise UsageError(f"--plan fixes the sizes; {flag(given[0])} contradicts it")
     src = Path(model)
     out = Path(output) if output is not None else default_output(src)
     inputs = []

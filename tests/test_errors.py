@@ -403,29 +403,29 @@ def test_bad_input(catalogue, name):
 # ---- every option out of range or contradicting another: exit 2, in-process ----
 
 USAGE = [
-    (["--keep", "0"], "keep must be in (0, 1], got 0.0"),
-    (["--keep", "1.5"], "keep must be in (0, 1], got 1.5"),
-    (["--keep", "nan"], "keep must be in (0, 1], got nan"),
+    (["--keep", "0"], "--keep must be in (0, 1], got 0.0"),
+    (["--keep", "1.5"], "--keep must be in (0, 1], got 1.5"),
+    (["--keep", "nan"], "--keep must be in (0, 1], got nan"),
     (["--keep", "abc"], "'--keep': 'abc' is not a valid float"),
-    (["--keep", "0.5", "--flops-target", "0.5"], "keep and flops_target (--flops-target) contradict"),
-    (["--keep", "0.5", "--tolerance", "0.1"], "keep and tolerance contradict"),
-    (["--tolerance", "-0.1"], "tolerance must be in [0, 1), got -0.1"),
-    (["--holdout", "1"], "holdout must be in [0, 1), got 1.0"),
-    (["--holdout", "-0.2"], "holdout must be in [0, 1), got -0.2"),
-    (["--min-agreement", "2"], "(--min-agreement) must be in [0, 1], got 2.0"),
-    (["--min-agreement", "-0.5"], "(--min-agreement) must be in [0, 1], got -0.5"),
-    (["--batch-size", "0"], "(--batch-size) must be at least 1, got 0"),
+    (["--keep", "0.5", "--flops-target", "0.5"], "--keep and --flops-target contradict each other"),
+    (["--keep", "0.5", "--tolerance", "0.1"], "--keep and --tolerance contradict"),
+    (["--tolerance", "-0.1"], "--tolerance must be in [0, 1), got -0.1"),
+    (["--holdout", "1"], "--holdout must be in [0, 1), got 1.0"),
+    (["--holdout", "-0.2"], "--holdout must be in [0, 1), got -0.2"),
+    (["--min-agreement", "2"], "--min-agreement must be in [0, 1], got 2.0"),
+    (["--min-agreement", "-0.5"], "--min-agreement must be in [0, 1], got -0.5"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["--batch-size", "2.5"], "'--batch-size': '2.5' is not a valid integer"),
-    (["--max-rows", "-1"], "(--max-rows) must be non-negative, got -1"),
-    (["--min-keep", "1.5"], "(--min-keep) must be in [0, 1], got 1.5"),
-    (["--params-target", "0"], "(--params-target) must be in (0, 1], got 0.0"),
-    (["--flops-target", "inf"], "(--flops-target) must be in (0, 1], got inf"),
+    (["--max-rows", "-1"], "--max-rows must be non-negative, got -1"),
+    (["--min-keep", "1.5"], "--min-keep must be in [0, 1], got 1.5"),
+    (["--params-target", "0"], "--params-target must be in (0, 1], got 0.0"),
+    (["--flops-target", "inf"], "--flops-target must be in (0, 1], got inf"),
     (["--select", "bogus"], "'--select': 'bogus' is not one of"),
-    (["--exclude", "("], "exclude is not a valid regular expression"),
+    (["--exclude", "("], "--exclude is not a valid regular expression"),
     (["--no-such-flag"], "No such option '--no-such-flag'"),
     (["--plan", "{tmp}/missing.json"], "'--plan': File '{tmp}/missing.json' does not exist"),
     (["--plan", "{calib}"], "plan: {calib}: not a readable plan"),
-    (["--plan", "{plan}", "--keep", "0.5"], "a plan fixes the sizes; keep contradicts it"),
+    (["--plan", "{plan}", "--keep", "0.5"], "--plan fixes the sizes; --keep contradicts it"),
     (["--report", "{tmp}/r.json", "--save-plan", "{tmp}/r.json"], "--report and --save-plan name the same file"),
 ]
 
@@ -675,3 +675,54 @@ def test_sigint_exits_130_and_writes_nothing(work):
     assert proc.returncode == 130
     assert one_line(stderr) == "onnxcompress: interrupted; no output was written"
     assert snapshot(work.root) == before
+
+
+# ---- every UsageError that Config raises names the option as the user types it ----
+
+CONFIG_USAGE = [
+    (dict(keep=0.5, flops_target=0.5), "--keep and --flops-target contradict each other"),
+    (dict(method="bogus"), "--method: unknown method 'bogus'"),
+    (dict(select="bogus"), "--select: unknown selection 'bogus'"),
+    (dict(keep=1.5), "--keep must be in (0, 1], got 1.5"),
+    (dict(min_keep=-0.1), "--min-keep must be in [0, 1], got -0.1"),
+    (dict(tolerance=1.0), "--tolerance must be in [0, 1), got 1.0"),
+    (dict(holdout=1.0), "--holdout must be in [0, 1), got 1.0"),
+    (dict(max_rows=-1), "--max-rows must be non-negative, got -1"),
+    (dict(batch_size=0), "--batch-size must be at least 1, got 0"),
+    (dict(ridge=-1.0), "ridge must be non-negative, got -1.0"),
+    (dict(select="norm", method="svd"), "--select norm applies to --method id only, not svd"),
+    (dict(p=3.0), "--p must be in [1, 2], got 3.0"),
+    (dict(smoothing=-1.0), "--smoothing must be non-negative, got -1.0"),
+    (dict(max_patch=0), "--max-patch must be at least 1, got 0"),
+    (dict(include="("), "--include is not a valid regular expression"),
+    (dict(seed=1.5), "--seed must be an integer, got 1.5"),
+    (dict(force="yes"), "--force must be True or False, got 'yes'"),
+]
+
+
+def _usage_raises(path: Path) -> set[int]:
+    """Line numbers of every `raise UsageError(...)` in the module at `path`."""
+    import ast
+    tree = ast.parse(path.read_text())
+    return {n.lineno for n in ast.walk(tree) if isinstance(n, ast.Raise) and isinstance(n.exc, ast.Call)
+            and getattr(n.exc.func, "id", None) == "UsageError"}
+
+
+def test_every_config_usage_error_names_the_flag():
+    """Each case must raise its message, and together the cases must reach every `raise UsageError`
+    in core/config.py: a new check without a case here fails this test."""
+    from onnxcompress.core import config as config_mod
+    path = Path(config_mod.__file__)
+    reached = set()
+    for kwargs, message in CONFIG_USAGE:
+        with pytest.raises(UsageError) as info:
+            Config(**kwargs)
+        assert message in str(info.value), (kwargs, str(info.value))
+        assert not re.search(r"\b(min|max|flops|params|batch|keep)_", str(info.value))  # no Python names
+        tb, line = info.value.__traceback__, None
+        while tb is not None:  # the innermost frame in config.py is the raise
+            if Path(tb.tb_frame.f_code.co_filename) == path:
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        reached.add(line)
+    assert reached == _usage_raises(path)
