@@ -26,14 +26,15 @@ from .methods.lowrank.layers import find_layers
 from .core.modelio import check_output_path, load_model, save_model
 from .core.normalize import normalize, static_shapes
 from .core.plan import Plan
-from .core.report import Report, StageTimer
+from .core.report import Report, StageTimer, op_counts
 from .methods.id.rewrite import rewrite
 from .methods.lowrank.rewrite import split
-from .core.validate import score_outputs, validate
+from .core.validate import load_labels, score_outputs, validate
 
 log = logging.getLogger(__name__)
 
 SYNTHETIC_FEEDS = 32
+LOW_AGREEMENT = 0.5  # below this, warn even without --min-agreement
 
 
 def default_output(model_path: str | os.PathLike) -> Path:
@@ -72,7 +73,7 @@ def _check_arguments(model, output, config, calib, val, plan) -> tuple[Config, P
 
 def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, *,
              config: Config | None = None, calib=None, val=None, plan: Plan | None = None,
-             progress: Progress | None = None) -> Report:
+             progress: Progress | None = None, val_labels=None) -> Report:
     """Compress the ONNX model at `model` and write it to `output` (default
     `<stem>.compressed.onnx` beside it). Returns the `Report`.
 
@@ -85,17 +86,25 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     Raises `AgreementError` (exit code 3, carrying the report) when `config.min_agreement` is not
     met; the output is then not written, unless `config.keep_failed`, in which case it is written
     first and the error still raised.
+
+    val_labels: a `.npy` path (or an array) of integer classes, one per sample of `val`; the
+    report then gives the accuracy of the original and the compressed model next to the agreement.
+    `progress(stage, done, total)` is called during calibrate, decide and validate.
     """
     config, src, out, inputs = _check_arguments(model, output, config, calib, val, plan)
     check_output_path(out, force=config.force, source=src, inputs=inputs)
     timer = StageTimer()
-    report = Report(input=str(src), output=None, config=config.to_dict())
+    if val_labels is not None and val is None:
+        raise UsageError("--val-labels needs --val: the labels are for the --val samples, in order")
+    labels = load_labels(val_labels) if val_labels is not None else None
+    report = Report(input=str(src), output=None, config=config.to_dict(applied=plan is None))
     with timer("load"):
         original = load_model(src)
+        report.ops["before"] = op_counts(original.graph)
     with timer("normalize"):
         norm = normalize(original, copy=False)  # validation reads the input file itself
         specs = data_mod.input_specs(norm)
-        calib_src, val_src = _sources(calib, val, specs, config, report)
+        calib_src, val_src = _sources(calib, val, specs, config, report, plan is not None)
         first = next(iter(calib_src))
         g = GraphIndex(norm, *shapes_at(norm, first))
     before = {"params": count_params(norm), "flops": sum(node_flops(g).values()), "scores": score_outputs(g)}
@@ -109,7 +118,8 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     with timer("smoke_test"):
         _smoke_test(new, first, rewritten=rewritten)
     with timer("validate"):
-        agreement = validate(src, new, val_src, scores=before["scores"], progress=progress)
+        agreement = validate(src, new, val_src, scores=before["scores"], progress=progress, labels=labels)
+    _warn_low_agreement(report, agreement, config)
     _fill(report, new, before, analysis, plan, agreement, first)
     report.seconds = timer.seconds
     report.plan = plan
@@ -137,7 +147,7 @@ def _prune(norm, g: GraphIndex, config: Config, calib_src, plan, before: dict, t
                               max_rows=config.max_rows, seed=config.seed)
             stats = {name: found[r] for name, r in requests.items()}
         with timer("decide"):
-            plan = decide(g, analysis, stats, config, _budget(g, analysis, before))
+            plan = decide(g, analysis, stats, config, _budget(g, analysis, before), progress=progress)
         stats = None  # the Grams (8 C^2 bytes per exit) are not needed past decide
     with timer("rewrite"):
         new = rewrite(norm, g, analysis, plan) if plan.groups else norm
@@ -154,7 +164,8 @@ def _split(norm, g: GraphIndex, config: Config, calib_src, plan, before: dict, t
             stats = calibrate(norm, [x.request for x in layers.layers], calib_src, types=g.types,
                               progress=progress, max_rows=config.max_rows, seed=config.seed)
         with timer("decide"):
-            plans, left = factorize(g, layers, stats, config, (float(before["params"]), float(before["flops"])))
+            plans, left = factorize(g, layers, stats, config, (float(before["params"]), float(before["flops"])),
+                                    progress=progress)
             plan = Plan(config.method, config.select, (), plans)
             skipped = skipped + left
     with timer("rewrite"):
@@ -162,12 +173,14 @@ def _split(norm, g: GraphIndex, config: Config, calib_src, plan, before: dict, t
     return Analysis((), tuple(skipped)), new, plan
 
 
-def _sources(calib, val, specs, config: Config, report: Report):
+def _sources(calib, val, specs, config: Config, report: Report, planned: bool = False):
     if calib is None:
-        msg = ("no calibration data: statistics come from random inputs, so the choice of channels "
-               "and the agreement figures say little about real inputs; pass --calib")
-        log.warning(msg)
-        report.warnings.append(msg)
+        if not planned:
+            report.warn("no calibration data: statistics come from random inputs, so the choice of "
+                                   "channels and the agreement figures say little about real inputs; pass --calib")
+        elif val is None:  # the plan fixed the channels; only validation uses the data
+            report.warn("no data: the plan fixed the channels, but validation ran on random inputs, "
+                                   "so the agreement figures say little about real inputs; pass --val")
         calib_src = data_mod.synthesize(specs, count=SYNTHETIC_FEEDS, seed=config.seed)
     else:
         calib_src = data_mod.open_source(calib, specs, batch_size=config.batch_size)
@@ -176,7 +189,7 @@ def _sources(calib, val, specs, config: Config, report: Report):
     else:
         calib_src, val_src = data_mod.split(calib_src, config.holdout)
         if val_src is calib_src:
-            report.warnings.append("validation ran on the calibration data (too little data to hold out)")
+            report.warn("validation ran on the calibration data (too little data to hold out)")
     report.data = {"calibration": calib_src.name, "validation": val_src.name,
                    "calibration_feeds": calib_src.feeds, "validation_feeds": val_src.feeds}
     return calib_src, val_src
@@ -219,6 +232,7 @@ def _fill(report: Report, new, before: dict, analysis: Analysis, plan: Plan, agr
     report.flops = {"before": before["flops"], "after": sum(node_flops(after).values()),
                     "at_input_shapes": {k: list(v.shape) for k, v in first.items()}}
     report.file_size = {"before": os.path.getsize(report.input)}
+    report.ops["after"] = op_counts(new.graph)
     by_id = {grp.id: grp for grp in analysis.groups}
     report.groups = [{**gp.to_dict(matrices=False), "keep": None,
                       "producers": list(by_id[gp.group].producers),
@@ -234,7 +248,18 @@ def _fill(report: Report, new, before: dict, analysis: Analysis, plan: Plan, agr
     report.agreement = [a.to_dict() for a in agreement]
     if not plan.groups and not plan.layers:
         what = "channel group" if plan.method == "id" else "layer to split"
-        report.warnings.append(f"no compressible {what} was found; the output computes the same function")
+        report.warn(f"no compressible {what} was found; the output computes the same function")
+
+
+def _warn_low_agreement(report: Report, agreement, config: Config) -> None:
+    """Without a gate, a model that barely agrees with the original still earns a warning."""
+    if config.min_agreement is not None or not agreement:
+        return
+    worst = min(agreement, key=lambda a: a.score)
+    if worst.score < LOW_AGREEMENT:
+        what = "top-1 agreement" if worst.top1 is not None else "cosine" if worst.cosine is not None else "1 - rel L2"
+        report.warn(f"output {worst.output!r} barely agrees with the original ({what} {worst.score:.4f}, "
+                               f"below {LOW_AGREEMENT}); compress less, or set --min-agreement to refuse such a model")
 
 
 def _gate(report: Report, agreement, config: Config) -> None:

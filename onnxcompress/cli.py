@@ -6,6 +6,7 @@ except the --report JSON (and the model itself with --keep-failed on exit 3).
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import traceback
@@ -53,6 +54,16 @@ class _OneLineUsageError(click.ClickException):
 
 
 class _Command(click.Command):
+    def main(self, args=None, **extra):
+        """`onnxcompress inspect ...` and `onnxcompress sweep ...` go to their own commands; anything
+        else is `onnxcompress MODEL [OUTPUT] ...` (a model file named `inspect`: write `./inspect`)."""
+        args = list(sys.argv[1:] if args is None else args)
+        if args and args[0] in SUBCOMMANDS:
+            module = importlib.import_module(SUBCOMMANDS[args[0]], __package__)
+            extra["prog_name"] = f"onnxcompress {args[0]}"
+            return module.command.main(args[1:], **extra)
+        return super().main(args, **extra)
+
     def make_context(self, info_name, args, parent=None, **extra):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
@@ -60,7 +71,23 @@ class _Command(click.Command):
             raise _OneLineUsageError(e.format_message()) from e
 
 
-@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
+EXAMPLES = """\b
+Examples:
+  onnxcompress model.onnx --calib calib.npz                      keep 75% of the channels (ID)
+  onnxcompress model.onnx small.onnx --calib data/ --flops-target 0.7 --report r.json
+  onnxcompress model.onnx --calib calib.npz --method aasvd --params-target 0.7
+  onnxcompress model.onnx --calib calib.npz --val val.npz --val-labels labels.npy --min-agreement 0.99
+  onnxcompress model.onnx --calib calib.npz --save-plan plan.json   (then --plan plan.json)
+  onnxcompress inspect model.onnx                                what could be compressed, no data needed
+  onnxcompress sweep model.onnx --calib calib.npz --out sweep/   agreement against size, with a plot
+
+Exit codes: 0 success, 1 error, 2 bad usage, 3 --min-agreement not met, 130 interrupted.
+"""
+
+SUBCOMMANDS = {"inspect": ".inspect", "sweep": ".sweep"}
+
+
+@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXAMPLES)
 @click.argument("model", type=click.Path())
 @click.argument("output", required=False, type=click.Path())
 @click.option("--calib", type=click.Path(), help=".npz (keys = input names, samples on axis 0), .npy, or a directory of such files, one feed each.")
@@ -92,10 +119,12 @@ class _Command(click.Command):
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("-v", "--verbose", is_flag=True, help="More logging, and tracebacks on errors.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for synthesized inputs and for the rows --max-rows samples.")
+@click.option("--val-labels", type=click.Path(), help=".npy of integer classes, one per --val sample: report the accuracy of both models.")
 @click.version_option(package_name="onnxcompress")
 def main(model, output, calib, val, report_path, keep, tolerance, flops_target, params_target, min_keep,
          select, method, include, p, lp_weighted, smoothing, max_patch, intercept, exclude, min_agreement, keep_failed, batch_size, max_rows, holdout, save_plan, plan_path,
-         force, quiet, verbose):
+         force, quiet, verbose, seed, val_labels):
     """Compress MODEL.onnx into OUTPUT (default: MODEL.compressed.onnx beside it)."""
     logging.basicConfig(format="onnxcompress: %(levelname)s: %(message)s",
                         level=logging.ERROR if quiet else (logging.INFO if verbose else logging.WARNING))
@@ -105,12 +134,12 @@ def main(model, output, calib, val, report_path, keep, tolerance, flops_target, 
                         min_keep=min_keep, select=select, method=method, intercept=intercept, exclude=exclude,
                         include=include, p=p, lp_weighted=lp_weighted, smoothing=smoothing, max_patch=max_patch,
                         min_agreement=min_agreement, keep_failed=keep_failed, batch_size=batch_size, max_rows=max_rows,
-                        holdout=holdout, force=force)
-        _check_side_outputs(model, output, calib, val, plan_path, report=report_path, save_plan=save_plan)
+                        holdout=holdout, force=force, seed=seed)
+        _check_side_outputs(model, output, calib, val, plan_path, val_labels, report=report_path, save_plan=save_plan)
         plan = Plan.load(plan_path) if plan_path else None
         try:
             report = compress(model, output, config=config, calib=calib, val=val, plan=plan,
-                              progress=ProgressBar(not quiet and sys.stderr.isatty()))
+                              progress=ProgressBar(not quiet and sys.stderr.isatty()), val_labels=val_labels)
         except AgreementError as e:
             written = e.report is not None and e.report.output is not None
             _finish(e.report, report_path, quiet)
@@ -132,12 +161,12 @@ def main(model, output, calib, val, report_path, keep, tolerance, flops_target, 
         sys.exit(1)
 
 
-def _check_side_outputs(model, output, calib, val, plan_path, **paths) -> None:
+def _check_side_outputs(model, output, calib, val, plan_path, val_labels=None, **paths) -> None:
     """--report and --save-plan are checked before any work: an existing folder, writable, not a
     directory, not an input and not the output model (an existing report or plan is replaced)."""
     given = {"--" + name.replace("_", "-"): Path(p) for name, p in paths.items() if p}
     out = Path(output) if output else default_output(model)
-    inputs = [Path(p) for p in (model, calib, val, plan_path) if p]
+    inputs = [Path(p) for p in (model, calib, val, plan_path, val_labels) if p]
     for flag, path in given.items():
         if path.resolve() == out.resolve():
             raise OutputError(f"{flag}: {path} is the output model")

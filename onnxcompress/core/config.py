@@ -131,8 +131,14 @@ class Config:
                 return name, value
         return "keep", 0.75
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def to_dict(self, *, applied: bool = False) -> dict:
+        """The fields as a dict; with `applied`, the size rule in force is filled in (`keep`: 0.75
+        when no rule was given), as the report records it."""
+        d = dataclasses.asdict(self)
+        if applied:
+            name, value = self.size_rule
+            d[name] = value
+        return d
 
 
 _OPTIONAL = ("keep", "tolerance", "flops_target", "params_target", "min_agreement", "exclude")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...core.calibrate import Progress, ticker
 from ...core.config import Config
 from ...core.cost import Item, cheapest_first, scaled_total
 from ...core.graph import GraphIndex
@@ -125,11 +126,19 @@ def norm_order(g: GraphIndex, group: Group) -> np.ndarray:
     return np.argsort(-sq, kind="stable")
 
 
-def decide(g: GraphIndex, analysis: Analysis, stats: dict, config: Config, budget: Budget) -> Plan:
-    curves = [group_curve(g, grp, stats, config) for grp in analysis.groups]
+def decide(g: GraphIndex, analysis: Analysis, stats: dict, config: Config, budget: Budget,
+           progress: Progress | None = None) -> Plan:
+    """Statistics + size rule -> Plan. `progress("decide", done, total)` is called after each
+    group's curve and each group's interpolation matrices (total = twice the groups)."""
+    tick = ticker(progress, "decide", 2 * len(analysis.groups))
+    curves = []
+    for grp in analysis.groups:
+        curves.append(group_curve(g, grp, stats, config))
+        tick()
     sizes = choose_sizes(curves, config, budget)
     plans = []
     for curve in curves:
+        tick()
         grp, k = curve.group, sizes[curve.group.id]
         order = curve.order if config.select == "id" else norm_order(g, grp)
         keep = np.sort(order[:k])

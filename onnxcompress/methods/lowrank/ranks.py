@@ -33,6 +33,7 @@ import numpy as np
 
 from . import solvers as lowrank
 from ...core.stats import ChannelGram, PatchGram
+from ...core.calibrate import Progress, ticker
 from ...core.config import Config
 from ...core.cost import cheapest_first
 from ...core.graph import GraphIndex
@@ -117,12 +118,19 @@ def errors(curve: LayerCurve, a: np.ndarray, b: np.ndarray, rank: int) -> tuple[
 
 
 def factorize(g: GraphIndex, analysis: LayerAnalysis, stats: dict, config: Config,
-              totals: tuple[float, float]) -> tuple[tuple[LayerPlan, ...], tuple[Skipped, ...]]:
-    """Plans for the layers worth splitting, and the layers left alone with their reasons."""
-    curves = [layer_curve(g, layer, stats[layer.request], config) for layer in analysis.layers]
+              totals: tuple[float, float], progress: Progress | None = None
+              ) -> tuple[tuple[LayerPlan, ...], tuple[Skipped, ...]]:
+    """Plans for the layers worth splitting, and the layers left alone with their reasons.
+    `progress("decide", done, total)` is called after each layer's curve and each layer's factors."""
+    tick = ticker(progress, "decide", 2 * len(analysis.layers))
+    curves = []
+    for layer in analysis.layers:
+        curves.append(layer_curve(g, layer, stats[layer.request], config))
+        tick()
     ranks = choose_ranks(curves, config, totals)
     plans, skipped = [], []
     for curve in curves:
+        tick()
         layer, rank = curve.layer, ranks[curve.layer.key]
         if isinstance(rank, str):
             skipped.append(Skipped(layer.key, g.nodes[layer.node].op_type, rank))
