@@ -12,9 +12,9 @@ from click.testing import CliRunner
 
 import checks
 import graphs
-from onnxcompress import Config
+from onnxcompress import RewriteError
 from onnxcompress.cli import main
-from onnxcompress.sweep import Point, default_points, run_sweep
+from onnxcompress.sweep import default_points, run_sweep
 
 
 def _files(tmp_path):
@@ -45,14 +45,23 @@ def test_sweep_measures_every_point_and_the_references(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sweep.csv", "sweep.json", "sweep.png"]
 
 
-def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path):
+def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    import onnxcompress.api
+    real = onnxcompress.api.compress
+
+    def compress(model, output, *, config, **kw):
+        if config.keep == 0.3:
+            raise RewriteError("rewrite: the compressed model does not run (injected)")
+        return real(model, output, config=config, **kw)
+
+    monkeypatch.setattr(onnxcompress.api, "compress", compress)
     model, calib, _ = _files(tmp_path)
-    points = [Point("id", "bad", Config(method="id", keep=0.5, include="no-such-node")),
-              Point("id", "ok", Config(method="id", keep=0.5))]
-    rows = run_sweep(model, tmp_path / "out", calib=calib, points=points, repeats=1, quantize=False)
-    assert [r.label for r in rows] == ["original", "bad", "ok"]
-    assert rows[1].params_ratio == 1.0  # nothing matched: the model is unchanged, and says so
-    assert rows[2].params_ratio < 1.0
+    rows = run_sweep(model, tmp_path / "out", calib=calib, points=default_points(("id",), (0.3, 0.5)),
+                     repeats=1, quantize=False)
+    assert [r.label for r in rows] == ["original", "id keep 0.3", "id keep 0.5"]
+    assert rows[1].error.endswith("(injected)") and rows[1].agreement is None
+    assert rows[2].error is None and rows[2].params_ratio < 1.0
+    assert "(injected)" in (tmp_path / "out" / "sweep.csv").read_text()
 
 
 def test_cli_sweep_and_bad_sizes(tmp_path):
