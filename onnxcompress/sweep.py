@@ -130,7 +130,8 @@ def _agreement_row(row: Row, agreement) -> None:
 
 
 def run_sweep(model: str | os.PathLike, out_dir: str | os.PathLike, *, calib, val=None,
-              points: list[Point] | None = None, feeds: int | None = None, repeats: int = 15,
+              points: list[Point] | None = None, feeds: int | None = None, val_feeds: int | None = None,
+              repeats: int = 15,
               quantize: bool = True, keep_models: bool = False, echo=None) -> list[Row]:
     """Measure every point and the references (see the module docstring); write sweep.csv and
     sweep.json (and sweep.png with matplotlib) into `out_dir`. Returns the rows, references first
@@ -140,7 +141,7 @@ def run_sweep(model: str | os.PathLike, out_dir: str | os.PathLike, *, calib, va
     model, out = Path(model), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points = default_points() if points is None else points
-    calib, val = limited(calib, feeds), limited(val, feeds)
+    calib, val = limited(calib, feeds), limited(val, feeds if val_feeds is None else val_feeds)
     models = out / "models" if keep_models else Path(tempfile.mkdtemp(prefix="onnxcompress-sweep-", dir=out))
     models.mkdir(exist_ok=True)
     echo = echo or (lambda text: None)
@@ -316,12 +317,13 @@ def plot(rows: list[Row], path: Path, title: str | None = None) -> Path:
 @click.option("--sizes", default=",".join(f"{s:g}" for s in DEFAULT_SIZES), show_default=True, help="Comma-separated sizes for --rule.")
 @click.option("--rule", type=click.Choice([r.replace("_", "-") for r in RULES]), default="keep", show_default=True, help="The size rule the sizes are for.")
 @click.option("--feeds", type=int, help="Use only the first N feeds (files, or samples of a .npz) of --calib and of --val.")
+@click.option("--val-feeds", type=int, help="Use only the first N feeds of --val (default: --feeds).")
 @click.option("--repeats", type=int, default=15, show_default=True, help="Timed calls per model for the latency median.")
 @click.option("--no-quantize", is_flag=True, help="Skip the quantize_dynamic reference.")
 @click.option("--keep-models", is_flag=True, help="Keep the compressed models in OUT/models/.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Tracebacks on errors.")
-def command(model, calib, val, out_dir, methods, sizes, rule, feeds, repeats, no_quantize, keep_models, quiet, verbose):
+def command(model, calib, val, out_dir, methods, sizes, rule, feeds, val_feeds, repeats, no_quantize, keep_models, quiet, verbose):
     """Compress MODEL with each method at each size, validate each, and write agreement against
     file size, FLOPs and latency (with the original and quantize_dynamic as references) to OUT."""
     from .cli import _fail
@@ -332,12 +334,13 @@ def command(model, calib, val, out_dir, methods, sizes, rule, feeds, repeats, no
             values = [float(s) for s in sizes.split(",") if s.strip()]
         except ValueError as e:
             raise UsageError(f"--sizes must be comma-separated numbers, got {sizes!r}") from e
-        if feeds is not None and feeds < 1:
-            raise UsageError(f"--feeds must be at least 1, got {feeds}")
+        for flag, n in (("--feeds", feeds), ("--val-feeds", val_feeds)):
+            if n is not None and n < 1:
+                raise UsageError(f"{flag} must be at least 1, got {n}")
         if repeats < 1:
             raise UsageError(f"--repeats must be at least 1, got {repeats}")
         points = default_points([m.strip() for m in methods.split(",") if m.strip()], values, rule.replace("-", "_"))
-        rows = run_sweep(model, out_dir, calib=calib, val=val, points=points, feeds=feeds, repeats=repeats,
+        rows = run_sweep(model, out_dir, calib=calib, val=val, points=points, feeds=feeds, val_feeds=val_feeds, repeats=repeats,
                          quantize=not no_quantize, keep_models=keep_models,
                          echo=None if quiet else (lambda text: click.echo(text, err=True)))
     except OnnxCompressError as e:

@@ -66,16 +66,16 @@ class Report:
         if self.groups:
             lines.append("")
             lines.append(f"{'group':<40} {'kept':>11} {'error':>8} {'best':>8}")
-            lines.append("  (error: estimated relative error of the consumers' inputs rebuilt from the kept "
-                         "channels; best: the same for the best k-dimensional approximation, a floor)")
+            lines.append("  error: estimated relative error of the group's exit tensors rebuilt from the kept channels")
+            lines.append("  best:  the same for the best k-dimensional approximation, a floor no k channels can beat")
             for grp in self.groups:
                 kept = f"{grp['kept']}/{grp['channels']}"
                 lines.append(f"{_short(grp['group'], 40):<40} {kept:>11} {grp['error']:8.4f} {grp['best_error']:8.4f}")
         if self.layers:
             lines.append("")
             lines.append(f"{'layer':<40} {'rank':>6} {'params':>9} {'error':>8} {'optimum':>8}")
-            lines.append("  (error: relative calibration output error of the split; optimum: "
-                         "activation-aware SVD at the same rank)")
+            lines.append("  error:   relative error of the layer's output on the calibration data")
+            lines.append("  optimum: the same for activation-aware SVD at that rank, the least any split reaches")
             for x in self.layers:
                 kept = x["params_after"] / x["params_before"]
                 lines.append(f"{_short(x['layer'], 40):<40} {x['rank']:>6} {kept:9.1%} {x['error']:8.4f} "
