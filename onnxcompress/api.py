@@ -1,4 +1,4 @@
-"""`compress()`: the whole data flow of design.md section 2, one stage per call.
+"""`compress()`: the whole data flow (docs/architecture.md), one stage per call.
 
 load -> normalize -> find groups -> calibrate -> decide (Plan) -> rewrite -> validate -> report,
 then the gate, then an atomic save. The command line is a thin layer over this function.

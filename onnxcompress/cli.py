@@ -1,4 +1,4 @@
-"""The command line: a thin layer over `onnxcompress.compress` (design.md section 4).
+"""The command line: a thin layer over `onnxcompress.compress` (docs/cli.md).
 
 Exit codes: 0 success, 1 error (one line, no traceback unless -v), 2 bad usage, 3 the agreement
 gate (--min-agreement) was not met, 130 interrupted. Nothing is written on any non-zero exit

@@ -1,4 +1,4 @@
-"""Decide: statistics + size rule -> Plan (design.md section 3, "Choosing sizes").
+"""Decide: statistics + size rule -> Plan (docs/maths.md, "Choosing sizes").
 
 Per group, the selection Gram is the sum over its exit tensors e of D_e G_e D_e / trace, where
 D_e = diag(norms of the consumers' input columns) (with `weighted`), so pivoting targets the

@@ -1,5 +1,5 @@
 """Factorize: input statistics + size rule -> one `LayerPlan` per split layer (the low-rank
-counterpart of `decide.py`; design.md section 3, "Low rank", "Choosing sizes").
+counterpart of `select.py`; docs/maths.md, "Low rank", "Choosing sizes").
 
 Per layer, with W (out x in) and its input Gram G (see `layers.py`):
 
