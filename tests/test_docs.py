@@ -76,9 +76,10 @@ def test_the_readme_first_command_runs_twice(tmp_path):
     assert args[0] == "onnxcompress" and "--force" in args
     shutil.copytree(ROOT / "models", tmp_path / "models")
     for _ in range(2):
-        r = subprocess.run([sys.executable, "-m", "onnxcompress", *args[1:], "-q"], cwd=tmp_path,
+        r = subprocess.run([sys.executable, "-m", "onnxcompress", *args[1:]], cwd=tmp_path,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
+        assert re.search(r"accuracy of 'logits' against .*: original [0-9.]+, compressed [0-9.]+", r.stdout)
     assert (tmp_path / "models" / "digits_cnn.compressed.onnx").exists()
 
 
