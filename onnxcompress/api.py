@@ -177,10 +177,10 @@ def _sources(calib, val, specs, config: Config, report: Report, planned: bool = 
     if calib is None:
         if not planned:
             report.warn("no calibration data: statistics come from random inputs, so the choice of "
-                                   "channels and the agreement figures say little about real inputs; pass --calib")
+                        "channels and the agreement figures say little about real inputs; pass --calib")
         elif val is None:  # the plan fixed the channels; only validation uses the data
             report.warn("no data: the plan fixed the channels, but validation ran on random inputs, "
-                                   "so the agreement figures say little about real inputs; pass --val")
+                        "so the agreement figures say little about real inputs; pass --val")
         calib_src = data_mod.synthesize(specs, count=SYNTHETIC_FEEDS, seed=config.seed)
     else:
         calib_src = data_mod.open_source(calib, specs, batch_size=config.batch_size)
@@ -259,7 +259,7 @@ def _warn_low_agreement(report: Report, agreement, config: Config) -> None:
     if worst.score < LOW_AGREEMENT:
         what = "top-1 agreement" if worst.top1 is not None else "cosine" if worst.cosine is not None else "1 - rel L2"
         report.warn(f"output {worst.output!r} barely agrees with the original ({what} {worst.score:.4f}, "
-                               f"below {LOW_AGREEMENT}); compress less, or set --min-agreement to refuse such a model")
+                    f"below {LOW_AGREEMENT}); compress less, or set --min-agreement to refuse such a model")
 
 
 def _gate(report: Report, agreement, config: Config) -> None:

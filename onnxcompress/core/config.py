@@ -56,7 +56,7 @@ class Config:
                      cosine otherwise); below it the output is not written and exit code is 3.
     keep_failed:     write the output even when the gate fails.
     force:           overwrite an existing output file.
-    seed:            seed for synthesized inputs.
+    seed:            seed for synthesized inputs and for the rows `max_rows` samples.
     """
 
     method: str = "id"
