@@ -176,3 +176,16 @@ def test_plan_keeps_size_rules_null(tmp_path):
     report = compress(MODELS / "digits_mlp.onnx", tmp_path / "o.onnx", calib=MODELS / "digits_calib.npz",
                       plan=Plan(method="id", select="id", groups=()))
     assert all(report.config[k] is None for k in ("keep", "tolerance", "flops_target", "params_target"))
+
+
+def test_fewer_calibration_rows_than_channels_is_warned(tmp_path, caplog):
+    model = checks.save(tmp_path, graphs.mlp())  # groups of 32 and 24 channels
+    for n, warned in ((12, True), (200, False)):
+        np.savez(tmp_path / "c.npz", **graphs.sample_inputs([("x", (16,))], n))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="onnxcompress"):
+            compress(model, tmp_path / "o.onnx", calib=tmp_path / "c.npz", config=Config(force=True, holdout=0))
+        hits = [r.getMessage() for r in caplog.records if "fewer calibration rows than channels" in r.getMessage()]
+        assert bool(hits) == warned, (n, hits)
+        if warned:
+            assert "2 of 2 channel groups" in hits[0] and f"{n} rows, 32 channels" in hits[0]

@@ -135,6 +135,7 @@ def decide(g: GraphIndex, analysis: Analysis, stats: dict, config: Config, budge
     for grp in analysis.groups:
         curves.append(group_curve(g, grp, stats, config))
         tick()
+    _warn_few_rows(analysis, stats, config)
     sizes = choose_sizes(curves, config, budget)
     plans = []
     for curve in curves:
@@ -156,6 +157,20 @@ def decide(g: GraphIndex, analysis: Analysis, stats: dict, config: Config, budge
         plans.append(GroupPlan(grp.id, grp.channels, tuple(int(c) for c in keep), interp, err, best_err,
                                intercept))
     return Plan(config.method, config.select, tuple(plans))
+
+
+def _warn_few_rows(analysis: Analysis, stats: dict, config: Config) -> None:
+    """T is fitted to the calibration rows: with fewer rows than channels, G is rank-deficient,
+    the kept channels reproduce the calibration rows almost exactly and held-out rows poorly."""
+    if config.select != "id":
+        return
+    few = [(grp.id, min(stats[e.tensor].rows for e in grp.exits), grp.channels) for grp in analysis.groups
+           if grp.exits and min(stats[e.tensor].rows for e in grp.exits) < grp.channels]
+    if few:
+        gid, rows, channels = few[0]
+        log.warning("decide: %d of %d channel groups have fewer calibration rows than channels (%s: %d rows, "
+                    "%d channels); their interpolation fits the calibration data and may miss held-out "
+                    "data: give more calibration data", len(few), len(analysis.groups), gid, rows, channels)
 
 
 def selection_error(curve: Curve, keep: np.ndarray, interp: dict) -> float:
