@@ -17,6 +17,7 @@ are the candidate's median.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -131,8 +132,7 @@ def _agreement_row(row: Row, agreement) -> None:
 
 def run_sweep(model: str | os.PathLike, out_dir: str | os.PathLike, *, calib, val=None,
               points: list[Point] | None = None, feeds: int | None = None, val_feeds: int | None = None,
-              repeats: int = 15,
-              quantize: bool = True, keep_models: bool = False, echo=None) -> list[Row]:
+              repeats: int = 15, quantize: bool = True, keep_models: bool = False, echo=None) -> list[Row]:
     """Measure every point and the references (see the module docstring); write sweep.csv and
     sweep.json (and sweep.png with matplotlib) into `out_dir`. Returns the rows, references first
     (the original's latency is the median of its medians over the points' runs).
@@ -191,7 +191,6 @@ def run_sweep(model: str | os.PathLike, out_dir: str | os.PathLike, *, calib, va
 
 
 def _forced(config: Config) -> Config:
-    import dataclasses
     return dataclasses.replace(config, force=True)
 
 
