@@ -1,4 +1,4 @@
-"""`compress()`: the whole data flow, one stage per call.
+"""`compress()`: the whole data flow (docs/architecture.md), one stage per call.
 
 load -> normalize -> find sites (every method) -> calibrate (one pass) -> curves -> allocate
 (Plan) -> rewrite (each method in turn) -> validate -> report, then the gate, then an atomic
@@ -13,17 +13,17 @@ from pathlib import Path
 import onnx
 
 from .core import data as data_mod
-from .core.calibrate import Progress, calibrate
-from .core.config import SIZE_RULES, Config
+from .core.calibrate import Progress, calibrate, ticker
+from .core.config import SIZE_RULES, Config, flag
 from .core.cost import count_params, node_flops
 from .core.errors import AgreementError, ModelError, RewriteError, UsageError
 from .core.graph import GraphIndex
 from .core.modelio import check_finite_weights, check_output_path, load_model, save_model, serialized_size
 from .core.normalize import normalize, static_shapes
 from .core.plan import Plan
-from .core.report import Report, StageTimer
+from .core.report import Report, StageTimer, op_counts
 from .core.runtime import make_session, observed_shapes, run
-from .core.validate import Reference, output_error, score_outputs, validate
+from .core.validate import Reference, load_labels, output_error, score_outputs, validate
 from .decide import decide
 from .methods import for_method, for_plan
 from .methods.base import Skipped
@@ -31,6 +31,7 @@ from .methods.base import Skipped
 log = logging.getLogger(__name__)
 
 SYNTHETIC_FEEDS = 32
+LOW_AGREEMENT = 0.5  # below this, warn even without --min-agreement
 
 
 def default_output(model_path: str | os.PathLike) -> Path:
@@ -53,7 +54,7 @@ def _check_arguments(model, output, config, calib, val, plan) -> tuple[Config, P
             raise UsageError(f"plan must be an onnxcompress.Plan, got {type(plan).__name__}")
         given = [n for n in SIZE_RULES if getattr(config, n) is not None]
         if given:
-            raise UsageError(f"a plan fixes the sizes; {given[0]} contradicts it")
+            raise UsageError(f"--plan fixes the sizes; {flag(given[0])} contradicts it")
     src = Path(model)
     out = Path(output) if output is not None else default_output(src)
     inputs = []
@@ -69,7 +70,7 @@ def _check_arguments(model, output, config, calib, val, plan) -> tuple[Config, P
 
 def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, *,
              config: Config | None = None, calib=None, val=None, plan: Plan | None = None,
-             progress: Progress | None = None) -> Report:
+             progress: Progress | None = None, val_labels=None) -> Report:
     """Compress the ONNX model at `model` and write it to `output` (default
     `<stem>.compressed.onnx` beside it). Returns the `Report`.
 
@@ -87,18 +88,26 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     Raises `AgreementError` (exit code 3, carrying the report) when `config.min_agreement` or
     `config.target` is not met; the output is then not written, unless `config.keep_failed`
     (with `min_agreement`), in which case it is written first and the error still raised.
+
+    val_labels: a `.npy` path (or an array) of integer classes, one per sample of `val`; the
+    report then gives the accuracy of the original and the compressed model next to the agreement.
+    `progress(stage, done, total)` is called during calibrate, decide and validate.
     """
     config, src, out, inputs = _check_arguments(model, output, config, calib, val, plan)
     check_output_path(out, force=config.force, source=src, inputs=inputs)
     timer = StageTimer()
-    report = Report(input=str(src), output=None, config=config.to_dict())
+    if val_labels is not None and val is None:
+        raise UsageError("--val-labels needs --val: the labels are for the --val samples, in order")
+    labels = load_labels(val_labels) if val_labels is not None else None
+    report = Report(input=str(src), output=None, config=config.to_dict(applied=plan is None))
     with timer("load"):
         original = load_model(src)
+        report.ops["before"] = op_counts(original.graph)
     with timer("normalize"):
         norm = normalize(original, copy=False)  # validation reads the input file itself
         check_finite_weights(norm, src, allow=config.allow_nonfinite, warnings=report.warnings)
         specs = data_mod.input_specs(norm)
-        calib_src, val_src = _sources(calib, val, specs, config, report)
+        calib_src, val_src = _sources(calib, val, specs, config, report, plan is not None)
         first = next(iter(calib_src))
         g = GraphIndex(norm, *shapes_at(norm, first))
     flops = node_flops(g)
@@ -116,12 +125,17 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
                 stats = calibrate(norm, requests, calib_src, types=g.types, progress=progress,
                                   max_rows=config.max_rows, seed=config.seed)
             with timer("decide"):
-                curves = [methods[s.method].curve(g, s, stats, config, flops) for s in sites]
+                tick = ticker(progress, "decide", len(sites))
+                curves = []
+                for s in sites:
+                    curves.append(methods[s.method].curve(g, s, stats, config, flops))
+                    tick()
+                _warn_few_rows(curves, config)
             stats = None  # the Grams (8 C^2 bytes per exit) are not needed past the curves
             if config.target is not None:
                 with timer("validate"):
                     reference = Reference(src, val_src, [vi.name for vi in norm.graph.output],
-                                          scores=before["scores"], progress=progress)
+                                          scores=before["scores"], progress=progress, labels=labels)
             entries, left, chosen = decide(norm, g, methods, curves, config, before, calib_src=calib_src,
                                            reference=reference, report=report, timer=timer, progress=progress)
             plan = Plan(config.method, config.select, tuple(entries))
@@ -139,10 +153,11 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
             _smoke_test(new, first, rewritten=rewritten)
         if chosen is None:
             with timer("validate"):
-                agreement = validate(src, new, val_src, scores=before["scores"], progress=progress)
+                agreement = validate(src, new, val_src, scores=before["scores"], progress=progress, labels=labels)
     finally:
         if reference is not None:
             reference.close()
+    _warn_low_agreement(report, agreement, config)
     _fill(report, new, before, methods, sites, skipped, plan, agreement, first)
     report.seconds = timer.seconds
     report.plan = plan
@@ -182,12 +197,14 @@ def _rewrite(norm, g: GraphIndex, methods: dict, sites: list, plan: Plan):
     return new
 
 
-def _sources(calib, val, specs, config: Config, report: Report):
+def _sources(calib, val, specs, config: Config, report: Report, planned: bool = False):
     if calib is None:
-        msg = ("no calibration data: statistics come from random inputs, so the choice of channels "
-               "and the agreement figures say little about real inputs; pass --calib")
-        log.warning(msg)
-        report.warnings.append(msg)
+        if not planned:
+            report.warn("no calibration data: statistics come from random inputs, so the choice of "
+                        "channels and the agreement figures say little about real inputs; pass --calib")
+        elif val is None:  # the plan fixed the channels; only validation uses the data
+            report.warn("no data: the plan fixed the channels, but validation ran on random inputs, "
+                        "so the agreement figures say little about real inputs; pass --val")
         calib_src = data_mod.synthesize(specs, count=SYNTHETIC_FEEDS, seed=config.seed)
     else:
         calib_src = data_mod.open_source(calib, specs, batch_size=config.batch_size,
@@ -198,7 +215,7 @@ def _sources(calib, val, specs, config: Config, report: Report):
     else:
         calib_src, val_src = data_mod.split(calib_src, config.holdout)
         if val_src is calib_src:
-            report.warnings.append("validation ran on the calibration data (too little data to hold out)")
+            report.warn("validation ran on the calibration data (too little data to hold out)")
     report.data = {"calibration": calib_src.name, "validation": val_src.name,
                    "calibration_feeds": calib_src.feeds, "validation_feeds": val_src.feeds}
     return calib_src, val_src
@@ -233,6 +250,7 @@ def _fill(report: Report, new, before: dict, methods: dict, sites: list, skipped
     report.flops = {"before": before["flops"], "after": sum(node_flops(after).values()),
                     "at_input_shapes": {k: list(v.shape) for k, v in first.items()}}
     report.file_size = {"before": os.path.getsize(report.input)}
+    report.ops["after"] = op_counts(new.graph)
     by_key = {(s.method, s.key): s for s in sites}
     for e in plan.entries:
         m = methods[e.method]
@@ -245,7 +263,31 @@ def _fill(report: Report, new, before: dict, methods: dict, sites: list, skipped
         report.allocation["measured_error"] = output_error(agreement)
     if not plan.entries:
         what = "channel group" if plan.method == "id" else "layer to split" if plan.method != "auto" else "site"
-        report.warnings.append(f"no compressible {what} was found; the output computes the same function")
+        report.warn(f"no compressible {what} was found; the output computes the same function")
+
+
+def _warn_few_rows(curves: list, config: Config) -> None:
+    """T is fitted to the calibration rows: with fewer rows than channels, G is rank-deficient,
+    the kept channels reproduce the calibration rows almost exactly and held-out rows poorly."""
+    groups = [c for c in curves if c.site.method == "id"]
+    few = [c for c in groups if 0 < c.state.rows < c.site.target.channels]
+    if few and config.select == "id":
+        c = few[0]
+        log.warning("decide: %d of %d channel groups have fewer calibration rows than channels (%s: %d rows, "
+                    "%d channels); their interpolation fits the calibration data and may miss held-out "
+                    "data: give more calibration data", len(few), len(groups), c.site.key, c.state.rows,
+                    c.site.target.channels)
+
+
+def _warn_low_agreement(report: Report, agreement, config: Config) -> None:
+    """Without a gate, a model that barely agrees with the original still earns a warning."""
+    if config.min_agreement is not None or not agreement:
+        return
+    worst = min(agreement, key=lambda a: a.score)
+    if worst.score < LOW_AGREEMENT:
+        what = "top-1 agreement" if worst.top1 is not None else "cosine" if worst.cosine is not None else "1 - rel L2"
+        report.warn(f"output {worst.output!r} barely agrees with the original ({what} {worst.score:.4f}, "
+                    f"below {LOW_AGREEMENT}); compress less, or set --min-agreement to refuse such a model")
 
 
 def _gate(report: Report, agreement, config: Config) -> None:

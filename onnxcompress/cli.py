@@ -1,4 +1,4 @@
-"""The command line: a thin layer over `onnxcompress.compress` (design.md section 4).
+"""The command line: a thin layer over `onnxcompress.compress` (docs/cli.md).
 
 Exit codes: 0 success, 1 error (one line, no traceback unless -v), 2 bad usage, 3 the agreement
 gate (--min-agreement) was not met, 130 interrupted (SIGINT), 143 terminated (SIGTERM), 129 hung
@@ -8,6 +8,7 @@ itself with --keep-failed on exit 3): the model, the report and the plan are com
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import signal
 import sys
@@ -58,6 +59,16 @@ class _OneLineUsageError(click.ClickException):
 
 
 class _Command(click.Command):
+    def main(self, args=None, **extra):
+        """`onnxcompress inspect ...` and `onnxcompress sweep ...` go to their own commands; anything
+        else is `onnxcompress MODEL [OUTPUT] ...` (a model file named `inspect`: write `./inspect`)."""
+        args = list(sys.argv[1:] if args is None else args)
+        if args and args[0] in SUBCOMMANDS:
+            module = importlib.import_module(SUBCOMMANDS[args[0]], __package__)
+            extra["prog_name"] = f"onnxcompress {args[0]}"
+            return module.command.main(args[1:], **extra)
+        return super().main(args, **extra)
+
     def make_context(self, info_name, args, parent=None, **extra):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
@@ -65,7 +76,23 @@ class _Command(click.Command):
             raise _OneLineUsageError(e.format_message()) from e
 
 
-@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
+EXAMPLES = """\b
+Examples:
+  onnxcompress model.onnx --calib calib.npz                      keep 75% of the channels (ID)
+  onnxcompress model.onnx small.onnx --calib data/ --flops-target 0.7 --report r.json
+  onnxcompress model.onnx --calib calib.npz --method aasvd --params-target 0.7
+  onnxcompress model.onnx --calib calib.npz --val val.npz --val-labels labels.npy --min-agreement 0.99
+  onnxcompress model.onnx --calib calib.npz --save-plan plan.json   (then --plan plan.json)
+  onnxcompress inspect model.onnx                                what could be compressed, no data needed
+  onnxcompress sweep model.onnx --calib calib.npz --out sweep/   agreement against size, with a plot
+
+Exit codes: 0 success, 1 error, 2 bad usage, 3 --min-agreement not met, 130 interrupted.
+"""
+
+SUBCOMMANDS = {"inspect": ".inspect", "sweep": ".sweep"}
+
+
+@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXAMPLES)
 @click.argument("model", type=click.Path())
 @click.argument("output", required=False, type=click.Path())
 @click.option("--calib", type=click.Path(), help=".npz (keys = input names, samples on axis 0), .npy, or a directory of such files, one feed each.")
@@ -105,11 +132,13 @@ class _Command(click.Command):
 @click.option("-v", "--verbose", is_flag=True, help="More logging, and tracebacks on errors.")
 @click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf weights and data (refused otherwise): such layers are left alone, NaN outputs count as disagreement.")
 @click.option("--solver", default="irls", show_default=True, help="--method lp: irls (reweighted least squares) or ellipsoid (Löwner ellipsoid of the l_p body, seed 002).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for synthesized inputs and for the rows --max-rows samples.")
+@click.option("--val-labels", type=click.Path(), help=".npy of integer classes, one per --val sample: report the accuracy of both models.")
 @click.version_option(package_name="onnxcompress")
 def main(model, output, calib, val, report_path, keep, tolerance, flops_target, params_target, size_target, target,
          minimize, sensitivity, probe_feeds, min_keep,
          select, method, include, p, lp_weighted, smoothing, max_patch, intercept, exclude, min_agreement, keep_failed, batch_size, max_rows, holdout, save_plan, plan_path,
-         force, quiet, verbose, allow_nonfinite, solver):
+         force, quiet, verbose, allow_nonfinite, solver, seed, val_labels):
     """Compress MODEL.onnx into OUTPUT (default: MODEL.compressed.onnx beside it)."""
     logging.basicConfig(format="onnxcompress: %(levelname)s: %(message)s",
                         level=logging.ERROR if quiet else (logging.INFO if verbose else logging.WARNING))
@@ -122,15 +151,17 @@ def main(model, output, calib, val, report_path, keep, tolerance, flops_target, 
                             probe_feeds=probe_feeds, min_keep=min_keep, select=select, method=method, intercept=intercept, exclude=exclude,
                             include=include, p=p, lp_weighted=lp_weighted, smoothing=smoothing, max_patch=max_patch,
                             min_agreement=min_agreement, keep_failed=keep_failed, batch_size=batch_size, max_rows=max_rows,
-                            holdout=holdout, force=force, allow_nonfinite=allow_nonfinite, solver=solver)
-            out = _check_side_outputs(model, output, calib, val, plan_path, force, report=report_path, save_plan=save_plan)
+                            holdout=holdout, force=force, allow_nonfinite=allow_nonfinite, solver=solver,
+                            seed=seed)
+            out = _check_side_outputs(model, output, calib, val, plan_path, force, report=report_path,
+                                      save_plan=save_plan, labels=val_labels)
             files.remove_stale({Path(x).parent for x in (out, report_path, save_plan) if x})
             plan = Plan.load(plan_path) if plan_path else None
             txn.guard(out)  # a failure after the model is in place puts back what was there
             txn.guard(str(out) + ".data")
             try:
                 report = compress(model, output, config=config, calib=calib, val=val, plan=plan,
-                                  progress=ProgressBar(not quiet and sys.stderr.isatty()))
+                                  progress=ProgressBar(not quiet and sys.stderr.isatty()), val_labels=val_labels)
             except AgreementError as e:
                 _finish(txn, e.report, report_path, None, quiet)
                 raise
@@ -184,13 +215,13 @@ def _signals_raise():
             signal.signal(sig, handler)
 
 
-def _check_side_outputs(model, output, calib, val, plan_path, force, **paths) -> Path:
+def _check_side_outputs(model, output, calib, val, plan_path, force, labels=None, **paths) -> Path:
     """Every path the run writes is checked before any work against every file it reads
     (`files.Inputs`): the output model (replaced only with --force), --report and --save-plan (an
     existing report or plan is replaced), and each against the others. Returns the output path."""
     given = {"--" + name.replace("_", "-"): Path(p) for name, p in paths.items() if p}
     out = Path(output) if output else default_output(model)
-    inputs = files.Inputs.of_run(model, calib, val, plan_path)
+    inputs = files.Inputs.of_run(model, calib, val, plan_path, labels)
     files.check_output(out, inputs=inputs, replace=force)
     for flag, path in given.items():
         if files.same_file(path, out) or files.same_file(path, Path(str(out) + ".data")):

@@ -128,6 +128,7 @@ def _search(norm, g, methods, curves, costs, weights, config, reference, report,
         raise AgreementError(f"target: no compressed model meets --target {target}{reached}; nothing written", report)
     idx = path.at(best["pos"])
     report.allocation["estimated_error"] = path.error(best["pos"])
+    report.allocation["reached"] = path.cost(best["pos"], metric) / (path.start[metric] or 1.0)
     chosen_reason = f"target {target} is met without it"
     _, left = _realize(g, methods, curves, idx, config, {ci: chosen_reason for ci in range(len(curves)) if idx[ci] == 0})
     return best["entries"], left, (best["model"], best["agreement"])

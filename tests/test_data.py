@@ -85,3 +85,62 @@ def test_zero_samples_and_missing_or_extra_inputs(tmp_path):
     np.savez(tmp_path / "extra.npz", x=np.ones((1, 4), np.float32), y=np.ones(1))
     with pytest.raises(DataError, match="'y' is not an input"):
         open_source(tmp_path / "extra.npz", SPECS, batch_size=4)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+def test_other_float_widths_are_cast_with_one_warning(tmp_path, caplog, dtype):
+    x = np.linspace(-1, 1, 40).reshape(10, 4).astype(dtype)
+    np.savez(tmp_path / "c.npz", x=x)
+    with caplog.at_level("WARNING", logger="onnxcompress"):
+        calib, val = split(open_source(tmp_path / "c.npz", SPECS, batch_size=2), 0.2)
+        got = np.concatenate(feeds(calib) + feeds(val))
+    assert got.dtype == np.float32
+    assert np.allclose(np.sort(got.ravel()), np.sort(x.astype(np.float32).ravel()))
+    casts = [r.getMessage() for r in caplog.records if "cast to float32" in r.getMessage()]
+    assert len(casts) == 1 and f"is {np.dtype(dtype)}" in casts[0]
+
+
+def test_a_directory_of_float64_feeds_warns_once(tmp_path, caplog):
+    for k in range(3):
+        np.save(tmp_path / f"{k}.npy", np.ones((2, 4), np.float64))
+    with caplog.at_level("WARNING", logger="onnxcompress"):
+        source = open_source(tmp_path, SPECS, batch_size=2)
+        assert all(b.dtype == np.float32 for b in feeds(source) + feeds(source))
+    assert sum("cast to float32" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.ones((2, 4), np.int32), "dtype int32, the model takes float32"),
+    (np.ones((2, 4), bool), "dtype bool, the model takes float32"),
+])
+def test_other_kinds_are_refused(tmp_path, array, message):
+    np.savez(tmp_path / "c.npz", x=array)
+    with pytest.raises(DataError, match=message):
+        open_source(tmp_path / "c.npz", SPECS, batch_size=4)
+
+
+def test_integers_out_of_range_are_refused():
+    specs = [InputSpec("ids", np.dtype(np.int32), (None, 3))]
+    ok = feeds_of(open_source({"ids": np.arange(6, dtype=np.int64).reshape(2, 3)}, specs, batch_size=2), "ids")
+    assert ok[0].dtype == np.int32
+    with pytest.raises(DataError, match="values outside int32"):
+        open_source({"ids": np.full((2, 3), 2**40, np.int64)}, specs, batch_size=2)
+
+
+def feeds_of(source, name):
+    return [f[name] for f in source]
+
+
+def test_a_missing_input_lists_what_the_data_holds(tmp_path):
+    np.savez(tmp_path / "c.npz", input_ids=np.ones((2, 4), np.float32), mask=np.ones((2, 4), np.float32))
+    with pytest.raises(DataError, match=r"missing input 'x' \(the model needs x; the data holds input_ids, mask\)"):
+        open_source(tmp_path / "c.npz", SPECS, batch_size=4)
+
+
+def test_a_rank_error_gives_the_file_shape_not_the_batch(tmp_path):
+    np.savez(tmp_path / "c.npz", x=np.ones((37, 4, 1), np.float32))
+    with pytest.raises(DataError, match=r"rank 3 \(shape \(37, 4, 1\)\)"):
+        open_source(tmp_path / "c.npz", SPECS, batch_size=4)
+    np.savez(tmp_path / "d.npz", x=np.ones((37, 5), np.float32))
+    with pytest.raises(DataError, match=r"has 5 on axis 1, the model takes 4 \(shape \(37, 5\)\)"):
+        open_source(tmp_path / "d.npz", SPECS, batch_size=4)

@@ -10,6 +10,7 @@ is mostly interpreter start-up); each test asserts on its own case.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import re
@@ -400,29 +401,29 @@ def test_bad_input(catalogue, name):
 # ---- every option out of range or contradicting another: exit 2, in-process ----
 
 USAGE = [
-    (["--keep", "0"], "keep must be in (0, 1], got 0.0"),
-    (["--keep", "1.5"], "keep must be in (0, 1], got 1.5"),
-    (["--keep", "nan"], "keep must be in (0, 1], got nan"),
+    (["--keep", "0"], "--keep must be in (0, 1], got 0.0"),
+    (["--keep", "1.5"], "--keep must be in (0, 1], got 1.5"),
+    (["--keep", "nan"], "--keep must be in (0, 1], got nan"),
     (["--keep", "abc"], "'--keep': 'abc' is not a valid float"),
-    (["--keep", "0.5", "--flops-target", "0.5"], "keep and flops_target (--flops-target) contradict"),
-    (["--keep", "0.5", "--tolerance", "0.1"], "keep and tolerance contradict"),
-    (["--tolerance", "-0.1"], "tolerance must be in [0, 1), got -0.1"),
-    (["--holdout", "1"], "holdout must be in [0, 1), got 1.0"),
-    (["--holdout", "-0.2"], "holdout must be in [0, 1), got -0.2"),
-    (["--min-agreement", "2"], "(--min-agreement) must be in [0, 1], got 2.0"),
-    (["--min-agreement", "-0.5"], "(--min-agreement) must be in [0, 1], got -0.5"),
-    (["--batch-size", "0"], "(--batch-size) must be at least 1, got 0"),
+    (["--keep", "0.5", "--flops-target", "0.5"], "--keep and --flops-target contradict each other"),
+    (["--keep", "0.5", "--tolerance", "0.1"], "--keep and --tolerance contradict"),
+    (["--tolerance", "-0.1"], "--tolerance must be in [0, 1), got -0.1"),
+    (["--holdout", "1"], "--holdout must be in [0, 1), got 1.0"),
+    (["--holdout", "-0.2"], "--holdout must be in [0, 1), got -0.2"),
+    (["--min-agreement", "2"], "--min-agreement must be in [0, 1], got 2.0"),
+    (["--min-agreement", "-0.5"], "--min-agreement must be in [0, 1], got -0.5"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["--batch-size", "2.5"], "'--batch-size': '2.5' is not a valid integer"),
-    (["--max-rows", "-1"], "(--max-rows) must be non-negative, got -1"),
-    (["--min-keep", "1.5"], "(--min-keep) must be in [0, 1], got 1.5"),
-    (["--params-target", "0"], "(--params-target) must be in (0, 1], got 0.0"),
-    (["--flops-target", "inf"], "(--flops-target) must be in (0, 1], got inf"),
+    (["--max-rows", "-1"], "--max-rows must be non-negative, got -1"),
+    (["--min-keep", "1.5"], "--min-keep must be in [0, 1], got 1.5"),
+    (["--params-target", "0"], "--params-target must be in (0, 1], got 0.0"),
+    (["--flops-target", "inf"], "--flops-target must be in (0, 1], got inf"),
     (["--select", "bogus"], "'--select': 'bogus' is not one of"),
-    (["--exclude", "("], "exclude is not a valid regular expression"),
+    (["--exclude", "("], "--exclude is not a valid regular expression"),
     (["--no-such-flag"], "No such option '--no-such-flag'"),
     (["--plan", "{tmp}/missing.json"], "'--plan': File '{tmp}/missing.json' does not exist"),
     (["--plan", "{calib}"], "plan: {calib}: not a readable plan"),
-    (["--plan", "{plan}", "--keep", "0.5"], "a plan fixes the sizes; keep contradicts it"),
+    (["--plan", "{plan}", "--keep", "0.5"], "--plan fixes the sizes; --keep contradicts it"),
     (["--report", "{tmp}/r.json", "--save-plan", "{tmp}/r.json"], "--report and --save-plan name the same file"),
 ]
 

@@ -378,7 +378,7 @@ def test_no_compressible_node_exits_0_with_a_message(tmp_path, build):
     r = subprocess.run([sys.executable, "-m", "onnxcompress", str(path), str(out), "--calib", str(calib),
                         "--keep", "0.5"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "no compressible channel group was found" in r.stdout
+    assert "no compressible channel group was found" in r.stderr  # a warning, logged once
     if build is _single_gemm:
         assert "only (Gemm): reaches graph output" in r.stdout
     assert_valid_output(path, out, feeds_for(X16, 8, 3), same=True, rtol=0, atol=0)

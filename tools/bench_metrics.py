@@ -1,4 +1,4 @@
-"""Task metrics for the real-model benchmark (design.md section 5).
+"""Task metrics for the real-model benchmark (docs/measuring.md).
 
 Each metric runs an original and a compressed ONNX model with ONNX Runtime on the same held-out
 feeds (a directory of ``.npz`` files written by ``tools/real_models.py prepare``, one feed per

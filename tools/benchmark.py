@@ -1,4 +1,4 @@
-"""Run the onnxcompress CLI on the real models and measure each result (design.md section 5).
+"""Run the onnxcompress CLI on the real models and measure each result (docs/measuring.md).
 
     python tools/real_models.py prepare --out build/bench     # once
     python tools/benchmark.py [--runs minilm-keep75,magika-keep75] [--bench build/bench]

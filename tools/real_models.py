@@ -1,4 +1,4 @@
-"""Real third-party models and data for the onnxcompress benchmark (design.md section 5).
+"""Real third-party models and data for the onnxcompress benchmark (docs/measuring.md).
 
     python tools/real_models.py prepare --out build/bench [--models minilm,ocr_rec] [--calib N --val N]
 

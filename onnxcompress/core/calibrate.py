@@ -13,6 +13,19 @@ from .stats import ChannelGram, PatchGram, Request, Stats, TokenCounts  # noqa: 
 Progress = Callable[[str, int, int | None], None]
 
 
+def ticker(progress: Progress | None, stage: str, total: int) -> Callable[[], None]:
+    """A callable that reports one more step of `total` in `stage` to `progress` (if any) each
+    time it is called: for stages that loop over groups or layers (decide)."""
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(stage, done, total)
+    return tick
+
+
 def calibrate(model: onnx.ModelProto, requests: Iterable[Request], feeds,
               *, types: dict[str, int] | None = None, progress: Progress | None = None,
               max_rows: int = 0, seed: int = 0) -> dict:

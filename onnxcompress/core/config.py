@@ -73,7 +73,7 @@ class Config:
                      cosine otherwise); below it the output is not written and exit code is 3.
     keep_failed:     write the output even when the gate fails.
     force:           overwrite an existing output file.
-    seed:            seed for synthesized inputs.
+    seed:            seed for synthesized inputs and for the rows `max_rows` samples.
     allow_nonfinite: accept NaN/Inf weights and data (refused otherwise): layers with such weights
                      are left alone, and validation counts a NaN output as a disagreement.
     solver:          how "lp" finds its subspace: "irls" (iteratively reweighted least squares, a
@@ -118,52 +118,52 @@ class Config:
         _check_types(self)
         chosen = [n for n in SIZE_RULES if getattr(self, n) is not None]
         if len(chosen) > 1:
-            raise UsageError(f"options {' and '.join(map(_named, chosen))} contradict each other: give only one size rule")
+            raise UsageError(f"{' and '.join(map(_named, chosen))} contradict each other: give only one size rule")
         if self.method not in METHODS:
-            raise UsageError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+            raise UsageError(f"{_named('method')}: unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.select not in SELECTIONS:
-            raise UsageError(f"unknown selection {self.select!r}; choose from {', '.join(SELECTIONS)}")
+            raise UsageError(f"{_named('select')}: unknown selection {self.select!r}; choose from {', '.join(SELECTIONS)}")
         for name in ("keep", "flops_target", "params_target", "size_target"):
             _check_fraction(name, getattr(self, name), open_low=True)
         _check_fraction("min_keep", self.min_keep, open_low=False)
         _check_fraction("min_agreement", self.min_agreement, open_low=False)
         if self.tolerance is not None and not 0 <= self.tolerance < 1:
-            raise UsageError(f"tolerance must be in [0, 1), got {self.tolerance}")
+            raise UsageError(f"{_named('tolerance')} must be in [0, 1), got {self.tolerance}")
         if not 0 <= self.holdout < 1:
-            raise UsageError(f"holdout must be in [0, 1), got {self.holdout}")
+            raise UsageError(f"{_named('holdout')} must be in [0, 1), got {self.holdout}")
         if self.max_rows < 0:
             raise UsageError(f"{_named('max_rows')} must be non-negative, got {self.max_rows}")
         if self.batch_size < 1:
             raise UsageError(f"{_named('batch_size')} must be at least 1, got {self.batch_size}")
         if not self.ridge >= 0:  # also refuses NaN
-            raise UsageError(f"ridge must be non-negative, got {self.ridge}")
+            raise UsageError(f"{_named('ridge')} must be non-negative, got {self.ridge}")
         if self.select != "id" and self.method != "id":
-            raise UsageError(f"select {self.select!r} applies to method 'id' only, not {self.method!r}")
+            raise UsageError(f"{_named('select')} {self.select} applies to {_named('method')} id only, not {self.method}")
         if self.target is not None:
             try:
                 parse_target(self.target)
             except ValueError as e:
-                raise UsageError(f"target (--target) {self.target!r}: {e}") from None
+                raise UsageError(f"{_named('target')} {self.target!r}: {e}") from None
         if self.minimize not in MINIMIZE:
-            raise UsageError(f"minimize (--minimize) must be one of {', '.join(MINIMIZE)}, got {self.minimize!r}")
+            raise UsageError(f"{_named('minimize')} must be one of {', '.join(MINIMIZE)}, got {self.minimize!r}")
         if self.probe_feeds < 1:
             raise UsageError(f"{_named('probe_feeds')} must be at least 1, got {self.probe_feeds}")
         if not 1 <= self.p <= 2:
-            raise UsageError(f"p must be in [1, 2], got {self.p}")
+            raise UsageError(f"{_named('p')} must be in [1, 2], got {self.p}")
         if self.smoothing is not None and not self.smoothing >= 0:
-            raise UsageError(f"smoothing must be non-negative, got {self.smoothing}")
+            raise UsageError(f"{_named('smoothing')} must be non-negative, got {self.smoothing}")
         if self.max_patch < 1:
-            raise UsageError(f"max_patch must be at least 1, got {self.max_patch}")
+            raise UsageError(f"{_named('max_patch')} must be at least 1, got {self.max_patch}")
         for name in ("exclude", "include"):
             if getattr(self, name) is not None:
                 try:
                     re.compile(getattr(self, name))
                 except re.error as e:
-                    raise UsageError(f"{name} is not a valid regular expression: {e}") from e
+                    raise UsageError(f"{_named(name)} is not a valid regular expression: {e}") from e
         if self.solver not in SOLVERS:
-            raise UsageError(f"unknown solver (--solver) {self.solver!r}; choose from {', '.join(SOLVERS)}")
+            raise UsageError(f"{_named('solver')}: unknown solver {self.solver!r}; choose from {', '.join(SOLVERS)}")
         if self.solver != "irls" and self.method != "lp":
-            raise UsageError(f"solver (--solver) {self.solver!r} applies to method 'lp' only, not {self.method!r}")
+            raise UsageError(f"{_named('solver')} {self.solver} applies to {_named('method')} lp only, not {self.method}")
 
     @property
     def size_rule(self) -> tuple[str, float]:
@@ -176,11 +176,17 @@ class Config:
 
     @property
     def quality_target(self):
-        """The parsed `target` (`allocate.Target`), or None."""
+        """The parsed `target` (`core.target.Target`), or None."""
         return parse_target(self.target) if self.target is not None else None
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def to_dict(self, *, applied: bool = False) -> dict:
+        """The fields as a dict; with `applied`, the size rule in force is filled in (`keep`: 0.75
+        when no rule was given), as the report records it."""
+        d = dataclasses.asdict(self)
+        if applied:
+            name, value = self.size_rule
+            d[name] = value
+        return d
 
 
 _OPTIONAL = ("keep", "tolerance", "flops_target", "params_target", "size_target", "target", "min_agreement",
@@ -206,13 +212,16 @@ def _check_types(config: Config) -> None:
                 raise UsageError(f"{_named(name)} must be {kind}, got {value!r}")
 
 
-_NO_FLAG = ("ridge", "weighted", "seed")
+_NO_FLAG = ("ridge", "weighted")
 
 
-def _named(name: str) -> str:
-    """A field as the user may know it: `min_agreement (--min-agreement)`."""
-    flag = name.replace("_", "-")
-    return name if name == flag or name in _NO_FLAG else f"{name} (--{flag})"
+def flag(name: str) -> str:
+    """A field as the user types it: `min_agreement` -> `--min-agreement`; fields without a flag
+    (`ridge`, `weighted`) keep their Python name."""
+    return name if name in _NO_FLAG else "--" + name.replace("_", "-")
+
+
+_named = flag
 
 
 def _check_fraction(name: str, value: float | None, *, open_low: bool) -> None:

@@ -15,6 +15,12 @@ before anything is allocated: an array's header must match the bytes the file (o
 member) holds, compressed members may expand to at most `MEMORY_BUDGET` bytes in all (a zip bomb
 is refused unread), and a one-shot iterable (a generator, a CalibrationDataReader) is read up to
 `MAX_STREAM_FEEDS` feeds or `MEMORY_BUDGET` bytes, with a warning when it is cut.
+
+Dtypes: an array whose dtype differs from the input's is cast when the cast is safe in practice,
+floats of another width to the model's float type (float64 or float16 for a float32 input; one
+warning per input and source, since float64 -> float32 rounds) and integers of another width
+when every value fits (silently); anything else (floats for an integer input, integers or
+booleans for a float input, integers out of range) is a `DataError`.
 """
 from __future__ import annotations
 
@@ -73,11 +79,13 @@ class FeedSource:
         self.name, self._make, self.specs, self.samples, self.feeds = name, make, specs, samples, feeds
         self.arrays, self.batch_size = arrays, batch_size  # set for array sources: split by sample
         self.allow_nonfinite = allow_nonfinite
+        self._warned: set = set()  # inputs already warned about (a float cast), once per source
 
     def __iter__(self) -> Iterator[Feed]:
         count = 0
         for k, feed in enumerate(self._make()):
-            yield check_feed(feed, self.specs, f"{self.name} feed {k}", allow_nonfinite=self.allow_nonfinite)
+            yield check_feed(feed, self.specs, f"{self.name} feed {k}", allow_nonfinite=self.allow_nonfinite,
+                             warned=self._warned, source=self.name)
             count += 1
         if count == 0:
             raise DataError(f"data: {self.name} holds no samples")
@@ -233,8 +241,11 @@ def _gib(nbytes: int) -> str:
 
 
 def _from_arrays(name: str, arrays: Feed, specs: list[InputSpec], batch_size: int) -> FeedSource:
-    """Samples on axis 0 of every array, cut into batches (the model's static batch if it has one)."""
+    """Samples on axis 0 of every array, cut into batches (the model's static batch if it has one).
+    Ranks, fixed dimensions past axis 0 and dtypes are checked (and cast) on the whole arrays, so
+    messages give the file's shapes, not a batch's."""
     check_names(arrays, specs, name)
+    arrays = _whole_arrays(arrays, specs, name)
     counts = {k: (np.shape(v)[0] if np.ndim(v) else 0) for k, v in arrays.items()}
     n = min(counts.values())
     if len(set(counts.values())) > 1:
@@ -327,19 +338,59 @@ def split(source: FeedSource, holdout: float) -> tuple[FeedSource, FeedSource]:
             FeedSource(source.name + " (held-out part)", part(True), source.specs, None, n_val, allow_nonfinite=allow))
 
 
+def _whole_arrays(arrays: Feed, specs: list[InputSpec], name: str) -> Feed:
+    """Rank and fixed dimensions (past the sample axis) of each whole array, and its dtype cast
+    once (see the module's rule on dtypes)."""
+    out = dict(arrays)
+    warned: set = set()
+    for s in specs:
+        a = np.asarray(arrays[s.name])
+        if a.dtype != object and a.dtype != s.dtype:
+            a = _cast(a, s, name, warned, name)
+        if s.shape is not None:
+            if a.ndim != len(s.shape):
+                raise DataError(f"data: {name}: input {s.name!r} has rank {a.ndim} (shape {a.shape}), "
+                                f"the model takes rank {len(s.shape)} (samples on axis 0)")
+            for axis, (have, want) in enumerate(zip(a.shape, s.shape)):
+                if axis > 0 and want is not None and have != want:
+                    raise DataError(f"data: {name}: input {s.name!r} has {have} on axis {axis}, the model "
+                                    f"takes {want} (shape {a.shape})")
+        out[s.name] = a
+    return out
+
+
+def _cast(a: np.ndarray, s: InputSpec, where: str, warned: set, source: str) -> np.ndarray:
+    """`a` as `s.dtype` under the module's dtype rule, or a `DataError`."""
+    if a.dtype.kind == "f" and s.dtype.kind == "f":
+        if s.name not in warned:
+            warned.add(s.name)
+            log.warning("data: %s: input %r is %s, cast to %s as the model takes", source, s.name, a.dtype, s.dtype)
+        return a.astype(s.dtype)
+    if a.dtype.kind in "iu" and s.dtype.kind in "iu":
+        info = np.iinfo(s.dtype)
+        if a.size and (a.min() < info.min or a.max() > info.max):
+            raise DataError(f"data: {where}: input {s.name!r} has {a.dtype} values outside {s.dtype}, "
+                            f"which the model takes")
+        return a.astype(s.dtype)
+    raise DataError(f"data: {where}: input {s.name!r} has dtype {a.dtype}, the model takes {s.dtype}")
+
+
 def check_names(feed: Feed, specs: list[InputSpec], where: str) -> None:
     names = {s.name for s in specs}
     missing, extra = sorted(names - set(feed)), sorted(set(feed) - names)
     if missing:
-        raise DataError(f"data: {where}: missing input {missing[0]!r} (the model needs {', '.join(sorted(names))})")
+        holds = ", ".join(sorted(feed)) or "nothing"
+        raise DataError(f"data: {where}: missing input {missing[0]!r} (the model needs {', '.join(sorted(names))}; "
+                        f"the data holds {holds})")
     if extra:
         raise DataError(f"data: {where}: {extra[0]!r} is not an input of the model (inputs: {', '.join(sorted(names))})")
 
 
-def check_feed(feed: Feed, specs: list[InputSpec], where: str, *, allow_nonfinite: bool = False) -> Feed:
+def check_feed(feed: Feed, specs: list[InputSpec], where: str, *, allow_nonfinite: bool = False,
+               warned: set | None = None, source: str | None = None) -> Feed:
     """Check names, dtypes, ranks, static dimensions and finiteness (unless `allow_nonfinite`);
-    cast within a kind (float64 -> float32, int32 -> int64). Returns the feed ready for ONNX
-    Runtime."""
+    cast under the module's dtype rule (a float cast warned once per input in `warned`). Returns
+    the feed ready for ONNX Runtime."""
     if not isinstance(feed, dict):
         raise DataError(f"data: {where}: a feed must be a dict of input name -> array, got {type(feed).__name__}")
     check_names(feed, specs, where)
@@ -349,9 +400,7 @@ def check_feed(feed: Feed, specs: list[InputSpec], where: str, *, allow_nonfinit
         if a.dtype == object:
             raise DataError(f"data: {where}: input {s.name!r} is an object array; refused")
         if a.dtype != s.dtype:
-            if a.dtype.kind != s.dtype.kind and not (a.dtype.kind in "iu" and s.dtype.kind in "iu"):
-                raise DataError(f"data: {where}: input {s.name!r} has dtype {a.dtype}, the model takes {s.dtype}")
-            a = a.astype(s.dtype)
+            a = _cast(a, s, where, set() if warned is None else warned, source or where)
         if s.shape is not None:
             if a.ndim != len(s.shape):
                 raise DataError(f"data: {where}: input {s.name!r} has rank {a.ndim} (shape {a.shape}), "

@@ -97,7 +97,7 @@ class Inputs:
         self._external: dict[Path, list[Path]] = {}
 
     @classmethod
-    def of_run(cls, model, calib=None, val=None, plan=None) -> "Inputs":
+    def of_run(cls, model, calib=None, val=None, plan=None, labels=None) -> "Inputs":
         """The inputs of a command-line run: data folders contribute every file they hold."""
         files = []
         for flag, spec in (("--calib", calib), ("--val", val)):
@@ -105,6 +105,8 @@ class Inputs:
                 files += [(p, f"a data file of {flag}") for p in data_files(Path(spec))]
         if plan is not None:
             files.append((Path(plan), "the --plan file"))
+        if labels is not None:
+            files.append((Path(labels), "the --val-labels file"))
         return cls([model], files)
 
     def find(self, path: Path) -> str | None:

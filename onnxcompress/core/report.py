@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .files import write_atomic
+log = logging.getLogger(__name__)
 
 
 class StageTimer:
@@ -48,6 +50,14 @@ class Report:
     warnings: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
     plan: object = field(default=None, repr=False)  # the Plan applied (not part of the JSON)
+    versions: dict = field(default_factory=lambda: versions())  # onnxcompress, onnx, onnxruntime, ...
+    ops: dict = field(default_factory=dict)         # before / after: node count per op type
+
+    def warn(self, message: str) -> None:
+        """Record a warning in the report and log it once, when it arises (stderr); the table
+        does not repeat it."""
+        log.warning(message)
+        self.warnings.append(message)
 
     def to_dict(self) -> dict:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("plan", "sections")}
@@ -73,12 +83,16 @@ class Report:
         if self.groups:
             lines.append("")
             lines.append(f"{'group':<40} {'kept':>11} {'error':>8} {'best':>8}")
+            lines.append("  error: estimated relative error of the group's exit tensors rebuilt from the kept channels")
+            lines.append("  best:  the same for the best k-dimensional approximation, a floor no k channels can beat")
             for grp in self.groups:
                 kept = f"{grp['kept']}/{grp['channels']}"
                 lines.append(f"{_short(grp['group'], 40):<40} {kept:>11} {grp['error']:8.4f} {grp['best_error']:8.4f}")
         if self.layers:
             lines.append("")
             lines.append(f"{'layer':<40} {'rank':>6} {'params':>9} {'error':>8} {'optimum':>8}")
+            lines.append("  error:   relative error of the layer's output on the calibration data")
+            lines.append("  optimum: the same for activation-aware SVD at that rank, the least any split reaches")
             for x in self.layers:
                 kept = x["params_after"] / x["params_before"]
                 lines.append(f"{_short(x['layer'], 40):<40} {x['rank']:>6} {kept:9.1%} {x['error']:8.4f} "
@@ -98,9 +112,12 @@ class Report:
                 top = "-" if a["top1"] is None else f"{a['top1']:.4f}"
                 lines.append(f"{_short(a['output'], 28):<28} {a['samples']:>7} {a['max_abs']:10.4g} "
                              f"{a['rel_l2']:9.4g} {cos:>8} {top:>7}")
+        for a in self.agreement:
+            acc = a.get("accuracy")
+            if acc:
+                lines.append(f"accuracy of {a['output']!r} against {acc['labels']} ({acc['samples']} samples): "
+                             f"original {acc['original']:.4f}, compressed {acc['compressed']:.4f}")
         lines += _allocation_lines(self.allocation)
-        for w in self.warnings:
-            lines.append(f"warning: {w}")
         lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()))
         return "\n".join(lines)
 
@@ -122,6 +139,36 @@ def strict(value):
     if value is None or isinstance(value, str):
         return value
     return strict(float(value))
+def versions() -> dict:
+    """Versions of the tool and of what it ran on, as recorded in the report."""
+    import platform
+
+    import numpy
+    import onnx
+    import onnxruntime
+
+    from .. import __version__
+    return {"onnxcompress": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+def op_counts(graph) -> dict[str, int]:
+    """Nodes per op type in a GraphProto's main graph (subgraphs not counted), sorted by op type."""
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _op_line(ops: dict) -> list[str]:
+    """`nodes       14 -> 19 (MatMul 6 -> 12, Gemm 4 -> 1)`: only the op types whose count changed."""
+    before, after = ops.get("before"), ops.get("after")
+    if not before or after is None:
+        return []
+    changed = [f"{op} {before.get(op, 0)} -> {after.get(op, 0)}" for op in sorted(set(before) | set(after))
+               if before.get(op, 0) != after.get(op, 0)]
+    line = f"{'nodes':<11} {sum(before.values()):>14,} -> {sum(after.values()):>14,}"
+    return [line + (f" ({', '.join(changed)})" if changed else " (same op types and counts)")]
 
 
 def _size_lines(r: Report) -> list[str]:
@@ -134,7 +181,7 @@ def _size_lines(r: Report) -> list[str]:
         if after is not None:
             line += f" -> {after:>14,.0f} ({after / before:.1%})"
         out.append(line)
-    return out
+    return out + _op_line(r.ops)
 
 
 def _allocation_lines(a: dict) -> list[str]:

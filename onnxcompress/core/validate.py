@@ -4,12 +4,15 @@ far their outputs agree. Returns data; printing is the report's job.
 Per output: max |y - y'|, relative L2 error ||y - y'|| / ||y|| over all feeds, mean cosine over
 samples (axis 0 of each feed, flattened), and, for outputs that look like scores, top-1 agreement
 (argmax over the last axis). Integer outputs (labels, indices) get exact-match agreement.
+
+With labels (`Labels`: one integer class per validation sample, in feed order), the labelled
+output's accuracy, argmax over its last axis against the labels, is measured for both models.
 """
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ import onnx
 
 from .calibrate import Progress
 from .runtime import make_session, run
+from .errors import DataError
 from .graph import GraphIndex
 
 _PASS_OPS = {"Reshape", "Transpose", "Identity", "Flatten", "Squeeze", "Unsqueeze", "Cast"}
@@ -30,6 +34,7 @@ class Agreement:
     rel_l2: float
     cosine: float | None
     top1: float | None
+    accuracy: dict | None = None  # with labels: {"labels", "samples", "original", "compressed"}
 
     @property
     def score(self) -> float:
@@ -40,6 +45,49 @@ class Agreement:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Labels:
+    """True classes of the validation samples (1-D integers, in the order the feeds stream them)
+    and where they came from (a file name, for the report)."""
+    values: np.ndarray
+    name: str
+
+
+class _Accuracy:
+    """Hits of the original and the compressed model's argmax against `labels`, sample by sample."""
+
+    def __init__(self, labels: Labels):
+        self.labels, self.n, self.hits = labels, 0, [0, 0]
+
+    def add(self, ref: np.ndarray, new: np.ndarray) -> None:
+        if ref.ndim != 2:
+            raise DataError(f"data: --val-labels: output scores of shape {ref.shape}; labels need "
+                            f"(samples, classes)")
+        want = self.labels.values[self.n:self.n + ref.shape[0]]
+        if len(want) < ref.shape[0]:
+            raise DataError(f"data: --val-labels: {self.labels.name} holds {len(self.labels.values)} labels, "
+                            f"fewer than the validation samples")
+        for j, y in enumerate((ref, new)):
+            self.hits[j] += int(np.sum(np.argmax(y, axis=-1) == want))
+        self.n += ref.shape[0]
+
+    def result(self) -> dict:
+        if self.n != len(self.labels.values):
+            raise DataError(f"data: --val-labels: {self.labels.name} holds {len(self.labels.values)} labels "
+                            f"for {self.n} validation samples")
+        return {"labels": self.labels.name, "samples": self.n,
+                "original": self.hits[0] / self.n, "compressed": self.hits[1] / self.n}
+
+
+def labelled_output(outputs: list[str], scores: set[str]) -> str:
+    """The output the labels are for: the first graph output that looks like class scores."""
+    for name in outputs:
+        if name in scores:
+            return name
+    raise DataError("data: --val-labels: the model has no output that looks like class scores "
+                    "(a Softmax over the last axis or a Gemm)")
 
 
 def score_outputs(g: GraphIndex) -> set[str]:
@@ -129,8 +177,8 @@ class Reference:
     weights, not two."""
 
     def __init__(self, original: onnx.ModelProto | str | os.PathLike, feeds, names: list[str], *,
-                 scores: set[str], progress: Progress | None = None):
-        self.names, self.scores, self.feeds = list(names), scores, feeds
+                 scores: set[str], progress: Progress | None = None, labels: Labels | None = None):
+        self.names, self.scores, self.feeds, self.labels = list(names), scores, feeds, labels
         self._tmp = tempfile.TemporaryDirectory(prefix="onnxcompress-validate-")
         self.count = 0
         total = getattr(feeds, "feeds", None)
@@ -143,8 +191,13 @@ class Reference:
                 progress("reference", k + 1, total)
         del session
 
-    def compare(self, compressed: onnx.ModelProto, *, progress: Progress | None = None) -> tuple[Agreement, ...]:
-        """Agreement of every graph output of `compressed` with the original on the same feeds."""
+    def compare(self, compressed: onnx.ModelProto, *, progress: Progress | None = None,
+                labels: Labels | None = None) -> tuple[Agreement, ...]:
+        """Agreement of every graph output of `compressed` with the original on the same feeds;
+        with `labels`, the accuracy of both models on the labelled output too."""
+        labels = labels if labels is not None else self.labels
+        labelled = labelled_output(self.names, self.scores) if labels is not None else None
+        accuracy = _Accuracy(labels) if labels is not None else None
         session = make_session(compressed)
         tallies = {n: _Tally() for n in self.names}
         integer = {}
@@ -157,9 +210,14 @@ class Reference:
             for name, r, c in zip(self.names, ref, new):
                 integer[name] = r.dtype.kind in "iub"
                 tallies[name].add(np.asarray(r), np.asarray(c), name in self.scores)
+                if name == labelled:
+                    accuracy.add(np.asarray(r), np.asarray(c))
             if progress:
                 progress("validate", k + 1, self.count)
-        return tuple(tallies[n].result(n, integer.get(n, False)) for n in self.names)
+        found = tuple(tallies[n].result(n, integer.get(n, False)) for n in self.names)
+        if accuracy is None:
+            return found
+        return tuple(replace(a, accuracy=accuracy.result()) if a.output == labelled else a for a in found)
 
     def close(self) -> None:
         self._tmp.cleanup()
@@ -172,12 +230,13 @@ class Reference:
 
 
 def validate(original: onnx.ModelProto | str | os.PathLike, compressed: onnx.ModelProto, feeds, *,
-             scores: set[str], progress: Progress | None = None) -> tuple[Agreement, ...]:
+             scores: set[str], progress: Progress | None = None,
+             labels: Labels | None = None) -> tuple[Agreement, ...]:
     """Agreement of every graph output of `compressed` with `original` (a model, or the path of the
     input file, which ONNX Runtime then reads itself) on `feeds` (see `Reference`)."""
     names = [vi.name for vi in compressed.graph.output]
     with Reference(original, feeds, names, scores=scores) as ref:
-        return ref.compare(compressed, progress=progress)
+        return ref.compare(compressed, progress=progress, labels=labels)
 
 
 def output_error(agreement) -> float:
@@ -185,3 +244,22 @@ def output_error(agreement) -> float:
     rel_l2^2 (the currency the allocator estimates)."""
     values = [a.rel_l2 ** 2 for a in agreement if a.cosine is not None]
     return float(np.mean(values)) if values else 0.0
+
+
+def load_labels(spec) -> Labels:
+    """`--val-labels`: a `.npy` file (or, from Python, an array) of integer class labels, one per
+    validation sample."""
+    if isinstance(spec, (str, os.PathLike)):
+        path = Path(spec)
+        try:
+            values = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f"data: --val-labels: {path}: cannot read a .npy array "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        name = str(path)
+    else:
+        values, name = np.asarray(spec), "the labels given"
+    if values.ndim != 1 or values.dtype.kind not in "iu":
+        raise DataError(f"data: --val-labels: {name}: expected a 1-D integer array, got {values.dtype} "
+                        f"of shape {values.shape}")
+    return Labels(values, name)

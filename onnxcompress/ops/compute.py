@@ -15,7 +15,7 @@ be removed together. Each handler answers three questions about its op:
   None when the op is never a layer.
 
 The shape and layout ops (Transpose, Reshape, Flatten, Squeeze, Concat, ...) live in
-`ops_layout.py`; the shared vocabulary in `edits.py`.
+`layout.py`; the shared vocabulary in `edits.py`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The vocabulary shared by the handlers (`ops.py`, `ops_layout.py`), the group search
+"""The vocabulary shared by the handlers (`compute.py`, `layout.py`), the group search
 (`groups.py`) and the rewrite: group members, handler results and rewrite edits.
 
 Channel axes are negative (counted from the right), which survives broadcasting. `spatial` > 1

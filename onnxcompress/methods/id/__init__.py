@@ -48,7 +48,7 @@ class IdMethod:
         floor = max(1, math.ceil(config.min_keep * c))
         stride = max(1, c // 64)
         steps = np.unique(np.append(np.arange(0, c - floor + 1, stride), c - floor))
-        return Curve(site, sizes, error, tuple(_costs(g, grp, sizes / c, flops)), state, steps)
+        return Curve(site, sizes, error, tuple(group_costs(g, grp, sizes / c, flops)), state, steps)
 
     def keep_index(self, curve: Curve, fraction: float):
         c = curve.site.target.channels
@@ -85,7 +85,9 @@ class IdMethod:
 
     def describe(self, site: Site, decision: GroupPlan) -> dict:
         grp = site.target
-        return {**decision.to_dict(matrices=False), "producers": list(grp.producers),
+        row = decision.to_dict(matrices=False)
+        row.pop("keep")  # the kept channel list is the plan's (--save-plan), not the report's
+        return {**row, "producers": list(grp.producers),
                 "exits": [e.tensor for e in grp.exits],
                 "error_ratio": (decision.error / decision.best_error) if decision.best_error > 0 else None}
 
@@ -94,7 +96,7 @@ def _claims(grp) -> frozenset:
     return frozenset(e.tensor for e in grp.edits if isinstance(e, (Slice, Mix, Shift)))
 
 
-def _costs(g: GraphIndex, grp, fraction: np.ndarray, flops: dict) -> list[Cost]:
+def group_costs(g: GraphIndex, grp, fraction: np.ndarray, flops: dict) -> list[Cost]:
     """Parameters and bytes of every weight the group slices or mixes, FLOPs of every node whose
     weight it edits (or whose group attribute it sets), each scaling with k / C."""
     out, tensors, nodes = [], set(), set()

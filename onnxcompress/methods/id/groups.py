@@ -1,4 +1,4 @@
-"""Find channel groups: pure analysis of a normalized graph (design.md section 3).
+"""Find channel groups: pure analysis of a normalized graph (docs/graph-rules.md).
 
 A group starts at the output channels of one or more producers, follows them through
 channel-preserving ops, and ends at exits that are linear in the channels. Groups joined by an

@@ -1,4 +1,4 @@
-"""ID selection: a group's statistics, its error curve and the kept channels.
+"""ID selection: a group's statistics, its error curve and the kept channels (docs/maths.md).
 
 Per group, the selection Gram is the sum over its exit tensors e of D_e G_e D_e / trace, where
 D_e = diag(norms of the consumers' input columns) (with `weighted`), so pivoting targets the
@@ -36,6 +36,7 @@ class GroupStats:
     means: dict               # exit tensor -> channel means mu (C,), only where an intercept is used
     order: np.ndarray
     residual: np.ndarray      # residual[k] / residual[0], k = 0..C
+    rows: int = 0             # the fewest calibration rows behind any exit's Gram
 
 
 def consumer_norms(g: GraphIndex, group: Group, source: str) -> np.ndarray:
@@ -80,7 +81,8 @@ def group_curve(g: GraphIndex, group: Group, stats: dict, config: Config) -> Gro
             gsel += part / tr
     order, residual = pivot_order(gsel)
     norm = residual / residual[0] if residual[0] > 0 else residual
-    return GroupStats(group, gsel, weights, grams, means, order, norm)
+    rows = min((stats[e.tensor].rows for e in group.exits), default=0)
+    return GroupStats(group, gsel, weights, grams, means, order, norm, rows)
 
 
 def _shared_weight(per_exit: list[np.ndarray], channels: int) -> np.ndarray:

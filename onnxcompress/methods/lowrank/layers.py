@@ -1,4 +1,4 @@
-"""Find the layers a low-rank split can replace (design.md section 3, "Low rank"). Pure analysis.
+"""Find the layers a low-rank split can replace (docs/graph-rules.md, "Low-rank splits"). Pure analysis.
 
 Every `Layer` views one node's constant weight as a matrix W (out x in), y = W x at every
 position, names the statistic of the node's input that the activation-aware solvers need, and
@@ -19,7 +19,7 @@ the cost of a rank-r split, r (in + out) parameters instead of in * out:
 
 Weights read by any other node (a tied output projection, shared Q/K weights) are skipped, with
 the reason, as are layers no rank >= 1 makes smaller. Per-op knowledge (which node is a layer,
-its W and statistic) is the `layer` method of the op's handler in `ops.py`.
+its W and statistic) is the `layer` method of the op's handler in `ops/compute.py`.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Low-rank curves: input statistics -> each layer's error at every rank and its factors
-(design notes: "Low rank").
+(docs/maths.md, "Low rank").
 
 Per layer, with W (out x in) and its input Gram G (see `layers.py`):
 

@@ -1,4 +1,4 @@
-"""Low-rank factorization solvers (design.md section 3, "Low rank", "Robust l_p low rank").
+"""Low-rank factorization solvers (docs/maths.md, "Low rank").
 
 Pure numpy/scipy functions, float64 throughout, no I/O, no logging.
 
