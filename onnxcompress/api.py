@@ -183,7 +183,7 @@ def _sources(calib, val, specs, config: Config, report: Report):
 
 
 def _exit_requests(analysis: Analysis) -> dict[str, ChannelGram]:
-    return {e.tensor: ChannelGram(e.tensor, e.axis, grp.channels) for grp in analysis.groups for e in grp.exits}
+    return analysis.requests()
 
 
 def shapes_at(model: onnx.ModelProto, feed: dict) -> tuple[dict, dict]:

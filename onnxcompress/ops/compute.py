@@ -149,6 +149,44 @@ class Conv(Handler):
         return Stop(f"grouped convolution (group={group})")
 
 
+class ConvTranspose(Handler):
+    """ConvTranspose, weight W (C_in, C_out / group, *kernel), y = sum_c x[c] * W[c] (scattered).
+
+    Producer (group 1): its output channels are W's axis 1 (and the bias's entries), sliced by S.
+    Exit (group 1): linear in its input channels, W's axis 0 absorbs T: W''[j] = sum_c T[j, c] W[c].
+    No intercept: a constant input reaches an output position through a number of kernel taps
+    that varies with the position (strides, padding), so it is no constant bias."""
+
+    def produce(self, g, i):
+        node = g.nodes[i]
+        w = g.const(node.input[1])
+        if w is None:
+            return computed_weight(g, node.input[1]) or "weight is not a constant"
+        group = g.attr(i, "group", 1)
+        if group != 1:
+            return f"grouped transposed convolution (group={group})"
+        edits = [Slice(node.input[1], 1, i)]
+        if len(node.input) > 2 and node.input[2]:
+            if g.const(node.input[2]) is None:
+                return "bias is not a constant"
+            edits.append(Slice(node.input[2], 0, i))
+        return Produce(node.output[0], -(w.ndim - 1), w.shape[1], tuple(edits), edits[0])
+
+    def consume(self, g, i, pos, m, channels):
+        node = g.nodes[i]
+        w = g.const(node.input[1])
+        if pos != 0:
+            return Stop("ConvTranspose reads the channels as its weight")
+        if w is None:
+            return Stop("ConvTranspose's " + (computed_weight(g, node.input[1]) or "weight is not a constant"))
+        if m.spatial > 1 or m.axis != -(w.ndim - 1):
+            return Stop("ConvTranspose does not read the channel axis as its input channels")
+        group = g.attr(i, "group", 1)
+        if group != 1 or w.shape[0] != channels:
+            return Stop(f"grouped transposed convolution (group={group})")
+        return Exit((Mix(node.input[1], 0, 1, m.source, i),), m.source, m.source_axis)
+
+
 class Gemm(Handler):
     def layer(self, g: GraphIndex, i: int, max_patch: int):
         node = g.nodes[i]
@@ -353,7 +391,7 @@ VALUE_PRESERVING = {"Identity", "Dropout"}  # output values are the input's (at 
 HANDLERS: dict[str, Handler] = {
     **{op: Unary() for op in UNARY_OPS},
     **{op: Binary() for op in BINARY_OPS},
-    "Conv": Conv(), "Gemm": Gemm(), "MatMul": MatMul(), "Gather": Gather(),
+    "Conv": Conv(), "ConvTranspose": ConvTranspose(), "Gemm": Gemm(), "MatMul": MatMul(), "Gather": Gather(),
     "BatchNormalization": PerChannelNorm(), "InstanceNormalization": PerChannelNorm(),
     **{op: Pool() for op in "MaxPool AveragePool LpPool GlobalAveragePool GlobalMaxPool GlobalLpPool".split()},
     **{op: Reduce() for op in "ReduceMean ReduceSum ReduceMax ReduceMin ReduceL1 ReduceL2 ReduceProd".split()},
@@ -362,5 +400,5 @@ HANDLERS: dict[str, Handler] = {
     "Unsqueeze": Squeeze(), "Concat": Concat(), "Shape": ShapeOf(),
     **{op: Mixes("normalizes across the channels") for op in
        "LayerNormalization GroupNormalization LpNormalization MeanVarianceNormalization".split()},
-    **{op: Mixes("mixes the channels") for op in "ConvTranspose LSTM GRU RNN Einsum".split()},
+    **{op: Mixes("mixes the channels") for op in "LSTM GRU RNN Einsum".split()},
 }

@@ -9,10 +9,18 @@ Edits say what the rewrite does with channel selection S (k kept of C) and inter
 `Slice` keeps entries S along an axis, `Mix` replaces the C-long input axis (C*spatial, channel-
 major) of a weight by T applied to it, `SetAttr` sets an attribute to k, `ShapeEntry` sets entry
 `index` of a shape constant to k*spatial, `Shift` folds a constant intercept into a bias.
+
+Windows (Concat along the channels): a group's channel index space is the concatenation of its
+producers' channels. A tensor before the Concat holds channels [offset, offset + width) of that
+space; every edit on it carries the window (`width` 0: the whole space). With kept channels S,
+the window keeps S_w = {s - offset : s in S, offset <= s < offset + width}; a `Mix` there uses the
+rows of T for S_w and its columns [offset, offset + width) (see `window_keep`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from ..core.stats import ChannelGram, PatchGram, Request, TokenCounts
 from ..core.graph import GraphIndex
@@ -23,6 +31,8 @@ class Slice:
     tensor: str
     axis: int
     node: int
+    offset: int = 0
+    width: int = 0
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,8 @@ class Mix:
     spatial: int
     source: str  # the group tensor whose Gram gives this exit's interpolation matrix
     node: int
+    offset: int = 0
+    width: int = 0
 
 
 @dataclass(frozen=True)
@@ -48,12 +60,19 @@ class Shift:
     source: str
     node: int
     scale: float = 1.0
+    offset: int = 0
+    width: int = 0
 
 
 @dataclass(frozen=True)
 class SetAttr:
+    """Set integer attribute `name` of `node` to k (times `per`: a grouped Conv's `group` counts
+    whole groups of `per` channels)."""
     node: int
     name: str
+    offset: int = 0
+    width: int = 0
+    per: int = 1
 
 
 @dataclass(frozen=True)
@@ -62,6 +81,8 @@ class ShapeEntry:
     index: int
     spatial: int
     node: int
+    offset: int = 0
+    width: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,6 +125,18 @@ class Exit:
 
 
 @dataclass(frozen=True)
+class Enter:
+    """The member's channels become channels [offset, offset + channels) of `output`, a Concat
+    along the channel axis (`axis`) of `total` channels: the group continues in the
+    concatenated index space (see `groups.py`)."""
+    output: str
+    axis: int
+    offset: int
+    total: int
+    node: int
+
+
+@dataclass(frozen=True)
 class Stop:
     reason: str
 
@@ -135,6 +168,21 @@ class Layer:
     @property
     def statistic(self) -> str:
         return {ChannelGram: "channels", PatchGram: "patches", TokenCounts: "counts"}[type(self.request)]
+
+
+def window_keep(keep, offset: int, width: int):
+    """Positions (into `keep`) and local indices of the kept channels inside a window
+    (all of them when width is 0)."""
+    keep = np.asarray(keep, dtype=np.int64)
+    if not width:
+        return np.arange(len(keep)), keep
+    rows = np.flatnonzero((keep >= offset) & (keep < offset + width))
+    return rows, keep[rows] - offset
+
+
+def windowed(e, offset: int, width: int):
+    """Edit e placed at a window of the group's channel space."""
+    return replace(e, offset=e.offset + offset, width=e.width or width)
 
 
 class Handler:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .edits import Handler, Member, ShapeEntry, Stop, Through, through_to
+from .edits import Enter, Handler, Member, ShapeEntry, Stop, Through, through_to
 
 
 class Transpose(Handler):
@@ -143,7 +143,12 @@ class Squeeze(Handler):
 
 
 class Concat(Handler):
-    """Concatenation along an axis other than the channels joins its inputs into one group."""
+    """Concatenation along an axis other than the channels joins its inputs into one group.
+
+    Along the channels, input `pos` becomes channels [offset, offset + C_pos) of the output
+    (offset = sum of the widths of the inputs before it): the group continues in the
+    concatenated index space (`Enter`), where one selection S serves every input and the
+    consumers of the output read one interpolation matrix over all the channels."""
 
     def consume(self, g, i, pos, m, channels):
         node = g.nodes[i]
@@ -151,7 +156,14 @@ class Concat(Handler):
         if rank is None or m.spatial > 1:
             return Stop("Concat of unknown rank")
         if g.attr(i, "axis") % rank == rank + m.axis:
-            return Stop("Concat along the channels")
+            c = rank + m.axis
+            if any(g.const(n) is not None for n in node.input if n):
+                return Stop("Concat along the channels with a constant")
+            shapes = [g.shape(n) for n in node.input]
+            if any(s is None or len(s) != rank or s[c] is None for s in shapes):
+                return Stop("Concat along the channels of unknown widths")
+            widths = [int(s[c]) for s in shapes]
+            return Enter(node.output[0], m.axis, sum(widths[:pos]), sum(widths), i)
         joins = tuple((n, m.axis) for k, n in enumerate(node.input) if k != pos and n)
         if any(g.const(n) is not None for n, _ in joins):
             return Stop("Concat with a constant")

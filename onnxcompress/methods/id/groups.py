@@ -6,6 +6,15 @@ op reading two of their tensors (a residual Add, a squeeze-and-excitation Mul) b
 One selection of kept channels serves the whole group; each exit tensor gets its own
 interpolation matrix. Every producer that is not compressed, and every linear node that is not a
 producer, comes back as `Skipped` with the reason.
+
+Concat along the channels: the Concat output starts a draft of its own, as wide as the
+concatenation, and each input's draft is placed in it at the input's offset (`edits.Enter`).
+Drafts linked by shared tensors or joins sit at the same offset; a draft reaching the same index
+space at two different offsets stops the group. The merged group's channel space is the union
+of the windows; each tensor before a Concat is a window [offset, offset + width) of it, and every
+edit on it carries that window. An exit reading a window gets the Gram of its own tensor
+(`exit_request`), embedded at the window in the group's space (`embed_stats`): zero outside, so
+its interpolation matrix, restricted to the window, is the window's own least-squares fit.
 """
 from __future__ import annotations
 
@@ -13,8 +22,12 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ...core.graph import GraphIndex
-from ...ops.edits import Exit, Member, Mix, Produce, SetAttr, ShapeEntry, Shift, Slice, Stop, Through
+from ...core.stats import ChannelGram, Stats
+from ...ops.edits import (Enter, Exit, Member, Mix, Produce, SetAttr, ShapeEntry, Shift, Slice, Stop,
+                          Through, windowed)
 from ...ops.compute import HANDLERS
 from ..base import Skipped
 
@@ -25,9 +38,29 @@ RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 @dataclass(frozen=True)
 class ExitTensor:
     """A group tensor read by exits: its Gram (rows x channels, over `axis`) drives the
-    interpolation matrix of every exit reading it."""
+    interpolation matrix of every exit reading it. A tensor before a Concat holds the window
+    [offset, offset + width) of the group's channels (width 0: all of them)."""
     tensor: str
     axis: int
+    offset: int = 0
+    width: int = 0
+
+
+def exit_request(channels: int, e: ExitTensor) -> ChannelGram:
+    """The statistic an exit tensor needs: the Gram over its own channels."""
+    return ChannelGram(e.tensor, e.axis, e.width or channels)
+
+
+def embed_stats(st: Stats, e: ExitTensor, channels: int) -> Stats:
+    """A window's statistics placed in the group's channel space (zero outside the window)."""
+    if not e.width or e.width == channels:
+        return st
+    window = slice(e.offset, e.offset + e.width)
+    gram = np.zeros((channels, channels))
+    gram[window, window] = st.gram
+    sums = np.zeros(channels)
+    sums[window] = st.sums
+    return Stats(gram, sums, st.rows)
 
 
 @dataclass(frozen=True)
@@ -63,6 +96,10 @@ class Analysis:
                             "exits": [e.tensor for e in g.exits]} for g in self.groups],
                 "skipped": [vars(s) for s in self.skipped]}
 
+    def requests(self) -> dict[str, ChannelGram]:
+        """Exit tensor -> the statistic it needs (a window's Gram over its own channels)."""
+        return {e.tensor: exit_request(grp.channels, e) for grp in self.groups for e in grp.exits}
+
 
 @dataclass
 class _Draft:
@@ -76,6 +113,8 @@ class _Draft:
     nodes: set[int] = field(default_factory=set)
     reasons: list[str] = field(default_factory=list)
     weights: list[Slice] = field(default_factory=list)
+    concat: int | None = None        # the Concat node whose output starts this draft
+    enters: list[Enter] = field(default_factory=list)
 
     def stop(self, reason: str) -> None:
         if reason not in self.reasons:
@@ -101,6 +140,7 @@ def find_groups(g: GraphIndex, *, exclude: str | None = None, include: str | Non
             skipped.append(Skipped(g.key(i), node.op_type, "not a channel producer"))
         elif node.op_type in RECURRENT_OPS:
             skipped.append(Skipped(g.key(i), node.op_type, "recurrent layer: its weights are not compressed"))
+    _concat_drafts(g, drafts)
     merged = _merge(g, drafts)
     subgraph_names = g.subgraph_uses()
     _check_weights(g, merged, subgraph_names)
@@ -127,6 +167,22 @@ def _is_depthwise(g: GraphIndex, i: int) -> bool:
     return w is not None and g.attr(i, "group", 1) == w.shape[0] > 1 and w.shape[1] == 1
 
 
+def _concat_drafts(g: GraphIndex, drafts: list[_Draft]) -> None:
+    """Add a draft for the output of every Concat some draft enters along the channels (and for
+    the Concats those reach, and so on)."""
+    started: set[int] = set()
+    k = 0
+    while k < len(drafts):
+        for enter in drafts[k].enters:
+            if enter.node in started:
+                continue
+            started.add(enter.node)
+            d = _Draft(producers=[], channels=enter.total, nodes={enter.node}, concat=enter.node)
+            _trace(g, d, Member(enter.output, enter.axis))
+            drafts.append(d)
+        k += 1
+
+
 def _trace(g: GraphIndex, d: _Draft, start: Member) -> None:
     """Breadth-first walk from the producer output; fills the draft's members, edits and exits."""
     queue = [start]
@@ -145,6 +201,8 @@ def _trace(g: GraphIndex, d: _Draft, start: Member) -> None:
             elif isinstance(result, Exit):
                 d.edits.update(result.edits)
                 d.exits[result.source] = ExitTensor(result.source, result.axis)
+            elif isinstance(result, Enter):
+                d.enters.append(result)
             elif isinstance(result, Through):
                 d.edits.update(result.edits)
                 d.joins.extend((j, name, axis) for name, axis in result.joins)
@@ -158,51 +216,91 @@ def _trace(g: GraphIndex, d: _Draft, start: Member) -> None:
 
 
 def _merge(g: GraphIndex, drafts: list[_Draft]) -> list[_Draft]:
-    """Union drafts that share a tensor or are joined by a two-activation op."""
-    parent = list(range(len(drafts)))
+    """Union drafts that share a tensor, are joined by a two-activation op, or meet at a
+    Concat; place each in its class's channel space: links[a] holds (b, delta, why) meaning
+    offset(b) = offset(a) + delta."""
+    links: dict[int, list[tuple[int, int, str]]] = defaultdict(list)
 
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
+    def link(a: int, b: int, delta: int | None, why: str) -> None:
+        if delta is None:  # the same channels: same offset, same width
+            delta = 0
+            if drafts[a].channels != drafts[b].channels:
+                conflicts.setdefault(a, []).append(f"joins channel groups of different widths "
+                                                   f"({drafts[a].channels} and {drafts[b].channels})")
+        links[a].append((b, delta, why))
+        links[b].append((a, -delta, why))
+
+    conflicts: dict[int, list[str]] = {}
 
     owner: dict[str, int] = {}
     for k, d in enumerate(drafts):
         for name in d.members:
             if name in owner:
-                parent[find(k)] = find(owner[name])
+                link(owner[name], k, None, f"tensor {name!r}")
             else:
                 owner[name] = k
+    concat_of = {d.concat: k for k, d in enumerate(drafts) if d.concat is not None}
     for k, d in enumerate(drafts):
         for j, name, _axis in d.joins:
             if name in owner:
-                parent[find(k)] = find(owner[name])
+                link(k, owner[name], None, f"node {g.key(j)}")
             else:
                 d.stop(f"joined at node {g.key(j)} with {name!r}, which is not in a channel group")
-    classes: dict[int, list[_Draft]] = defaultdict(list)
-    for k, d in enumerate(drafts):
-        classes[find(k)].append(d)
-    return [_combine(g, ds) for ds in classes.values()]
+        for e in d.enters:
+            link(concat_of[e.node], k, e.offset, f"node {g.key(e.node)}")
+    out, seen = [], set()
+    for start in range(len(drafts)):
+        if start in seen:
+            continue
+        offset, queue, problems = {start: 0}, [start], []
+        seen.add(start)
+        while queue:
+            a = queue.pop()
+            problems.extend(conflicts.get(a, []))
+            for b, delta, why in links[a]:
+                if b not in offset:
+                    offset[b] = offset[a] + delta
+                    seen.add(b)
+                    queue.append(b)
+                elif offset[b] != offset[a] + delta:
+                    problems.append(f"channels meet at {why} at two different offsets")
+        ks = sorted(offset)
+        low = min(offset.values())
+        out.append(_combine(g, [drafts[k] for k in ks], [offset[k] - low for k in ks], problems))
+    return out
 
 
-def _combine(g: GraphIndex, ds: list[_Draft]) -> _Draft:
-    out = _Draft(producers=[], channels=ds[0].channels)
-    for d in ds:
+def _combine(g: GraphIndex, ds: list[_Draft], offsets: list[int], conflicts: list[str]) -> _Draft:
+    """One draft from linked drafts at their offsets: edits and exits of a draft narrower than
+    the whole space are placed at its window."""
+    total = max(o + d.channels for d, o in zip(ds, offsets))
+    out = _Draft(producers=[], channels=total)
+    for r in conflicts:
+        out.stop(r)
+    for d, o in zip(ds, offsets):
+        window = d.channels != total
+        place = (lambda e: windowed(e, o, d.channels)) if window else (lambda e: e)
         out.producers.extend(d.producers)
-        out.edits |= d.edits
-        out.exits.update(d.exits)
+        out.edits |= {place(e) for e in d.edits}
+        for name, e in d.exits.items():
+            out.exits[name] = ExitTensor(e.tensor, e.axis, o, d.channels) if window else e
         out.joins.extend(d.joins)
         out.nodes |= d.nodes
-        out.weights.extend(d.weights)
+        out.weights.extend(place(w) for w in d.weights)
         for r in d.reasons:
             out.stop(r)
         for name, m in d.members.items():
             known = out.members.setdefault(name, m)
             if known != m:
                 out.stop(f"tensor {name!r} is reached with two channel layouts")
-        if d.channels != out.channels:
-            out.stop(f"joins channel groups of different widths ({out.channels} and {d.channels})")
+        if d.concat is not None:
+            enters = [e for x in ds for e in x.enters if e.node == d.concat]
+            entered, start = {e.offset for e in enters}, 0
+            for name in g.nodes[d.concat].input:
+                if start not in entered:
+                    out.stop(f"Concat node {g.key(d.concat)} joins {name!r}, which is not in a channel group")
+                shape = g.shape(name)
+                start += shape[len(shape) + enters[0].axis]
     for j, name, axis in out.joins:
         m = out.members.get(name)
         if m is not None and m.axis != axis:
@@ -264,10 +362,10 @@ def _edit_slot(e) -> tuple:
     """What part of a constant an edit changes: an axis (Slice, Mix), an entry, or the values
     (Shift). Two groups may not change the same part."""
     if isinstance(e, ShapeEntry):
-        return ("entry", e.index)
+        return ("entry", e.index, e.offset, e.width)
     if isinstance(e, Shift):
         return ("shift",)
-    return ("axis", e.axis)
+    return ("axis", e.axis, e.offset, e.width)
 
 
 def _freeze(g: GraphIndex, d: _Draft) -> Group:
@@ -283,4 +381,5 @@ def _freeze(g: GraphIndex, d: _Draft) -> Group:
 
 
 def _edit_key(e) -> tuple:
-    return (type(e).__name__, getattr(e, "tensor", ""), getattr(e, "node", 0), getattr(e, "axis", 0))
+    return (type(e).__name__, getattr(e, "tensor", ""), getattr(e, "node", 0), getattr(e, "axis", 0),
+            getattr(e, "offset", 0))

@@ -13,6 +13,10 @@ For a group with kept channels S (k of C) and interpolation matrices T_e (k x C)
   run first, on the original weights and full-width biases, so a bias later sliced by another
   group is sliced after its shift.
 
+An edit with a window (a tensor before a Concat along the channels, `edits.window_keep`) works
+on the kept channels inside its window: S_w, and T_e's rows S_w and columns of the window (and
+the window of the intercept c0).
+
 Weights keep their dtype (the maths runs in float64). Stale `value_info` of every changed tensor is
 dropped. The result is what `onnx.checker` and ONNX Runtime then verify.
 """
@@ -22,11 +26,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...core.errors import UsageError
+from ...core.errors import RewriteError, UsageError
 from ...core.graph import GraphIndex
 from ...core.modelio import without_initializers
 from ...core.plan import Plan
-from ...ops.edits import Mix, SetAttr, ShapeEntry, Shift, Slice
+from ...ops.edits import Mix, SetAttr, ShapeEntry, Shift, Slice, window_keep
 from ...ops.surgery import drop_value_info, set_int_attr, store_tensor
 from .groups import Analysis
 
@@ -46,7 +50,9 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, analysis: Analysis, plan: Pla
         for e in grp.edits:
             if isinstance(e, Shift) and e.source in gp.intercept:
                 base = values.get(e.tensor, g.const(e.tensor))
-                values[e.tensor] = shift(base, g.const(e.weight), e, gp.intercept[e.source])
+                c0 = gp.intercept[e.source]
+                values[e.tensor] = shift(base, g.const(e.weight), e,
+                                         c0[e.offset:e.offset + e.width] if e.width else c0)
     for gp in plan.groups:
         grp = groups[gp.group]
         keep = np.asarray(gp.keep, dtype=np.int64)
@@ -54,10 +60,14 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, analysis: Analysis, plan: Pla
         for e in grp.edits:
             if isinstance(e, Shift):
                 continue
+            local = window_keep(keep, e.offset, e.width)[1]
+            if e.width and len(local) == 0:
+                raise RewriteError(f"rewrite: group {grp.id!r} keeps no channel of the window "
+                                   f"[{e.offset}, {e.offset + e.width}) that {getattr(e, 'tensor', e.node)!r} holds")
             if isinstance(e, SetAttr):
-                set_int_attr(out.graph.node[e.node], e.name, len(keep))
+                set_int_attr(out.graph.node[e.node], e.name, len(local) // e.per)
                 continue
-            key = (e.tensor, type(e).__name__, getattr(e, "axis", getattr(e, "index", None)))
+            key = (e.tensor, type(e).__name__, getattr(e, "axis", getattr(e, "index", None)), e.offset)
             if key in done:
                 continue  # a constant shared by two nodes of the group is edited once
             done.add(key)
@@ -76,13 +86,17 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, analysis: Analysis, plan: Pla
 
 
 def _apply(e, value: np.ndarray, keep: np.ndarray, interpolation: dict, dtype) -> np.ndarray:
+    rows, local = window_keep(keep, e.offset, e.width)
     if isinstance(e, Slice):
-        return np.take(value, keep, axis=e.axis)
+        return np.take(value, local, axis=e.axis)
     if isinstance(e, Mix):
-        return mix(value, e.axis, e.spatial, interpolation[e.source], dtype)
+        t = interpolation[e.source]
+        if e.width:
+            t = t[rows, e.offset:e.offset + e.width]
+        return mix(value, e.axis, e.spatial, t, dtype)
     if isinstance(e, ShapeEntry):
         value = value.copy()
-        value[e.index] = len(keep) * e.spatial
+        value[e.index] = len(local) * e.spatial
         return value
     raise TypeError(f"unknown edit {e!r}")
 

@@ -29,7 +29,7 @@ import numpy as np
 from ...core.config import Config
 from ...core.cost import Item, cheapest_first, scaled_total
 from ...core.graph import GraphIndex
-from .groups import Analysis, Group
+from .groups import Analysis, Group, embed_stats
 from .interpolate import best_residual, interpolation_matrix, pivot_order, selection_matrix
 from ...core.plan import GroupPlan, Plan
 
@@ -62,9 +62,10 @@ def consumer_norms(g: GraphIndex, group: Group, source: str) -> np.ndarray:
     sq = np.zeros(group.channels)
     for mix in group.mixes(source):
         w = np.moveaxis(g.const(mix.tensor), mix.axis, -1)
+        window = slice(mix.offset, mix.offset + (mix.width or group.channels))
         for block in _row_blocks(w):  # in float64 a block at a time, not the whole weight
-            block = block.astype(np.float64).reshape(-1, group.channels, mix.spatial)
-            sq += np.einsum("rcs,rcs->c", block, block)
+            block = block.astype(np.float64).reshape(-1, mix.width or group.channels, mix.spatial)
+            sq[window] += np.einsum("rcs,rcs->c", block, block)
     return np.sqrt(sq)
 
 
@@ -84,7 +85,7 @@ def group_curve(g: GraphIndex, group: Group, stats: dict, config: Config) -> Cur
     gsel = np.zeros((group.channels, group.channels))
     weights, grams, means = {}, {}, {}
     for e in group.exits:
-        st = stats[e.tensor]
+        st = embed_stats(stats[e.tensor], e, group.channels)
         gram = st.gram
         if config.intercept and config.select == "id" and group.can_shift(e.tensor) and st.rows > 0:
             means[e.tensor] = st.sums / st.rows
@@ -117,7 +118,7 @@ def norm_order(g: GraphIndex, group: Group) -> np.ndarray:
     sq = np.zeros(group.channels)
     for s in group.weights:
         w = np.moveaxis(g.const(s.tensor), s.axis, 0)
-        start = 0
+        start = s.offset
         for block in _row_blocks(w):
             block = block.astype(np.float64).reshape(len(block), -1)
             sq[start:start + len(block)] += np.einsum("ij,ij->i", block, block)
