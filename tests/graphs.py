@@ -448,3 +448,90 @@ def ffn_flat(dup: bool = False) -> onnx.ModelProto:
                                    b.const("b1", b.random((32,), 0 if dup else None, 0.1))])])
     y = b.op("MatMul", [h, b.weight("w2", (32, 16), None, 0.2)], name="fc2")
     return b.model([("x", ["B", "S", 16])], [b.op("Reshape", [y, b.op("Shape", ["x"])])])
+
+
+# ---- group patterns of issue 15 (test_patterns.py) ----
+
+def concat_neck(dup: bool = False, se: bool = True, second: str = "conv") -> onnx.ModelProto:
+    """An FPN-style neck. a = Relu(Conv 8 (x)), with se a squeeze-and-excitation residual
+    a + a * HardSigmoid(Conv 8 (Relu(Conv 2 (GAP a)))); b = Resize x2 (Relu(BN(Conv 6 stride 2
+    (x)))); Concat(a, b) along the channels (14) -> Conv 3x3 head 4. `second` replaces b by the
+    graph input "x2" ("input"), by a second copy of a ("same") or by a constant ("const")."""
+    b = Builder(30)
+    d = 0 if dup else None
+    a = b.op("Relu", [b.op("Conv", ["x", b.weight("c1", (8, 3, 3, 3), d), b.weight("c1b", (8,), d, 0.1)],
+                           pads=[1, 1, 1, 1], name="conv_a")])
+    if se:
+        s = b.op("Relu", [b.op("Conv", [b.op("GlobalAveragePool", [a]), b.weight("se1", (2, 8, 1, 1)),
+                                        b.weight("se1b", (2,), None, 0.1)], name="se.reduce")])
+        gate = b.op("HardSigmoid", [b.op("Conv", [s, b.weight("se2", (8, 2, 1, 1), d), b.weight("se2b", (8,), d, 0.1)],
+                                         name="se.expand")])
+        a = b.op("Add", [a, b.op("Mul", [a, gate])])
+    inputs = [("x", ["N", 3, 8, 8])]
+    if second == "conv":
+        h = b.op("Relu", [b.bn(b.op("Conv", ["x", b.weight("c2", (6, 3, 3, 3), d)], pads=[1, 1, 1, 1], strides=[2, 2],
+                                    name="conv_b"), 6, dup)])
+        other = b.op("Resize", [h, "", b.const("scales", np.array([1, 1, 2, 2], np.float32))], mode="nearest")
+    elif second == "input":
+        other, inputs = "x2", inputs + [("x2", ["N", 6, 8, 8])]
+    elif second == "same":
+        other = a
+    else:
+        other = b.const("fixed", b.random((1, 6, 8, 8), None, 1.0))
+    cat = b.op("Concat", [a, other], axis=1)
+    width = 8 + (8 if second == "same" else 6)
+    y = b.op("Conv", [cat, b.weight("head", (4, width, 3, 3)), b.weight("headb", (4,), None, 0.1)],
+             pads=[1, 1, 1, 1], name="head")
+    return b.model(inputs, [y])
+
+
+def nested_concat(dup: bool = False) -> onnx.ModelProto:
+    """Concat(Concat(Relu(Conv 4 (x)), Relu(Conv 6 (x))), Relu(Conv 5 (x))) -> Conv 1x1 3, and
+    the inner Concat also feeds a depthwise Conv -> Relu -> Conv 1x1 2 (an exit in a window)."""
+    b = Builder(31)
+    d = 0 if dup else None
+    parts = [b.op("Relu", [b.op("Conv", ["x", b.weight(f"c{c}", (c, 3, 3, 3), d), b.weight(f"c{c}b", (c,), d, 0.1)],
+                                pads=[1, 1, 1, 1], name=f"conv{c}")]) for c in (4, 6, 5)]
+    inner = b.op("Concat", parts[:2], axis=1)
+    dw = np.concatenate([b.random((4, 1, 3, 3), d), b.random((6, 1, 3, 3), d)])  # copies within each window
+    dw = b.op("Relu", [b.op("Conv", [inner, b.const("dw", dw)], group=10, pads=[1, 1, 1, 1], name="dw")])
+    side = b.op("Conv", [dw, b.weight("side", (2, 10, 1, 1))], name="side")
+    outer = b.op("Concat", [inner, parts[2]], axis=1)
+    y = b.op("Conv", [outer, b.weight("head", (3, 15, 1, 1)), b.weight("headb", (3,), None, 0.1)], name="head")
+    return b.model([("x", ["N", 3, 8, 8])], [y, side])
+
+
+def conv_transpose(dup: bool = False, group: int = 1) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv 8 -> Relu -> ConvTranspose 6 (2x2, stride 2, bias, `group`) -> BN ->
+    Relu -> ConvTranspose 2 (3x3, stride 2, pads 1) -> Sigmoid (the PP-OCR detection head)."""
+    b = Builder(32)
+    d = 0 if dup else None
+    h = b.op("Relu", [b.op("Conv", ["x", b.weight("c1", (8, 3, 3, 3), d)], pads=[1, 1, 1, 1], name="conv1")])
+    w = b.random((8, 6 // group, 2, 2), None, 0.3)
+    if dup:
+        w[:, 3:] = w[:, :3]
+    t = b.op("ConvTranspose", [h, b.const("t1", w), b.weight("t1b", (6,), d, 0.1)], strides=[2, 2], group=group,
+             name="up1")
+    t = b.op("Relu", [b.bn(t, 6, dup)])
+    y = b.op("ConvTranspose", [t, b.weight("t2", (6, 2, 3, 3), None, 0.3)], strides=[2, 2], pads=[1, 1, 1, 1],
+             name="up2")
+    return b.model([("x", ["N", 3, 8, 8])], [b.op("Sigmoid", [y])])
+
+
+def gated_ffn(dup: bool = False, act: str = "silu", up: str = "matmul") -> onnx.ModelProto:
+    """x[B,S,16] -> Mul(act(x W1), x W3) -> W2 (16), plus x: a SwiGLU (act "silu": h *
+    Sigmoid(h)) or GeGLU (act "gelu": Erf form) feed-forward block. W1 and W3 have 24 columns.
+    With up="input" the gate multiplies a graph input x3[B,S,24] instead of x W3."""
+    b = Builder(33)
+    d = 1 if dup else None
+    h1 = b.op("MatMul", ["x", b.weight("w1", (16, 24), d, 0.3)], name="ffn.gate")
+    if act == "silu":
+        a = b.op("Mul", [h1, b.op("Sigmoid", [h1])])
+    else:
+        e = b.op("Erf", [b.op("Div", [h1, b.const("sqrt2", np.float32(np.sqrt(2)))])])
+        a = b.op("Mul", [b.op("Mul", [h1, b.op("Add", [e, b.const("one", np.float32(1))])]),
+                         b.const("half", np.float32(0.5))])
+    h3 = b.op("MatMul", ["x", b.weight("w3", (16, 24), d, 0.3)], name="ffn.up") if up == "matmul" else "x3"
+    y = b.op("MatMul", [b.op("Mul", [a, h3]), b.weight("w2", (24, 16), None, 0.2)], name="ffn.down")
+    inputs = [("x", ["B", "S", 16])] + ([] if up == "matmul" else [("x3", ["B", "S", 24])])
+    return b.model(inputs, [b.op("Add", [y, "x"])])

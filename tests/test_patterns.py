@@ -1,0 +1,222 @@
+"""Group patterns of issue 15: Concat along the channels, ConvTranspose, gated FFNs.
+
+Each pattern: the structure found (`find_groups`), the outputs at keep 1.0 and with exactly
+duplicated channels at keep 0.5 (the original's, to float precision), the maths at a partial
+keep (the compressed model computes what the plan's selection and interpolation say), and a
+variant that must be left alone, with its reason. Every output passes the full ONNX checker and
+runs in ONNX Runtime (`assert_valid_output`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import graphs
+from checks import assert_valid_output, kept, reasons, run, save
+from onnxcompress import Config, compress
+from onnxcompress.api import shapes_at
+from onnxcompress.core.graph import GraphIndex
+from onnxcompress.core.normalize import normalize
+from onnxcompress.methods.id.groups import find_groups
+from onnxcompress.ops.edits import SetAttr
+
+IMG = [("x", (3, 8, 8))]
+SEQ = [("x", (5, 16))]
+
+
+def feeds(spec, n, seed):
+    return graphs.sample_inputs(spec, n, seed)
+
+
+def squeeze(tmp_path, model, spec, *, keep, **cfg):
+    path = save(tmp_path, model)
+    val = feeds(spec, 8, 2)
+    out = tmp_path / "out.onnx"
+    report = compress(path, out, config=Config(keep=keep, force=True, **cfg), calib=feeds(spec, 96, 1), val=val)
+    return path, out, report, val
+
+
+def analyse(model, spec, n=2):
+    norm = normalize(model)
+    return find_groups(GraphIndex(norm, *shapes_at(norm, feeds(spec, n, 0))))
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    return m
+
+
+def tensor_of(model, op_type: str, name: str | None = None) -> str:
+    return next(n.output[0] for n in model.graph.node if n.op_type == op_type and (name is None or n.name == name))
+
+
+def weight_of(path, node_name: str, pos: int = 1) -> np.ndarray:
+    m = onnx.load(str(path))
+    node = next(n for n in m.graph.node if n.name == node_name)
+    return next(onnx.numpy_helper.to_array(t) for t in m.graph.initializer if t.name == node.input[pos])
+
+
+# ---- Concat along the channels ----
+
+def test_concat_neck_is_one_group_in_the_concatenated_space():
+    """conv_a (8) and conv_b (6) meet at the Concat: one group of 14 channels, with the
+    squeeze-and-excitation expand conv joined to conv_a's window. The head reads the whole space;
+    se.reduce reads conv_a's window [0, 8) through the GlobalAveragePool."""
+    model = graphs.concat_neck()
+    a = analyse(model, IMG)
+    by_producer = {p: grp for grp in a.groups for p in grp.producers}
+    grp = by_producer["conv_a"]
+    assert grp.channels == 14 and set(grp.producers) == {"conv_a", "conv_b", "se.expand"}
+    windows = {e.tensor: (e.offset, e.width) for e in grp.exits}
+    assert windows == {tensor_of(model, "Concat"): (0, 0), tensor_of(model, "GlobalAveragePool"): (0, 8)}
+    conv_b = next(n for n in model.graph.node if n.name == "conv_b")
+    assert {(e.offset, e.width) for e in grp.edits if getattr(e, "tensor", "") == conv_b.input[1]} == {(8, 6)}
+
+
+@pytest.mark.parametrize("se", [True, False])
+@pytest.mark.parametrize("keep,dup", [(1.0, False), (0.5, True)])
+def test_concat_neck_reproduces_outputs(tmp_path, se, keep, dup):
+    path, out, report, val = squeeze(tmp_path, graphs.concat_neck(dup=dup, se=se), IMG, keep=keep)
+    assert kept(report)["conv_a"] == (round(14 * keep), 14)
+    assert_valid_output(path, out, val, same=True, rtol=1e-3, atol=1e-4)
+
+
+def test_concat_neck_partial_keep_matches_the_maths(tmp_path):
+    """At keep 0.5 the head computes Conv(Z[:, S] T) with Z the original concatenation, S the
+    kept channels and T the plan's interpolation matrix; each producer keeps its own S-window."""
+    model = graphs.concat_neck(se=False)
+    path, out, report, val = squeeze(tmp_path, model, IMG, keep=0.5)
+    gp = next(g for g in report.plan.groups if g.group == "conv_a")
+    cat = tensor_of(model, "Concat")
+    keep, t = np.asarray(gp.keep), gp.interpolation[cat]
+    assert weight_of(out, "conv_a").shape[0] == int(np.sum(keep < 8))
+    assert weight_of(out, "conv_b").shape[0] == int(np.sum(keep >= 8))
+    z = run(with_outputs(model, [cat]), val)[1].astype(np.float64)
+    approx = np.einsum("nchw,ck->nkhw", z[:, keep], t).astype(np.float32)
+    head = next(n for n in model.graph.node if n.name == "head")
+    b = graphs.Builder()
+    b.inits = [i for i in model.graph.initializer if i.name in head.input[1:]]
+    b.nodes = [helper.make_node("Conv", ["z", *head.input[1:]], ["y"], pads=[1, 1, 1, 1])]
+    expected = run(b.model([("z", ["N", 14, 8, 8])], ["y"]), {"z": approx})[0]
+    np.testing.assert_allclose(run(out, val)[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_window_exit_absorbs_the_windows_interpolation(tmp_path):
+    """se.reduce reads conv_a's window: its new weight is W T_w^T, T_w the rows of T for the
+    kept channels inside [0, 8) and its columns [0, 8) (and its own output channels are pruned by
+    its own group)."""
+    model = graphs.concat_neck()
+    path, out, report, val = squeeze(tmp_path, model, IMG, keep=0.5, intercept=False)
+    gp = next(g for g in report.plan.groups if g.group == "conv_a")
+    keep = np.asarray(gp.keep)
+    t = gp.interpolation[tensor_of(model, "GlobalAveragePool")]
+    tw = t[keep < 8][:, :8]
+    assert np.allclose(t[keep >= 8][:, :8], 0)
+    own = next((g.keep for g in report.plan.groups if g.group == "se.reduce"), range(2))  # its own outputs
+    w = weight_of(path, "se.reduce")[list(own)]
+    np.testing.assert_allclose(weight_of(out, "se.reduce"), np.einsum("ocxy,kc->okxy", w, tw), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("second,why", [
+    ("input", "joins 'x2', which is not in a channel group"),
+    ("same", "at two different offsets"),
+])
+def test_concat_left_alone_with_its_reason(tmp_path, second, why):
+    """A Concat input outside every group, one tensor concatenated twice, or a constant input:
+    the groups reaching the Concat are skipped, and the model computes what it did."""
+    model = graphs.concat_neck(se=False, second=second)
+    spec = IMG + ([("x2", (6, 8, 8))] if second == "input" else [])
+    path, out, report, val = squeeze(tmp_path, model, spec, keep=0.5)
+    assert why in reasons(report)["conv_a"]
+    assert "conv_a" not in kept(report)
+    assert_valid_output(path, out, val, same=True, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("keep,dup", [(1.0, False), (0.5, True)])
+def test_nested_concat_and_a_depthwise_exit_in_a_window(tmp_path, keep, dup):
+    """Concat(Concat(a4, b6), c5): one space of 15; the inner Concat's depthwise reader keeps
+    the inner window's channels and its `group` attribute follows the count kept there."""
+    model = graphs.nested_concat(dup=dup)
+    a = analyse(model, IMG)
+    grp = next(g for g in a.groups if "conv4" in g.producers)
+    assert grp.channels == 15 and set(grp.producers) == {"conv4", "conv6", "conv5"}
+    assert [(e.offset, e.width) for e in grp.edits if isinstance(e, SetAttr)] == [(0, 10)]
+    path, out, report, val = squeeze(tmp_path, model, IMG, keep=keep)
+    gp = next(g for g in report.plan.groups if g.group == grp.id)
+    dw = next(n for n in onnx.load(str(out)).graph.node if n.name == "dw")
+    assert helper.get_attribute_value(next(x for x in dw.attribute if x.name == "group")) == \
+        int(np.sum(np.asarray(gp.keep) < 10))
+    assert_valid_output(path, out, val, same=True, rtol=1e-3, atol=1e-4)
+
+
+def test_concat_with_a_constant_is_left_alone():
+    """(Analysis only: a constant of batch 1 fixes the batch.)"""
+    model = graphs.concat_neck(se=False, second="const")
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    a = analyse(model, [("x", (3, 8, 8))], n=1)
+    why = {s.node: s.reason for s in a.skipped}
+    assert "Concat along the channels with a constant" in why["conv_a"]
+
+
+# ---- ConvTranspose ----
+
+@pytest.mark.parametrize("keep,dup", [(1.0, False), (0.5, True)])
+def test_conv_transpose_is_a_producer_and_an_exit(tmp_path, keep, dup):
+    """conv1's group exits at up1 (its input channels, W axis 0 absorbs T); up1's output
+    channels (W axis 1 and its bias) form a group that exits at up2."""
+    path, out, report, val = squeeze(tmp_path, graphs.conv_transpose(dup=dup), IMG, keep=keep)
+    assert kept(report) == {"conv1": (round(8 * keep), 8), "up1": (round(6 * keep), 6)}
+    assert weight_of(out, "up1").shape[:2] == (round(8 * keep), round(6 * keep))
+    assert weight_of(out, "up2").shape[0] == round(6 * keep)
+    assert_valid_output(path, out, val, same=True, rtol=1e-3, atol=1e-4)
+
+
+def test_grouped_conv_transpose_is_left_alone(tmp_path):
+    path, out, report, val = squeeze(tmp_path, graphs.conv_transpose(group=2), IMG, keep=0.5)
+    why = reasons(report)
+    assert "grouped transposed convolution (group=2)" in why["conv1"]
+    assert "grouped transposed convolution (group=2)" in why["up1"]
+    assert kept(report) == {}
+    assert_valid_output(path, out, val, same=True, rtol=1e-3, atol=1e-4)
+
+
+# ---- gated feed-forward blocks ----
+
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+@pytest.mark.parametrize("keep,dup", [(1.0, False), (0.5, True)])
+def test_gated_ffn_shares_one_selection(tmp_path, act, keep, dup):
+    """Mul(act(x W1), x W3) -> W2: W1 and W3 are one group (their columns S), W2 its exit."""
+    model = graphs.gated_ffn(dup=dup, act=act)
+    grp = next(iter(analyse(model, SEQ).groups))
+    assert set(grp.producers) == {"ffn.gate", "ffn.up"} and grp.channels == 24
+    path, out, report, val = squeeze(tmp_path, model, SEQ, keep=keep)
+    assert kept(report) == {grp.id: (round(24 * keep), 24)}
+    assert_valid_output(path, out, val, same=True, rtol=1e-3, atol=1e-4)
+
+
+def test_gated_ffn_partial_keep_matches_the_maths(tmp_path):
+    """out = (Z[:, S] T) W2 + x with Z = act(x W1) * (x W3): W1 and W3 keep the same columns S."""
+    model = graphs.gated_ffn()
+    path, out, report, val = squeeze(tmp_path, model, SEQ, keep=0.5)
+    gp = report.plan.groups[0]
+    keep = np.asarray(gp.keep)
+    np.testing.assert_array_equal(weight_of(out, "ffn.gate"), weight_of(path, "ffn.gate")[:, keep])
+    np.testing.assert_array_equal(weight_of(out, "ffn.up"), weight_of(path, "ffn.up")[:, keep])
+    z_name = next(n.input[0] for n in model.graph.node if n.name == "ffn.down")
+    z = run(with_outputs(model, [z_name]), val)[1].astype(np.float64)
+    t = gp.interpolation[z_name]
+    expected = (z[..., keep] @ t + gp.intercept.get(z_name, 0.0)) @ weight_of(path, "ffn.down") + val["x"]
+    np.testing.assert_allclose(run(out, val)[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gate_from_outside_a_group_is_left_alone(tmp_path):
+    """The gate multiplies a graph input: W1's channels cannot be removed from it."""
+    spec = SEQ + [("x3", (5, 24))]
+    path, out, report, val = squeeze(tmp_path, graphs.gated_ffn(up="input"), spec, keep=0.5)
+    assert "which is not in a channel group" in reasons(report)["ffn.gate"]
+    assert kept(report) == {}
+    assert_valid_output(path, out, val, same=True, rtol=1e-3, atol=1e-4)
