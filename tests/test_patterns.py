@@ -220,3 +220,23 @@ def test_gate_from_outside_a_group_is_left_alone(tmp_path):
     assert "which is not in a channel group" in reasons(report)["ffn.gate"]
     assert kept(report) == {}
     assert_valid_output(path, out, val, same=True, rtol=1e-3, atol=1e-4)
+
+
+# ---- what a LayerNormalization over the channels blocks ----
+
+def test_layernorm_block_says_what_is_at_stake():
+    """fc1 -> LayerNormalization -> fc2: the reason gives the parameters (fc1's weight, the
+    normalization's scale and bias, fc2's weight) and FLOPs (fc1 and fc2 at the analysed batch)
+    that would scale with fc1's 32 channels."""
+    model = graphs.layernorm_after()
+    n = 4
+    why = {s.node: s.reason for s in analyse(model, [("x", (16,))], n=n).skipped}["fc1"]
+    assert "LayerNormalization normalizes across the channels" in why
+    params = 32 * 16 + 32 + 32 + 8 * 32
+    flops = 2 * n * 32 * 16 + 2 * n * 8 * 32
+    assert f"at stake: {params} parameters and {flops:.3g} FLOPs of 1 producer(s) and 1 exit(s)" in why
+
+
+def test_no_stake_figure_without_a_normalization(tmp_path):
+    path, out, report, val = squeeze(tmp_path, graphs.mlp(hidden_output=True), [("x", (16,))], keep=0.5)
+    assert "reaches graph output" in reasons(report)["fc1"] and "at stake" not in reasons(report)["fc1"]

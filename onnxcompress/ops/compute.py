@@ -388,6 +388,8 @@ UNARY_OPS = ("Relu LeakyRelu PRelu Sigmoid HardSigmoid HardSwish Tanh Erf Gelu S
 BINARY_OPS = "Add Sub Mul Div Pow Max Min".split()
 VALUE_PRESERVING = {"Identity", "Dropout"}  # output values are the input's (at inference)
 
+NORMALIZATIONS = "LayerNormalization GroupNormalization LpNormalization MeanVarianceNormalization".split()
+
 HANDLERS: dict[str, Handler] = {
     **{op: Unary() for op in UNARY_OPS},
     **{op: Binary() for op in BINARY_OPS},
@@ -398,7 +400,11 @@ HANDLERS: dict[str, Handler] = {
     "Transpose": Transpose(), "Resize": Resize(), "Upsample": Resize(), "Softmax": Softmax(),
     "LogSoftmax": Softmax(), "Flatten": Flatten(), "Reshape": Reshape(), "Squeeze": Squeeze(),
     "Unsqueeze": Squeeze(), "Concat": Concat(), "Shape": ShapeOf(),
-    **{op: Mixes("normalizes across the channels") for op in
-       "LayerNormalization GroupNormalization LpNormalization MeanVarianceNormalization".split()},
+    **{op: Mixes("normalizes across the channels") for op in NORMALIZATIONS},
     **{op: Mixes("mixes the channels") for op in "LSTM GRU RNN Einsum".split()},
 }
+
+# What-if table (never used to compress): normalizations treated as if they let the channels
+# through, slicing their per-channel parameters; `groups.py` uses it to say how much a group
+# blocked by a LayerNormalization over its channels could act on.
+NORM_THROUGH: dict[str, Handler] = {op: Unary() for op in NORMALIZATIONS}

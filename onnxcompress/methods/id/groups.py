@@ -28,7 +28,7 @@ from ...core.graph import GraphIndex
 from ...core.stats import ChannelGram, Stats
 from ...ops.edits import (Enter, Exit, Member, Mix, Produce, SetAttr, ShapeEntry, Shift, Slice, Stop,
                           Through, windowed)
-from ...ops.compute import HANDLERS
+from ...ops.compute import HANDLERS, NORM_THROUGH
 from ..base import Skipped
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul", "Gather", "ConvTranspose")
@@ -125,34 +125,21 @@ def find_groups(g: GraphIndex, *, exclude: str | None = None, include: str | Non
     """Trace every producer's channels and return the groups that can be compressed, plus a
     reason for every linear node that is left alone. With `include`, only groups with a producer
     whose node name matches are kept (the others are skipped, with that reason)."""
-    drafts, skipped = [], []
-    for i, node in enumerate(g.nodes):
-        handler = HANDLERS.get(node.op_type)
-        result = handler.produce(g, i) if handler and node.domain in ("", "ai.onnx") else None
-        if isinstance(result, Produce):
-            draft = _Draft(producers=[i], channels=result.channels, nodes={i},
-                           edits=set(result.edits), weights=[result.weight])
-            _trace(g, draft, Member(result.output, result.axis))
-            drafts.append(draft)
-        elif isinstance(result, str):
-            skipped.append(Skipped(g.key(i), node.op_type, result))
-        elif node.op_type in LINEAR_OPS and node.op_type != "Gather" and not _is_depthwise(g, i):
-            skipped.append(Skipped(g.key(i), node.op_type, "not a channel producer"))
-        elif node.op_type in RECURRENT_OPS:
-            skipped.append(Skipped(g.key(i), node.op_type, "recurrent layer: its weights are not compressed"))
-    _concat_drafts(g, drafts)
-    merged = _merge(g, drafts)
+    skipped: list[Skipped] = []
+    merged = _drafts(g, HANDLERS, skipped)
     subgraph_names = g.subgraph_uses()
     _check_weights(g, merged, subgraph_names)
     pattern = re.compile(exclude) if exclude else None
     wanted = re.compile(include) if include else None
-    groups = []
+    groups, what_if = [], None
     for d in merged:
         _check_members(g, d, subgraph_names, pattern)
         if wanted and not any(wanted.search(g.nodes[p].name) for p in d.producers):
             d.reasons.append(f"no producer matches --include {include!r}")
         if d.reasons:
-            reason = "; ".join(d.reasons)
+            if what_if is None and any(NORMALIZING in r for r in d.reasons):
+                what_if = _drafts(g, {**HANDLERS, **NORM_THROUGH}, [])
+            reason = "; ".join(d.reasons) + (_at_stake(g, d, what_if) if what_if else "")
             skipped.extend(Skipped(g.key(p), g.nodes[p].op_type, reason) for p in sorted(d.producers))
         else:
             groups.append(_freeze(g, d))
@@ -161,13 +148,35 @@ def find_groups(g: GraphIndex, *, exclude: str | None = None, include: str | Non
     return Analysis(tuple(groups), tuple(skipped))
 
 
+def _drafts(g: GraphIndex, handlers: dict, skipped: list[Skipped]) -> list[_Draft]:
+    """Trace every producer with `handlers`, add the Concat drafts, merge; producers that are
+    not and linear nodes that are no producers go to `skipped`."""
+    drafts = []
+    for i, node in enumerate(g.nodes):
+        handler = handlers.get(node.op_type)
+        result = handler.produce(g, i) if handler and node.domain in ("", "ai.onnx") else None
+        if isinstance(result, Produce):
+            draft = _Draft(producers=[i], channels=result.channels, nodes={i},
+                           edits=set(result.edits), weights=[result.weight])
+            _trace(g, draft, Member(result.output, result.axis), handlers)
+            drafts.append(draft)
+        elif isinstance(result, str):
+            skipped.append(Skipped(g.key(i), node.op_type, result))
+        elif node.op_type in LINEAR_OPS and node.op_type != "Gather" and not _is_depthwise(g, i):
+            skipped.append(Skipped(g.key(i), node.op_type, "not a channel producer"))
+        elif node.op_type in RECURRENT_OPS:
+            skipped.append(Skipped(g.key(i), node.op_type, "recurrent layer: its weights are not compressed"))
+    _concat_drafts(g, drafts, handlers)
+    return _merge(g, drafts)
+
+
 def _is_depthwise(g: GraphIndex, i: int) -> bool:
     node = g.nodes[i]
     w = g.const(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
     return w is not None and g.attr(i, "group", 1) == w.shape[0] > 1 and w.shape[1] == 1
 
 
-def _concat_drafts(g: GraphIndex, drafts: list[_Draft]) -> None:
+def _concat_drafts(g: GraphIndex, drafts: list[_Draft], handlers: dict) -> None:
     """Add a draft for the output of every Concat some draft enters along the channels (and for
     the Concats those reach, and so on)."""
     started: set[int] = set()
@@ -178,19 +187,19 @@ def _concat_drafts(g: GraphIndex, drafts: list[_Draft]) -> None:
                 continue
             started.add(enter.node)
             d = _Draft(producers=[], channels=enter.total, nodes={enter.node}, concat=enter.node)
-            _trace(g, d, Member(enter.output, enter.axis))
+            _trace(g, d, Member(enter.output, enter.axis), handlers)
             drafts.append(d)
         k += 1
 
 
-def _trace(g: GraphIndex, d: _Draft, start: Member) -> None:
+def _trace(g: GraphIndex, d: _Draft, start: Member, handlers: dict) -> None:
     """Breadth-first walk from the producer output; fills the draft's members, edits and exits."""
     queue = [start]
     d.members[start.tensor] = start
     while queue:
         m = queue.pop(0)
         for j, pos in g.users(m.tensor):
-            handler = HANDLERS.get(g.nodes[j].op_type)
+            handler = handlers.get(g.nodes[j].op_type)
             if handler is None or g.nodes[j].domain not in ("", "ai.onnx"):
                 d.stop(f"reaches {g.nodes[j].op_type} node {g.key(j)}, which is not understood")
                 continue
@@ -306,6 +315,30 @@ def _combine(g: GraphIndex, ds: list[_Draft], offsets: list[int], conflicts: lis
         if m is not None and m.axis != axis:
             out.stop(f"node {g.key(j)} joins tensors with different channel axes")
     return out
+
+
+NORMALIZING = "normalizes across the channels"
+
+
+def _at_stake(g: GraphIndex, d: _Draft, what_if: list[_Draft]) -> str:
+    """For a group blocked by a normalization over its channels (LayerNormalization, ...): the
+    parameters and FLOPs (at the analysed shapes) of the producers and exits that would scale
+    with its channels if normalizations let the channels through (`what_if`: the groups traced
+    with `NORM_THROUGH`), i.e. what pruning these channels could act on at most."""
+    if not any(NORMALIZING in r for r in d.reasons):
+        return ""
+    from ...core.cost import node_flops  # cost imports this module
+    mine = set(d.producers)
+    wider = [w for w in what_if if mine & set(w.producers)] or [d]
+    producers = set().union(*(w.producers for w in wider))
+    edits = set().union(*(w.edits for w in wider))
+    tensors = {e.tensor for e in edits if isinstance(e, (Slice, Mix))}
+    exits = {e.node for e in edits if isinstance(e, Mix)}
+    params = sum(int(g.const(t).size) for t in tensors if g.const(t) is not None)
+    flops = node_flops(g)
+    f = sum(flops.get(i, 0.0) for i in producers | exits)
+    return (f" (at stake: {params} parameters and {f:.3g} FLOPs of {len(producers)} producer(s) and "
+            f"{len(exits)} exit(s) would scale with these {d.channels} channels)")
 
 
 def _check_members(g: GraphIndex, d: _Draft, subgraph_names: set[str], pattern) -> None:
