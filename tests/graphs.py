@@ -535,3 +535,33 @@ def gated_ffn(dup: bool = False, act: str = "silu", up: str = "matmul") -> onnx.
     y = b.op("MatMul", [b.op("Mul", [a, h3]), b.weight("w2", (24, 16), None, 0.2)], name="ffn.down")
     inputs = [("x", ["B", "S", 16])] + ([] if up == "matmul" else [("x3", ["B", "S", 24])])
     return b.model(inputs, [b.op("Add", [y, "x"])])
+
+
+def group_norm(dup: bool = False, groups: int = 4) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv 8 -> GroupNormalization (`groups` groups, scale and bias per channel,
+    opset 21) -> Relu -> Conv 1x1 4. With dup the second half of the groups copies the first
+    (whole groups)."""
+    b = Builder(34)
+    d = 0 if dup else None
+    h = b.op("Conv", ["x", b.weight("c1", (8, 3, 3, 3), d), b.weight("c1b", (8,), d, 0.1)], pads=[1, 1, 1, 1],
+             name="conv1")
+    scale = b.const("gn_scale", 1 + 0.1 * b.random((8,), d, 1.0))
+    bias = b.const("gn_bias", 0.1 * b.random((8,), d, 1.0))
+    h = b.op("Relu", [b.op("GroupNormalization", [h, scale, bias], num_groups=groups, name="gn")])
+    y = b.op("Conv", [h, b.weight("c2", (4, 8, 1, 1))], name="conv2")
+    m = b.model([("x", ["N", 3, 8, 8])], [(y, ["N", 4, 8, 8])], opset=21)
+    m.ir_version = 10
+    return m
+
+
+def grouped_conv(dup: bool = False, out_per_group: int = 2) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv 8 -> Relu -> grouped Conv 3x3 (4 groups of 2 inputs, `out_per_group`
+    outputs each) -> Relu -> Conv 1x1 4 (ResNeXt / RegNet style). With dup the last two groups
+    copy the first two (whole groups)."""
+    b = Builder(35)
+    d = 0 if dup else None
+    h = b.op("Relu", [b.op("Conv", ["x", b.weight("c1", (8, 3, 3, 3), d)], pads=[1, 1, 1, 1], name="conv1")])
+    width = 4 * out_per_group
+    h = b.op("Relu", [b.op("Conv", [h, b.weight("gc", (width, 2, 3, 3), d), b.weight("gcb", (width,), d, 0.1)],
+                           group=4, pads=[1, 1, 1, 1], name="grouped")])
+    return b.model([("x", ["N", 3, 8, 8])], [b.op("Conv", [h, b.weight("c2", (4, width, 1, 1))], name="conv2")])

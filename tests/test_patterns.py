@@ -240,3 +240,82 @@ def test_layernorm_block_says_what_is_at_stake():
 def test_no_stake_figure_without_a_normalization(tmp_path):
     path, out, report, val = squeeze(tmp_path, graphs.mlp(hidden_output=True), [("x", (16,))], keep=0.5)
     assert "reaches graph output" in reasons(report)["fc1"] and "at stake" not in reasons(report)["fc1"]
+
+
+# ---- whole blocks: GroupNormalization and grouped convolutions ----
+
+def attr_of(path, node_name: str, name: str):
+    node = next(n for n in onnx.load(str(path)).graph.node if n.name == node_name)
+    return helper.get_attribute_value(next(a for a in node.attribute if a.name == name))
+
+
+def whole_blocks(keep, block: int) -> bool:
+    keep = np.asarray(keep)
+    return len(keep) % block == 0 and all(np.array_equal(keep[i:i + block], np.arange(keep[i], keep[i] + block))
+                                           and keep[i] % block == 0 for i in range(0, len(keep), block))
+
+
+@pytest.mark.parametrize("keep,dup", [(1.0, False), (0.5, True)])
+def test_group_norm_keeps_whole_groups(tmp_path, keep, dup):
+    """Conv 8 -> GroupNormalization (4 groups of 2) -> Conv: the group goes through in blocks of
+    2; num_groups follows the number of groups kept."""
+    model = graphs.group_norm(dup=dup)
+    grp = next(g for g in analyse(model, IMG).groups if "conv1" in g.producers)
+    assert grp.block == 2
+    path, out, report, val = squeeze(tmp_path, model, IMG, keep=keep)
+    gp = next(g for g in report.plan.groups if g.group == "conv1")
+    assert gp.kept == round(8 * keep) and whole_blocks(gp.keep, 2)
+    assert attr_of(out, "gn", "num_groups") == gp.kept // 2
+    assert_valid_output(path, out, val, same=True, rtol=1e-3, atol=1e-4)
+
+
+def test_group_norm_partial_keep_matches_the_maths(tmp_path):
+    """Kept groups are normalized as before: the compressed model's GroupNormalization output is
+    the original's at the kept channels."""
+    model = graphs.group_norm()
+    path, out, report, val = squeeze(tmp_path, model, IMG, keep=0.5)
+    keep = np.asarray(next(g for g in report.plan.groups if g.group == "conv1").keep)
+    gn = tensor_of(model, "GroupNormalization")
+    before = run(with_outputs(model, [gn]), val)[1]
+    after = run(with_outputs(onnx.load(str(out)), [gn]), val)[1]
+    np.testing.assert_allclose(after, before[:, keep], rtol=1e-4, atol=1e-5)
+
+
+def test_group_norm_of_one_group_is_left_alone(tmp_path):
+    path, out, report, val = squeeze(tmp_path, graphs.group_norm(groups=1), IMG, keep=0.5)
+    assert "GroupNormalization normalizes all 8 channels together (num_groups=1)" in reasons(report)["conv1"]
+    assert_valid_output(path, out, val, same=True, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("keep,dup", [(1.0, False), (0.5, True)])
+def test_grouped_conv_passes_whole_groups(tmp_path, keep, dup):
+    """conv1 (8) -> grouped Conv (4 groups of 2 -> 2): output block b reads input block b only,
+    so conv1's channels, kept in whole blocks, pass through it; its `group` follows."""
+    model = graphs.grouped_conv(dup=dup)
+    grp = next(g for g in analyse(model, IMG).groups if "conv1" in g.producers)
+    conv2 = next(n for n in model.graph.node if n.name == "conv2")
+    assert grp.block == 2 and [e.tensor for e in grp.exits] == [conv2.input[0]]
+    path, out, report, val = squeeze(tmp_path, model, IMG, keep=keep)
+    gp = next(g for g in report.plan.groups if g.group == "conv1")
+    assert whole_blocks(gp.keep, 2) and attr_of(out, "grouped", "group") == gp.kept // 2
+    assert weight_of(out, "grouped").shape[:2] == (gp.kept, 2)
+    assert_valid_output(path, out, val, same=True, rtol=1e-3, atol=1e-4)
+
+
+def test_grouped_conv_changing_the_width_is_left_alone(tmp_path):
+    path, out, report, val = squeeze(tmp_path, graphs.grouped_conv(out_per_group=3), IMG, keep=0.5)
+    assert "grouped convolution (group=4) with 12 outputs for 8 inputs" in reasons(report)["conv1"]
+    assert_valid_output(path, out, val, same=True, rtol=1e-3, atol=1e-4)
+
+
+def test_block_pivoting_keeps_blocks_that_explain_the_others():
+    """Block ID: with block 2 a copy of block 0, two blocks leave no residual, and block 2 is
+    never picked before the blocks it does not copy; sizes between blocks round up."""
+    from onnxcompress.methods.id.interpolate import block_pivot_order
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((300, 12))
+    z[:, 8:] = z[:, :4] @ rng.standard_normal((4, 4))
+    order, residual = block_pivot_order(z.T @ z, 4)
+    assert sorted(set(order[:8] // 4)) in ([0, 1], [1, 2])
+    assert residual[8] <= 1e-9 * residual[0] and residual[4] > 0.1 * residual[0]
+    assert residual[5] == residual[8] and residual[0] == np.trace(z.T @ z)

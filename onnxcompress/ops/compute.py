@@ -146,6 +146,16 @@ class Conv(Handler):
             if len(node.input) > 2 and node.input[2]:
                 edits.append(Slice(node.input[2], 0, i))
             return Through(outputs=(Member(node.output[0], m.axis),), edits=tuple(edits))
+        if group > 1 and channels % group == 0 and w.shape[0] == channels and w.shape[1] == channels // group:
+            # output block b (C / group channels) reads input block b only: with whole blocks kept,
+            # the kept outputs are computed from the kept inputs exactly as before
+            block = channels // group
+            edits = [Slice(node.input[1], 0, i), SetAttr(i, "group", per=block)]
+            if len(node.input) > 2 and node.input[2]:
+                edits.append(Slice(node.input[2], 0, i))
+            return Through(outputs=(Member(node.output[0], m.axis),), edits=tuple(edits), block=block)
+        if group > 1:
+            return Stop(f"grouped convolution (group={group}) with {w.shape[0]} outputs for {channels} inputs")
         return Stop(f"grouped convolution (group={group})")
 
 
@@ -372,6 +382,32 @@ class Reduce(Handler):
         return through_to(g, i, m, newpos - (rank - len(axes)))
 
 
+class GroupNorm(Handler):
+    """GroupNormalization(X, scale, bias, num_groups): mean and variance over each block of
+    C / num_groups consecutive channels (with the spatial axes). Removing whole blocks leaves the
+    other blocks' statistics unchanged, so the channels go through in whole blocks; the scale and
+    bias (per channel, opset 21) keep the kept channels' entries, and num_groups becomes k / block.
+    Opset 18's per-group parameters (deprecated by ONNX) are left alone."""
+
+    def consume(self, g, i, pos, m, channels):
+        node = g.nodes[i]
+        rank = g.rank(m.tensor)
+        groups = g.attr(i, "num_groups")
+        if pos != 0 or m.spatial > 1 or rank is None or m.axis != 1 - rank or not groups:
+            return Stop("GroupNormalization does not normalize along the channel axis")
+        if groups == 1 or channels % groups:
+            return Stop(f"GroupNormalization normalizes all {channels} channels together (num_groups={groups})")
+        block = channels // groups
+        edits = [SetAttr(i, "num_groups", per=block)]
+        for name in node.input[1:]:
+            c = g.const(name)
+            if c is None or c.shape != (channels,):
+                return Stop(f"GroupNormalization parameter {name!r} is not a constant per channel")
+            edits.append(Slice(name, 0, i))
+        return unused_extra_outputs(g, i) or Through(outputs=(Member(node.output[0], m.axis),),
+                                                     edits=tuple(edits), block=block)
+
+
 class Mixes(Handler):
     """Ops known to combine channels non-linearly: the group stops with a precise reason."""
 
@@ -388,7 +424,7 @@ UNARY_OPS = ("Relu LeakyRelu PRelu Sigmoid HardSigmoid HardSwish Tanh Erf Gelu S
 BINARY_OPS = "Add Sub Mul Div Pow Max Min".split()
 VALUE_PRESERVING = {"Identity", "Dropout"}  # output values are the input's (at inference)
 
-NORMALIZATIONS = "LayerNormalization GroupNormalization LpNormalization MeanVarianceNormalization".split()
+NORMALIZATIONS = "LayerNormalization LpNormalization MeanVarianceNormalization".split()
 
 HANDLERS: dict[str, Handler] = {
     **{op: Unary() for op in UNARY_OPS},
@@ -401,6 +437,7 @@ HANDLERS: dict[str, Handler] = {
     "LogSoftmax": Softmax(), "Flatten": Flatten(), "Reshape": Reshape(), "Squeeze": Squeeze(),
     "Unsqueeze": Squeeze(), "Concat": Concat(), "Shape": ShapeOf(),
     **{op: Mixes("normalizes across the channels") for op in NORMALIZATIONS},
+    "GroupNormalization": GroupNorm(),
     **{op: Mixes("mixes the channels") for op in "LSTM GRU RNN Einsum".split()},
 }
 

@@ -115,6 +115,7 @@ class Through:
     outputs: tuple = ()        # Members
     edits: tuple = ()
     joins: tuple = ()          # other activations that must belong to the same group (name, axis)
+    block: int = 1             # the channels may only be removed in whole blocks of this many
 
 
 @dataclass(frozen=True)

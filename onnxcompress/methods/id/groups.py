@@ -18,6 +18,7 @@ its interpolation matrix, restricted to the window, is the window's own least-sq
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ class Group:
     exits: tuple[ExitTensor, ...]
     edits: tuple
     weights: tuple[Slice, ...]  # main weight of each producer (norm-based selection)
+    block: int = 1              # keep whole blocks of this many consecutive channels
 
     def mixes(self, source: str | None = None) -> list[Mix]:
         return [e for e in self.edits if isinstance(e, Mix) and (source is None or e.source == source)]
@@ -114,6 +116,7 @@ class _Draft:
     reasons: list[str] = field(default_factory=list)
     weights: list[Slice] = field(default_factory=list)
     concat: int | None = None        # the Concat node whose output starts this draft
+    block: int = 1                   # channels go in whole blocks (GroupNormalization, grouped Conv)
     enters: list[Enter] = field(default_factory=list)
 
     def stop(self, reason: str) -> None:
@@ -214,6 +217,7 @@ def _trace(g: GraphIndex, d: _Draft, start: Member, handlers: dict) -> None:
                 d.enters.append(result)
             elif isinstance(result, Through):
                 d.edits.update(result.edits)
+                d.block = math.lcm(d.block, result.block)
                 d.joins.extend((j, name, axis) for name, axis in result.joins)
                 for out in result.outputs:
                     known = d.members.get(out.tensor)
@@ -287,6 +291,10 @@ def _combine(g: GraphIndex, ds: list[_Draft], offsets: list[int], conflicts: lis
     for r in conflicts:
         out.stop(r)
     for d, o in zip(ds, offsets):
+        out.block = math.lcm(out.block, d.block)
+    for d, o in zip(ds, offsets):
+        if out.block > 1 and (o % out.block or d.channels % out.block):
+            out.stop(f"channels [{o}, {o + d.channels}) do not split into whole blocks of {out.block}")
         window = d.channels != total
         place = (lambda e: windowed(e, o, d.channels)) if window else (lambda e: e)
         out.producers.extend(d.producers)
@@ -409,7 +417,7 @@ def _freeze(g: GraphIndex, d: _Draft) -> Group:
         tensors=tuple(sorted(d.members)),
         exits=tuple(sorted(d.exits.values(), key=lambda e: e.tensor)),
         edits=tuple(sorted(d.edits, key=_edit_key)),
-        weights=tuple(d.weights),
+        weights=tuple(d.weights), block=d.block,
     )
 
 

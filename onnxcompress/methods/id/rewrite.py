@@ -64,6 +64,9 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, analysis: Analysis, plan: Pla
             if e.width and len(local) == 0:
                 raise RewriteError(f"rewrite: group {grp.id!r} keeps no channel of the window "
                                    f"[{e.offset}, {e.offset + e.width}) that {getattr(e, 'tensor', e.node)!r} holds")
+            if getattr(e, "per", 1) > 1 and len(local) % e.per:
+                raise RewriteError(f"rewrite: group {grp.id!r} keeps {len(local)} channels where only whole "
+                                   f"blocks of {e.per} can be kept")
             if isinstance(e, SetAttr):
                 set_int_attr(out.graph.node[e.node], e.name, len(local) // e.per)
                 continue

@@ -30,7 +30,7 @@ from ...core.config import Config
 from ...core.cost import Item, cheapest_first, scaled_total
 from ...core.graph import GraphIndex
 from .groups import Analysis, Group, embed_stats
-from .interpolate import best_residual, interpolation_matrix, pivot_order, selection_matrix
+from .interpolate import best_residual, block_pivot_order, interpolation_matrix, selection_matrix
 from ...core.plan import GroupPlan, Plan
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def group_curve(g: GraphIndex, group: Group, stats: dict, config: Config) -> Cur
         tr = float(np.trace(part))
         if tr > 0:
             gsel += part / tr
-    order, residual = pivot_order(gsel)
+    order, residual = block_pivot_order(gsel, group.block)
     norm = residual / residual[0] if residual[0] > 0 else residual
     return Curve(group, gsel, weights, grams, means, order, norm)
 
@@ -123,6 +123,9 @@ def norm_order(g: GraphIndex, group: Group) -> np.ndarray:
             block = block.astype(np.float64).reshape(len(block), -1)
             sq[start:start + len(block)] += np.einsum("ij,ij->i", block, block)
             start += len(block)
+    if group.block > 1:  # whole blocks, by their total norm
+        blocks = np.argsort(-sq.reshape(-1, group.block).sum(axis=1), kind="stable")
+        return (blocks[:, None] * group.block + np.arange(group.block)).ravel()
     return np.argsort(-sq, kind="stable")
 
 
@@ -174,11 +177,13 @@ def choose_sizes(curves: list[Curve], config: Config, budget: Budget) -> dict[st
     sizes = {}
     for c in curves:
         n = c.group.channels
+        b = c.group.block  # sizes are whole blocks
         if rule == "keep":
-            sizes[c.group.id] = max(1, min(n, round(value * n)))
+            sizes[c.group.id] = max(b, min(n, b * round(value * n / b)))
         elif rule == "tolerance":
             rel = np.sqrt(np.clip(c.residual, 0, None))
-            sizes[c.group.id] = max(1, int(np.argmax(rel <= value)) if np.any(rel <= value) else n)
+            k = max(1, int(np.argmax(rel <= value)) if np.any(rel <= value) else n)
+            sizes[c.group.id] = b * -(-k // b)
     if rule in ("flops_target", "params_target"):
         sizes = greedy_sizes(curves, config, budget, rule, value)
     return sizes
@@ -193,7 +198,8 @@ def greedy_sizes(curves: list[Curve], config: Config, budget: Budget, rule: str,
     by_group = {c.group.id: [it for it in items if c.group.id in it.groups] for c in curves}
     channels = {c.group.id: c.group.channels for c in curves}
     k = dict(channels)
-    floor = {gid: max(1, math.ceil(config.min_keep * n)) for gid, n in channels.items()}
+    block = {c.group.id: c.group.block for c in curves}
+    floor = {gid: block[gid] * max(1, math.ceil(config.min_keep * n / block[gid])) for gid, n in channels.items()}
     frac = {gid: 1.0 for gid in k}
     goal = target * total
 
@@ -202,7 +208,7 @@ def greedy_sizes(curves: list[Curve], config: Config, budget: Budget, rule: str,
             gid, n = c.group.id, c.group.channels
             if k[gid] <= floor[gid] or not by_group[gid]:
                 continue
-            new_k = max(floor[gid], k[gid] - max(1, n // 64))
+            new_k = max(floor[gid], k[gid] - block[gid] * max(1, n // 64 // block[gid]))
             saved = scaled_total(by_group[gid], frac) - scaled_total(by_group[gid], {**frac, gid: new_k / n})
             if saved > 0:
                 yield (c.residual[new_k] - c.residual[k[gid]]) / saved, gid, new_k, saved
