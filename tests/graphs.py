@@ -565,3 +565,38 @@ def grouped_conv(dup: bool = False, out_per_group: int = 2) -> onnx.ModelProto:
     h = b.op("Relu", [b.op("Conv", [h, b.weight("gc", (width, 2, 3, 3), d), b.weight("gcb", (width,), d, 0.1)],
                            group=4, pads=[1, 1, 1, 1], name="grouped")])
     return b.model([("x", ["N", 3, 8, 8])], [b.op("Conv", [h, b.weight("c2", (4, width, 1, 1))], name="conv2")])
+
+
+def attention(dup: bool = False, heads: int = 4, size: int = 4, mask: bool = True,
+              merge: str = "explicit") -> onnx.ModelProto:
+    """Decomposed multi-head self-attention as PyTorch exports it: x[B,S,C] (C = heads * size) ->
+    Q, K, V = MatMul + Add bias -> Reshape [0, 0, H, d] -> Transpose (K to [B,H,d,S]) ->
+    Q K^T / sqrt(d) (+ mask[B,1,1,S]) -> Softmax -> @ V -> Transpose -> Reshape [0, 0, C] ->
+    MatMul W_o + bias -> + x. With dup the second half of the heads copies the first (Q, K and V
+    columns); merge="split" merges into [0, 0, C // 2, 2] instead (not a merge of the heads)."""
+    b = Builder(36)
+    c = heads * size
+    d = 1 if dup else None
+
+    def project(name):
+        w = b.random((c, c), d, 0.5)
+        bias = b.random((c,), 0 if dup else None, 0.1)
+        return b.op("Add", [b.op("MatMul", ["x", b.const(f"w{name}", w)], name=f"attn.{name}"), b.const(f"b{name}", bias)])
+
+    split = b.const("split", np.array([0, 0, heads, size], dtype=np.int64))
+    q, k, v = (b.op("Reshape", [project(n), split]) for n in "qkv")
+    q = b.op("Transpose", [q], perm=[0, 2, 1, 3])
+    k = b.op("Transpose", [k], perm=[0, 2, 3, 1])
+    v = b.op("Transpose", [v], perm=[0, 2, 1, 3])
+    s = b.op("Div", [b.op("MatMul", [q, k]), b.const("scale", np.float32(np.sqrt(size)))])
+    inputs = [("x", ["B", "S", c])]
+    if mask:
+        s = b.op("Add", [s, "mask"])
+        inputs.append(("mask", ["B", 1, 1, "S"]))
+    ctx = b.op("Transpose", [b.op("MatMul", [b.op("Softmax", [s], axis=-1), v])], perm=[0, 2, 1, 3])
+    target = [0, 0, c] if merge == "explicit" else [0, 0, c // 2, 2]
+    ctx = b.op("Reshape", [ctx, b.const("merge", np.array(target, dtype=np.int64))])
+    if merge != "explicit":
+        ctx = b.op("Reshape", [ctx, b.const("flat", np.array([0, 0, c], dtype=np.int64))])
+    y = b.op("Add", [b.op("MatMul", [ctx, b.weight("wo", (c, c), None, 0.3)], name="attn.o"), b.const("bo", b.random((c,), None, 0.1))])
+    return b.model(inputs, [b.op("Add", [y, "x"])])

@@ -319,3 +319,65 @@ def test_block_pivoting_keeps_blocks_that_explain_the_others():
     assert sorted(set(order[:8] // 4)) in ([0, 1], [1, 2])
     assert residual[8] <= 1e-9 * residual[0] and residual[4] > 0.1 * residual[0]
     assert residual[5] == residual[8] and residual[0] == np.trace(z.T @ z)
+
+
+# ---- attention heads ----
+
+ATT = [("x", (5, 16)), ("mask", (1, 1, 5))]
+
+
+def att_feeds(n, seed):
+    f = feeds([("x", (5, 16))], n, seed)
+    f["mask"] = np.where(np.random.default_rng(seed).random((n, 1, 1, 5)) < 0.2, -1e4, 0).astype(np.float32)
+    return f
+
+
+def squeeze_att(tmp_path, model, *, keep, **cfg):
+    path = save(tmp_path, model)
+    val, out = att_feeds(8, 2), tmp_path / "out.onnx"
+    report = compress(path, out, config=Config(keep=keep, force=True, **cfg), calib=att_feeds(96, 1), val=val)
+    return path, out, report, val
+
+
+def test_attention_heads_are_one_group_of_whole_heads():
+    """Q, K and V meet at the score and context products: one group of 16 channels in 4 heads
+    of 4, exiting at the output projection; the Reshapes' head counts are shape edits."""
+    model = graphs.attention()
+    grp = next(iter(analyse(model, ATT).groups))
+    assert set(grp.producers) == {"attn.q", "attn.k", "attn.v"} and (grp.channels, grp.block) == (16, 4)
+    o = next(n for n in model.graph.node if n.name == "attn.o")
+    assert [e.tensor for e in grp.exits] == [o.input[0]]
+    assert {(e.index, e.per) for e in grp.edits if type(e).__name__ == "ShapeEntry"} == {(2, 4), (2, 1)}
+
+
+@pytest.mark.parametrize("keep,dup", [(1.0, False), (0.5, True)])
+def test_attention_heads_reproduce_outputs(tmp_path, keep, dup):
+    """At keep 1.0, and at keep 0.5 when heads 2 and 3 copy heads 0 and 1, the outputs are the
+    original's; the split Reshape now names the kept heads."""
+    path, out, report, val = squeeze_att(tmp_path, graphs.attention(dup=dup), keep=keep)
+    gp = report.plan.groups[0]
+    assert gp.kept == round(16 * keep) and whole_blocks(gp.keep, 4)
+    assert weight_of(out, "attn.q").shape == (16, gp.kept) and weight_of(out, "attn.o").shape == (gp.kept, 16)
+    assert_valid_output(path, out, val, same=True, rtol=1e-3, atol=1e-4)
+
+
+def test_attention_partial_keep_matches_the_maths(tmp_path):
+    """Kept heads keep their scores and context; the output projection reads
+    ctx[:, S] T (+ c0): out = (ctx[:, S] T + c0) W_o + b_o + x."""
+    model = graphs.attention()
+    path, out, report, val = squeeze_att(tmp_path, model, keep=0.5)
+    gp = report.plan.groups[0]
+    keep = np.asarray(gp.keep)
+    o = next(n for n in model.graph.node if n.name == "attn.o")
+    ctx = run(with_outputs(model, [o.input[0]]), val)[1].astype(np.float64)
+    bo = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name.startswith("bo"))
+    expected = (ctx[..., keep] @ gp.interpolation[o.input[0]] + gp.intercept.get(o.input[0], 0.0)) \
+        @ weight_of(path, "attn.o") + bo + val["x"]
+    np.testing.assert_allclose(run(out, val)[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_heads_not_merged_back_are_left_alone(tmp_path):
+    path, out, report, val = squeeze_att(tmp_path, graphs.attention(merge="split"), keep=0.5)
+    assert "Reshape of attention heads other than merging them back" in reasons(report)["attn.q"]
+    assert kept(report) == {}
+    assert_valid_output(path, out, val, same=True, rtol=1e-3, atol=1e-4)

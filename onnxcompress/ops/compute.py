@@ -32,6 +32,8 @@ class Unary(Handler):
     """Elementwise ops of one tensor input; other inputs must be constants not varying along the
     channels (Clip bounds, Dropout ratio, ...)."""
 
+    heads = True
+
     def consume(self, g, i, pos, m, channels):
         if pos != 0:
             return Stop(f"{g.nodes[i].op_type} reads the channels as a parameter")
@@ -52,8 +54,8 @@ class Unary(Handler):
         if stop:
             return stop
         # the output's own values feed the exits' Grams, except through ops that copy them
-        out = (Member(g.nodes[i].output[0], m.axis, m.spatial, m.source, m.source_axis) if same_values
-               else Member(g.nodes[i].output[0], m.axis))
+        out = (Member(g.nodes[i].output[0], m.axis, m.spatial, m.source, m.source_axis) if same_values and not m.heads
+               else m.follow(g.nodes[i].output[0]))
         return Through(outputs=(out,), edits=tuple(edits))
 
 
@@ -69,12 +71,17 @@ class Binary(Unary):
         other = node.input[1 - pos] if pos in (0, 1) and len(node.input) == 2 else None
         if other is None:
             return Stop(f"{node.op_type} with {len(node.input)} inputs")
+        out = m.follow(node.output[0])
         if g.const(other) is None:
-            return Through(outputs=(Member(node.output[0], m.axis),), joins=((other, m.axis),))
+            shape = g.shape(other)
+            if shape is not None and all(len(shape) + a < 0 or shape[len(shape) + a] == 1 for a in m.axes) \
+                    and g.shape(node.output[0]) == g.shape(m.tensor):
+                return Through(outputs=(out,))  # broadcast along the channels (a mask, a per-row scale)
+            return Through(outputs=(out,), joins=((other, m.axis, m.head_axis) if m.heads else (other, m.axis),))
         e = const_channel_edit(g, other, m, channels, i)
         if isinstance(e, Stop):
             return e
-        return Through(outputs=(Member(node.output[0], m.axis),), edits=e)
+        return Through(outputs=(out,), edits=e)
 
 
 def positions(g: GraphIndex, output: str, per: int) -> float:
@@ -274,8 +281,12 @@ class MatMul(Handler):
             return "batched constant weight"
         return Produce(node.output[0], -1, w.shape[1], (Slice(node.input[1], 1, i),), Slice(node.input[1], 1, i))
 
+    heads = True
+
     def consume(self, g, i, pos, m, channels):
         node = g.nodes[i]
+        if m.heads:
+            return _attention_matmul(g, i, pos, m)
         w = g.const(node.input[1])
         reason = computed_weight(g, node.input[1]) if pos == 0 and w is None else None
         if reason:
@@ -289,6 +300,33 @@ class MatMul(Handler):
         if bias is not None:
             edits.append(Shift(bias[1], node.input[1], 0, 1, m.spatial, m.source, bias[0]))
         return Exit(tuple(edits), m.source, m.source_axis)
+
+
+def _attention_matmul(g: GraphIndex, i: int, pos: int, m: Member):
+    """A @ B of two activations with the heads on a batch axis of both (decomposed attention):
+
+    * Q K^T: A split with the within-head channels on its last axis (contracted), B split with
+      them on its second-to-last: the scores hold only the heads (one S x S map per head);
+    * P V: A the per-head probabilities, B split with the within-head channels on its last
+      axis: the output is split the same way.
+
+    Keeping whole heads keeps every kept head's scores, probabilities and context as they were."""
+    node = g.nodes[i]
+    ranks = [g.rank(n) for n in node.input] + [g.rank(node.output[0])]
+    if None in ranks or len(set(ranks)) != 1 or ranks[0] < 3:
+        return Stop("MatMul of attention heads with unequal or unknown ranks")
+    if m.head_axis >= -2:
+        return Stop("MatMul with the attention heads on a matrix axis")
+    other, h = node.input[1 - pos], m.head_axis
+    if pos == 0 and not m.head_only and m.axis == -1:        # Q K^T
+        return Through(outputs=(Member(node.output[0], h, heads=m.heads, head_axis=h),), joins=((other, -2, h),))
+    if pos == 1 and not m.head_only and m.axis == -2:        # Q K^T, from K
+        return Through(outputs=(Member(node.output[0], h, heads=m.heads, head_axis=h),), joins=((other, -1, h),))
+    if pos == 0 and m.head_only:                             # P V, from P
+        return Through(outputs=(Member(node.output[0], -1, heads=m.heads, head_axis=h),), joins=((other, -1, h),))
+    if pos == 1 and not m.head_only and m.axis == -1:        # P V, from V
+        return Through(outputs=(Member(node.output[0], -1, heads=m.heads, head_axis=h),), joins=((other, h, h),))
+    return Stop("MatMul of attention heads in an unknown arrangement")
 
 
 def _following_bias(g: GraphIndex, i: int, width: int) -> tuple[int, str] | None:

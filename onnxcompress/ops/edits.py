@@ -83,22 +83,46 @@ class ShapeEntry:
     node: int
     offset: int = 0
     width: int = 0
+    per: int = 1   # the entry counts whole blocks of `per` channels (attention heads)
 
 
 @dataclass(frozen=True)
 class Member:
     """A tensor of a group: its negative channel axis, the block size per channel, and the
-    unflattened tensor its values come from (itself unless spatial > 1)."""
+    unflattened tensor its values come from (itself unless spatial > 1).
+
+    Attention heads (`heads` H > 0; the group's C channels are H heads of C / H): either the
+    channel axis is split, channel h * C/H + j at index h of `head_axis` and j of `axis` (Q, K, V
+    after their Reshape), or the tensor only has the head axis (`axis` == `head_axis`: attention
+    scores and probabilities, one per head)."""
     tensor: str
     axis: int
     spatial: int = 1
     source: str = ""
     source_axis: int = 0
+    heads: int = 0
+    head_axis: int = 0
 
     def __post_init__(self):
         if not self.source:
             object.__setattr__(self, "source", self.tensor)
             object.__setattr__(self, "source_axis", self.axis)
+
+    @property
+    def axes(self) -> set[int]:
+        """The negative axes that carry channels (or heads)."""
+        return {self.axis, self.head_axis} if self.heads else {self.axis}
+
+    @property
+    def head_only(self) -> bool:
+        return bool(self.heads) and self.axis == self.head_axis
+
+    def follow(self, tensor: str, axis: int | None = None, head_axis: int | None = None) -> "Member":
+        """The same layout (heads included) on `tensor`, with the axes moved where given."""
+        axis = self.axis if axis is None else axis
+        if not self.heads:
+            return Member(tensor, axis)
+        return Member(tensor, axis, heads=self.heads, head_axis=self.head_axis if head_axis is None else head_axis)
 
 
 @dataclass(frozen=True)
@@ -114,7 +138,8 @@ class Produce:
 class Through:
     outputs: tuple = ()        # Members
     edits: tuple = ()
-    joins: tuple = ()          # other activations that must belong to the same group (name, axis)
+    joins: tuple = ()          # other activations that must belong to the same group: (name, axis) or,
+                               # for attention heads, (name, axis, head_axis)
     block: int = 1             # the channels may only be removed in whole blocks of this many
 
 
@@ -187,7 +212,10 @@ def windowed(e, offset: int, width: int):
 
 
 class Handler:
-    """Default: never a producer, never a layer to split, and a group reaching it stops."""
+    """Default: never a producer, never a layer to split, and a group reaching it stops.
+    `heads`: whether `consume` understands members split into attention heads."""
+
+    heads = False
 
     def layer(self, g: GraphIndex, i: int, max_patch: int):
         """A `Layer` if node i is a constant-weight layer a low-rank split can replace, a reason
@@ -211,6 +239,10 @@ def const_channel_edit(g: GraphIndex, name: str, m: Member, channels: int, i: in
     c = g.const(name)
     if c is None:
         return None
+    if m.heads:
+        if any(c.ndim + a >= 0 and c.shape[c.ndim + a] != 1 for a in m.axes):
+            return Stop(f"constant {name!r} varies along the attention heads")
+        return ()
     pos = c.ndim + m.axis
     if pos < 0 or c.shape[pos] == 1:
         return ()
@@ -219,8 +251,8 @@ def const_channel_edit(g: GraphIndex, name: str, m: Member, channels: int, i: in
     return Stop(f"constant {name!r} does not broadcast along the channels")
 
 
-def through_to(g: GraphIndex, i: int, m: Member, axis: int | None = None) -> Through:
-    return Through(outputs=(Member(g.nodes[i].output[0], m.axis if axis is None else axis),))
+def through_to(g: GraphIndex, i: int, m: Member, axis: int | None = None, head_axis: int | None = None) -> Through:
+    return Through(outputs=(m.follow(g.nodes[i].output[0], axis, head_axis),))
 
 
 def unused_extra_outputs(g: GraphIndex, i: int) -> Stop | None:

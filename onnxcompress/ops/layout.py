@@ -9,13 +9,16 @@ from .edits import Enter, Handler, Member, ShapeEntry, Stop, Through, through_to
 
 
 class Transpose(Handler):
+    heads = True
+
     def consume(self, g, i, pos, m, channels):
         perm = g.attr(i, "perm")
         rank = g.rank(m.tensor) if perm is None else len(perm)
         if m.spatial > 1 or rank is None:
             return Stop("Transpose of unknown rank")
         perm = list(perm) if perm is not None else list(range(rank))[::-1]
-        return through_to(g, i, m, perm.index(rank + m.axis) - rank)
+        return through_to(g, i, m, perm.index(rank + m.axis) - rank,
+                          perm.index(rank + m.head_axis) - rank if m.heads else None)
 
 
 class Resize(Handler):
@@ -45,6 +48,8 @@ class Resize(Handler):
 
 
 class Softmax(Handler):
+    heads = True
+
     def consume(self, g, i, pos, m, channels):
         rank = g.rank(m.tensor)
         default = -1 if g.opset >= 13 else 1
@@ -53,7 +58,7 @@ class Softmax(Handler):
             return Stop("Softmax of unknown rank")
         if g.opset < 13 and axis % rank <= rank + m.axis:
             return Stop("Softmax (opset < 13) flattens across the channels")
-        if axis % rank == rank + m.axis:
+        if any(axis % rank == rank + a for a in m.axes):
             return Stop("Softmax over the channels")
         return through_to(g, i, m)
 
@@ -79,7 +84,10 @@ class Flatten(Handler):
 
 class Reshape(Handler):
     """Reshape that keeps the channel axis whole (merging or splitting only other axes), or that
-    flattens it channel-major with the axes after it."""
+    flattens it channel-major with the axes after it, or that splits it into attention heads
+    (C -> H x C/H, adjacent) or merges heads back (H x C/H -> C)."""
+
+    heads = True
 
     def consume(self, g, i, pos, m, channels):
         node = g.nodes[i]
@@ -88,6 +96,8 @@ class Reshape(Handler):
             return Stop("Reshape of unknown shape")
         if target is None:
             return Stop("Reshape to a computed shape")
+        if m.heads:
+            return self._merge_heads(node, i, src, dst, target, channels, m)
         c = len(src) + m.axis
         before = int(np.prod(src[:c], dtype=np.int64))
         after = int(np.prod(src[c + 1:], dtype=np.int64))
@@ -99,7 +109,43 @@ class Reshape(Handler):
                 return self._through(node, i, j, len(dst), int(target[j]), channels, 1, m, j == c)
             if dst[j] == channels * after and j == len(dst) - 1:
                 return self._through(node, i, j, len(dst), int(target[j]), channels, after, m, False)
+        for j in range(len(dst) - 1):
+            heads, size = dst[j], dst[j + 1]
+            if int(np.prod(dst[:j], dtype=np.int64)) != before or heads * size != channels or heads < 2 \
+                    or size < 2 or int(np.prod(dst[j + 2:], dtype=np.int64)) != after:
+                continue
+            # split into heads: the head entry (or, with it inferred, the size entry) names them
+            if int(target[j]) == heads:
+                edits = (ShapeEntry(node.input[1], j, 1, i, per=size),)
+            elif int(target[j]) == -1 and int(target[j + 1]) == size:
+                edits = ()
+            else:
+                return Stop("Reshape into attention heads with a target that does not name them")
+            rank = len(dst)
+            return Through(outputs=(Member(node.output[0], j + 1 - rank, heads=heads, head_axis=j - rank),),
+                           edits=edits, block=size)
         return Stop("Reshape splits the channel axis")
+
+    @staticmethod
+    def _merge_heads(node, i, src, dst, target, channels, m):
+        """Heads (H at head_axis, C/H right after it) merged back into one channel axis."""
+        rank = len(src)
+        h, c = rank + m.head_axis, rank + m.axis
+        if m.head_only or c != h + 1:
+            return Stop("Reshape of attention heads other than merging them back")
+        before = int(np.prod(src[:h], dtype=np.int64))
+        after = int(np.prod(src[c + 1:], dtype=np.int64))
+        for j in range(len(dst)):
+            if int(np.prod(dst[:j], dtype=np.int64)) == before and dst[j] == channels and \
+                    int(np.prod(dst[j + 1:], dtype=np.int64)) == after:
+                if int(target[j]) == channels:
+                    edits = (ShapeEntry(node.input[1], j, 1, i),)
+                elif int(target[j]) == -1:
+                    edits = ()
+                else:
+                    return Stop("Reshape merging attention heads with a target that does not name the channels")
+                return Through(outputs=(Member(node.output[0], j - len(dst)),), edits=edits)
+        return Stop("Reshape of attention heads other than merging them back")
 
     @staticmethod
     def _through(node, i, j, rank, entry, channels, spatial, m, same_axis):

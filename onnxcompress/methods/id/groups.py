@@ -111,7 +111,7 @@ class _Draft:
     members: dict[str, Member] = field(default_factory=dict)
     edits: set = field(default_factory=set)
     exits: dict[str, ExitTensor] = field(default_factory=dict)
-    joins: list[tuple[int, str, int]] = field(default_factory=list)
+    joins: list[tuple] = field(default_factory=list)   # (node, tensor, axis[, head axis])
     nodes: set[int] = field(default_factory=set)
     reasons: list[str] = field(default_factory=list)
     weights: list[Slice] = field(default_factory=list)
@@ -206,6 +206,9 @@ def _trace(g: GraphIndex, d: _Draft, start: Member, handlers: dict) -> None:
             if handler is None or g.nodes[j].domain not in ("", "ai.onnx"):
                 d.stop(f"reaches {g.nodes[j].op_type} node {g.key(j)}, which is not understood")
                 continue
+            if m.heads and not handler.heads:
+                d.stop(f"attention heads reach {g.nodes[j].op_type} node {g.key(j)}, which does not handle them")
+                continue
             result = handler.consume(g, j, pos, m, d.channels)
             d.nodes.add(j)
             if isinstance(result, Stop):
@@ -218,7 +221,7 @@ def _trace(g: GraphIndex, d: _Draft, start: Member, handlers: dict) -> None:
             elif isinstance(result, Through):
                 d.edits.update(result.edits)
                 d.block = math.lcm(d.block, result.block)
-                d.joins.extend((j, name, axis) for name, axis in result.joins)
+                d.joins.extend((j, *join) for join in result.joins)
                 for out in result.outputs:
                     known = d.members.get(out.tensor)
                     if known is None:
@@ -254,7 +257,7 @@ def _merge(g: GraphIndex, drafts: list[_Draft]) -> list[_Draft]:
                 owner[name] = k
     concat_of = {d.concat: k for k, d in enumerate(drafts) if d.concat is not None}
     for k, d in enumerate(drafts):
-        for j, name, _axis in d.joins:
+        for j, name, *_axes in d.joins:
             if name in owner:
                 link(k, owner[name], None, f"node {g.key(j)}")
             else:
@@ -318,9 +321,9 @@ def _combine(g: GraphIndex, ds: list[_Draft], offsets: list[int], conflicts: lis
                     out.stop(f"Concat node {g.key(d.concat)} joins {name!r}, which is not in a channel group")
                 shape = g.shape(name)
                 start += shape[len(shape) + enters[0].axis]
-    for j, name, axis in out.joins:
+    for j, name, *axes in out.joins:
         m = out.members.get(name)
-        if m is not None and m.axis != axis:
+        if m is not None and (m.axis != axes[0] or (len(axes) > 1 and m.head_axis != axes[1])):
             out.stop(f"node {g.key(j)} joins tensors with different channel axes")
     return out
 
@@ -371,7 +374,7 @@ def _check_weights(g: GraphIndex, drafts: list[_Draft], subgraph_names: set[str]
     by_tensor: dict[str, list[tuple[_Draft, object]]] = defaultdict(list)
     for d in drafts:
         for e in d.edits:
-            if not isinstance(e, SetAttr):
+            if not isinstance(e, (SetAttr, ShapeEntry)):  # shape entries are edited in copies
                 by_tensor[e.tensor].append((d, e))
     graph_inputs = {vi.name for vi in g.graph.input}
     for name, uses in by_tensor.items():
