@@ -381,3 +381,12 @@ def test_heads_not_merged_back_are_left_alone(tmp_path):
     assert "Reshape of attention heads other than merging them back" in reasons(report)["attn.q"]
     assert kept(report) == {}
     assert_valid_output(path, out, val, same=True, rtol=1e-3, atol=1e-4)
+
+
+def test_every_window_keeps_a_channel():
+    """A producer before a Concat never loses all its channels: with k = 1 each of the windows
+    [0, 4), [4, 10) and [10, 15) of the nested Concat keeps its first channel in the order."""
+    grp = next(g for g in analyse(graphs.nested_concat(), IMG).groups if "conv4" in g.producers)
+    assert set(grp.windows) == {(0, 4), (4, 6), (10, 5), (0, 10)}
+    assert grp.kept_channels(np.arange(15)[::-1], 1).tolist() == [3, 9, 14]
+    assert grp.kept_channels(np.arange(15)[::-1], 4).tolist() == [3, 9, 13, 14]

@@ -82,6 +82,32 @@ class Group:
     def shifts(self, source: str) -> list[Shift]:
         return [e for e in self.edits if isinstance(e, Shift) and e.source == source]
 
+    @property
+    def windows(self) -> tuple[tuple[int, int], ...]:
+        """The (offset, width) windows of the tensors before a Concat, narrowest first."""
+        found = {(e.offset, e.width) for e in self.edits if getattr(e, "width", 0)}
+        found |= {(e.offset, e.width) for e in self.exits if e.width}
+        return tuple(sorted(found, key=lambda w: (w[1], w[0])))
+
+    def kept_channels(self, order, k: int) -> np.ndarray:
+        """The channels to keep, sorted: the first k of `order` (whole blocks), except that every
+        window keeps at least its first block in `order` (a producer cannot lose all its
+        channels), in place of the last blocks of `order` taken (so k grows only when there
+        are more windows than k allows)."""
+        b = self.block
+        units = [int(c) // b for c in np.asarray(order)[::b]]
+        required: list[int] = []
+        for offset, width in self.windows:
+            if not any(offset <= u * b < offset + width for u in required):
+                required.append(next(u for u in units if offset <= u * b < offset + width))
+        n = max(-(-k // b), len(required))
+        chosen = set(required)
+        for u in units:
+            if len(chosen) >= n:
+                break
+            chosen.add(u)
+        return np.sort(np.concatenate([np.arange(u * b, (u + 1) * b) for u in chosen]))
+
     def can_shift(self, source: str) -> bool:
         """Every consumer reading `source` has a bias to take an intercept."""
         mixes, weights = self.mixes(source), {s.weight for s in self.shifts(source)}

@@ -136,7 +136,7 @@ def decide(g: GraphIndex, analysis: Analysis, stats: dict, config: Config, budge
     for curve in curves:
         grp, k = curve.group, sizes[curve.group.id]
         order = curve.order if config.select == "id" else norm_order(g, grp)
-        keep = np.sort(order[:k])
+        keep = grp.kept_channels(order, k)
         interp, intercept = {}, {}
         for e in grp.exits:
             gram = curve.grams[e.tensor]
