@@ -568,12 +568,14 @@ def grouped_conv(dup: bool = False, out_per_group: int = 2) -> onnx.ModelProto:
 
 
 def attention(dup: bool = False, heads: int = 4, size: int = 4, mask: bool = True,
-              merge: str = "explicit") -> onnx.ModelProto:
+              merge: str = "explicit", dynamic: bool = False) -> onnx.ModelProto:
     """Decomposed multi-head self-attention as PyTorch exports it: x[B,S,C] (C = heads * size) ->
     Q, K, V = MatMul + Add bias -> Reshape [0, 0, H, d] -> Transpose (K to [B,H,d,S]) ->
     Q K^T / sqrt(d) (+ mask[B,1,1,S]) -> Softmax -> @ V -> Transpose -> Reshape [0, 0, C] ->
     MatMul W_o + bias -> + x. With dup the second half of the heads copies the first (Q, K and V
-    columns); merge="split" merges into [0, 0, C // 2, 2] instead (not a merge of the heads)."""
+    columns); merge="split" merges into [0, 0, C // 2, 2] instead (not a merge of the heads). With
+    dynamic the Reshape targets are computed as PyTorch exports them with dynamic axes:
+    Concat(Unsqueeze(Gather(Shape(x), 0)), Unsqueeze(Gather(Shape(x), 1)), [H], [d])."""
     b = Builder(36)
     c = heads * size
     d = 1 if dup else None
@@ -583,7 +585,14 @@ def attention(dup: bool = False, heads: int = 4, size: int = 4, mask: bool = Tru
         bias = b.random((c,), 0 if dup else None, 0.1)
         return b.op("Add", [b.op("MatMul", ["x", b.const(f"w{name}", w)], name=f"attn.{name}"), b.const(f"b{name}", bias)])
 
-    split = b.const("split", np.array([0, 0, heads, size], dtype=np.int64))
+    def shape_of(*tail):
+        if not dynamic:
+            return b.const("shape", np.array([0, 0, *tail], dtype=np.int64))
+        dims = [b.op("Unsqueeze", [b.op("Gather", [b.op("Shape", ["x"]), b.const("i", np.int64(k))], axis=0),
+                                   b.const("ax", np.array([0], dtype=np.int64))]) for k in (0, 1)]
+        return b.op("Concat", [*dims, *(b.const("dim", np.array([t], dtype=np.int64)) for t in tail)], axis=0)
+
+    split = shape_of(heads, size)
     q, k, v = (b.op("Reshape", [project(n), split]) for n in "qkv")
     q = b.op("Transpose", [q], perm=[0, 2, 1, 3])
     k = b.op("Transpose", [k], perm=[0, 2, 3, 1])
@@ -594,9 +603,8 @@ def attention(dup: bool = False, heads: int = 4, size: int = 4, mask: bool = Tru
         s = b.op("Add", [s, "mask"])
         inputs.append(("mask", ["B", 1, 1, "S"]))
     ctx = b.op("Transpose", [b.op("MatMul", [b.op("Softmax", [s], axis=-1), v])], perm=[0, 2, 1, 3])
-    target = [0, 0, c] if merge == "explicit" else [0, 0, c // 2, 2]
-    ctx = b.op("Reshape", [ctx, b.const("merge", np.array(target, dtype=np.int64))])
+    ctx = b.op("Reshape", [ctx, shape_of(c) if merge == "explicit" else shape_of(c // 2, 2)])
     if merge != "explicit":
-        ctx = b.op("Reshape", [ctx, b.const("flat", np.array([0, 0, c], dtype=np.int64))])
+        ctx = b.op("Reshape", [ctx, shape_of(c)])
     y = b.op("Add", [b.op("MatMul", [ctx, b.weight("wo", (c, c), None, 0.3)], name="attn.o"), b.const("bo", b.random((c,), None, 0.1))])
     return b.model(inputs, [b.op("Add", [y, "x"])])

@@ -350,11 +350,13 @@ def test_attention_heads_are_one_group_of_whole_heads():
     assert {(e.index, e.per) for e in grp.edits if type(e).__name__ == "ShapeEntry"} == {(2, 4), (2, 1)}
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("keep,dup", [(1.0, False), (0.5, True)])
-def test_attention_heads_reproduce_outputs(tmp_path, keep, dup):
+def test_attention_heads_reproduce_outputs(tmp_path, keep, dup, dynamic):
     """At keep 1.0, and at keep 0.5 when heads 2 and 3 copy heads 0 and 1, the outputs are the
-    original's; the split Reshape now names the kept heads."""
-    path, out, report, val = squeeze_att(tmp_path, graphs.attention(dup=dup), keep=keep)
+    original's; the split Reshape now names the kept heads (in its constant target, or in the
+    constant pieces of a target computed at run time)."""
+    path, out, report, val = squeeze_att(tmp_path, graphs.attention(dup=dup, dynamic=dynamic), keep=keep)
     gp = report.plan.groups[0]
     assert gp.kept == round(16 * keep) and whole_blocks(gp.keep, 4)
     assert weight_of(out, "attn.q").shape == (16, gp.kept) and weight_of(out, "attn.o").shape == (gp.kept, 16)
