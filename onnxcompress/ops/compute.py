@@ -15,7 +15,13 @@ be removed together. Each handler answers three questions about its op:
   None when the op is never a layer.
 
 The shape and layout ops (Transpose, Reshape, Flatten, Squeeze, Concat, ...) live in
-`ops_layout.py`; the shared vocabulary in `edits.py`.
+`layout.py`; the shared vocabulary in `edits.py`.
+
+Beyond one channel per channel: a Concat along the channels places its inputs' channels at
+offsets in one index space (`Enter`); GroupNormalization and grouped Convs (same width per group)
+let channels through in whole blocks (`Through.block`); attention heads are blocks of channels
+split by a Reshape, carried through the score and context products (`_attention_matmul`) and
+merged back into the output projection. ConvTranspose is a producer and an exit.
 """
 from __future__ import annotations
 
