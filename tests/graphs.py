@@ -468,3 +468,163 @@ def parallel_mlps(groups: int, width: int) -> onnx.ModelProto:
     nodes.append(helper.make_node("Identity", [last], ["y"], name="out"))
     graph = helper.make_graph(nodes, "parallel_mlps", [_vi("x", ["N", 16])], [_vi("y", ["N", 4])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+# ---- group patterns of issue 15 (test_patterns.py) ----
+
+def concat_neck(dup: bool = False, se: bool = True, second: str = "conv") -> onnx.ModelProto:
+    """An FPN-style neck. a = Relu(Conv 8 (x)), with se a squeeze-and-excitation residual
+    a + a * HardSigmoid(Conv 8 (Relu(Conv 2 (GAP a)))); b = Resize x2 (Relu(BN(Conv 6 stride 2
+    (x)))); Concat(a, b) along the channels (14) -> Conv 3x3 head 4. `second` replaces b by the
+    graph input "x2" ("input"), by a second copy of a ("same") or by a constant ("const")."""
+    b = Builder(30)
+    d = 0 if dup else None
+    a = b.op("Relu", [b.op("Conv", ["x", b.weight("c1", (8, 3, 3, 3), d), b.weight("c1b", (8,), d, 0.1)],
+                           pads=[1, 1, 1, 1], name="conv_a")])
+    if se:
+        s = b.op("Relu", [b.op("Conv", [b.op("GlobalAveragePool", [a]), b.weight("se1", (2, 8, 1, 1)),
+                                        b.weight("se1b", (2,), None, 0.1)], name="se.reduce")])
+        gate = b.op("HardSigmoid", [b.op("Conv", [s, b.weight("se2", (8, 2, 1, 1), d), b.weight("se2b", (8,), d, 0.1)],
+                                         name="se.expand")])
+        a = b.op("Add", [a, b.op("Mul", [a, gate])])
+    inputs = [("x", ["N", 3, 8, 8])]
+    if second == "conv":
+        h = b.op("Relu", [b.bn(b.op("Conv", ["x", b.weight("c2", (6, 3, 3, 3), d)], pads=[1, 1, 1, 1], strides=[2, 2],
+                                    name="conv_b"), 6, dup)])
+        other = b.op("Resize", [h, "", b.const("scales", np.array([1, 1, 2, 2], np.float32))], mode="nearest")
+    elif second == "input":
+        other, inputs = "x2", inputs + [("x2", ["N", 6, 8, 8])]
+    elif second == "same":
+        other = a
+    else:
+        other = b.const("fixed", b.random((1, 6, 8, 8), None, 1.0))
+    cat = b.op("Concat", [a, other], axis=1)
+    width = 8 + (8 if second == "same" else 6)
+    y = b.op("Conv", [cat, b.weight("head", (4, width, 3, 3)), b.weight("headb", (4,), None, 0.1)],
+             pads=[1, 1, 1, 1], name="head")
+    return b.model(inputs, [y])
+
+
+def nested_concat(dup: bool = False) -> onnx.ModelProto:
+    """Concat(Concat(Relu(Conv 4 (x)), Relu(Conv 6 (x))), Relu(Conv 5 (x))) -> Conv 1x1 3, and
+    the inner Concat also feeds a depthwise Conv -> Relu -> Conv 1x1 2 (an exit in a window)."""
+    b = Builder(31)
+    d = 0 if dup else None
+    parts = [b.op("Relu", [b.op("Conv", ["x", b.weight(f"c{c}", (c, 3, 3, 3), d), b.weight(f"c{c}b", (c,), d, 0.1)],
+                                pads=[1, 1, 1, 1], name=f"conv{c}")]) for c in (4, 6, 5)]
+    inner = b.op("Concat", parts[:2], axis=1)
+    dw = np.concatenate([b.random((4, 1, 3, 3), d), b.random((6, 1, 3, 3), d)])  # copies within each window
+    dw = b.op("Relu", [b.op("Conv", [inner, b.const("dw", dw)], group=10, pads=[1, 1, 1, 1], name="dw")])
+    side = b.op("Conv", [dw, b.weight("side", (2, 10, 1, 1))], name="side")
+    outer = b.op("Concat", [inner, parts[2]], axis=1)
+    y = b.op("Conv", [outer, b.weight("head", (3, 15, 1, 1)), b.weight("headb", (3,), None, 0.1)], name="head")
+    return b.model([("x", ["N", 3, 8, 8])], [y, side])
+
+
+def conv_transpose(dup: bool = False, group: int = 1) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv 8 -> Relu -> ConvTranspose 6 (2x2, stride 2, bias, `group`) -> BN ->
+    Relu -> ConvTranspose 2 (3x3, stride 2, pads 1) -> Sigmoid (the PP-OCR detection head)."""
+    b = Builder(32)
+    d = 0 if dup else None
+    h = b.op("Relu", [b.op("Conv", ["x", b.weight("c1", (8, 3, 3, 3), d)], pads=[1, 1, 1, 1], name="conv1")])
+    w = b.random((8, 6 // group, 2, 2), None, 0.3)
+    if dup:
+        w[:, 3:] = w[:, :3]
+    t = b.op("ConvTranspose", [h, b.const("t1", w), b.weight("t1b", (6,), d, 0.1)], strides=[2, 2], group=group,
+             name="up1")
+    t = b.op("Relu", [b.bn(t, 6, dup)])
+    y = b.op("ConvTranspose", [t, b.weight("t2", (6, 2, 3, 3), None, 0.3)], strides=[2, 2], pads=[1, 1, 1, 1],
+             name="up2")
+    return b.model([("x", ["N", 3, 8, 8])], [b.op("Sigmoid", [y])])
+
+
+def gated_ffn(dup: bool = False, act: str = "silu", up: str = "matmul") -> onnx.ModelProto:
+    """x[B,S,16] -> Mul(act(x W1), x W3) -> W2 (16), plus x: a SwiGLU (act "silu": h *
+    Sigmoid(h)) or GeGLU (act "gelu": Erf form) feed-forward block. W1 and W3 have 24 columns.
+    With up="input" the gate multiplies a graph input x3[B,S,24] instead of x W3."""
+    b = Builder(33)
+    d = 1 if dup else None
+    h1 = b.op("MatMul", ["x", b.weight("w1", (16, 24), d, 0.3)], name="ffn.gate")
+    if act == "silu":
+        a = b.op("Mul", [h1, b.op("Sigmoid", [h1])])
+    else:
+        e = b.op("Erf", [b.op("Div", [h1, b.const("sqrt2", np.float32(np.sqrt(2)))])])
+        a = b.op("Mul", [b.op("Mul", [h1, b.op("Add", [e, b.const("one", np.float32(1))])]),
+                         b.const("half", np.float32(0.5))])
+    h3 = b.op("MatMul", ["x", b.weight("w3", (16, 24), d, 0.3)], name="ffn.up") if up == "matmul" else "x3"
+    y = b.op("MatMul", [b.op("Mul", [a, h3]), b.weight("w2", (24, 16), None, 0.2)], name="ffn.down")
+    inputs = [("x", ["B", "S", 16])] + ([] if up == "matmul" else [("x3", ["B", "S", 24])])
+    return b.model(inputs, [b.op("Add", [y, "x"])])
+
+
+def group_norm(dup: bool = False, groups: int = 4) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv 8 -> GroupNormalization (`groups` groups, scale and bias per channel,
+    opset 21) -> Relu -> Conv 1x1 4. With dup the second half of the groups copies the first
+    (whole groups)."""
+    b = Builder(34)
+    d = 0 if dup else None
+    h = b.op("Conv", ["x", b.weight("c1", (8, 3, 3, 3), d), b.weight("c1b", (8,), d, 0.1)], pads=[1, 1, 1, 1],
+             name="conv1")
+    scale = b.const("gn_scale", 1 + 0.1 * b.random((8,), d, 1.0))
+    bias = b.const("gn_bias", 0.1 * b.random((8,), d, 1.0))
+    h = b.op("Relu", [b.op("GroupNormalization", [h, scale, bias], num_groups=groups, name="gn")])
+    y = b.op("Conv", [h, b.weight("c2", (4, 8, 1, 1))], name="conv2")
+    m = b.model([("x", ["N", 3, 8, 8])], [(y, ["N", 4, 8, 8])], opset=21)
+    m.ir_version = 10
+    return m
+
+
+def grouped_conv(dup: bool = False, out_per_group: int = 2) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv 8 -> Relu -> grouped Conv 3x3 (4 groups of 2 inputs, `out_per_group`
+    outputs each) -> Relu -> Conv 1x1 4 (ResNeXt / RegNet style). With dup the last two groups
+    copy the first two (whole groups)."""
+    b = Builder(35)
+    d = 0 if dup else None
+    h = b.op("Relu", [b.op("Conv", ["x", b.weight("c1", (8, 3, 3, 3), d)], pads=[1, 1, 1, 1], name="conv1")])
+    width = 4 * out_per_group
+    h = b.op("Relu", [b.op("Conv", [h, b.weight("gc", (width, 2, 3, 3), d), b.weight("gcb", (width,), d, 0.1)],
+                           group=4, pads=[1, 1, 1, 1], name="grouped")])
+    return b.model([("x", ["N", 3, 8, 8])], [b.op("Conv", [h, b.weight("c2", (4, width, 1, 1))], name="conv2")])
+
+
+def attention(dup: bool = False, heads: int = 4, size: int = 4, mask: bool = True,
+              merge: str = "explicit", dynamic: bool = False) -> onnx.ModelProto:
+    """Decomposed multi-head self-attention as PyTorch exports it: x[B,S,C] (C = heads * size) ->
+    Q, K, V = MatMul + Add bias -> Reshape [0, 0, H, d] -> Transpose (K to [B,H,d,S]) ->
+    Q K^T / sqrt(d) (+ mask[B,1,1,S]) -> Softmax -> @ V -> Transpose -> Reshape [0, 0, C] ->
+    MatMul W_o + bias -> + x. With dup the second half of the heads copies the first (Q, K and V
+    columns); merge="split" merges into [0, 0, C // 2, 2] instead (not a merge of the heads). With
+    dynamic the Reshape targets are computed as PyTorch exports them with dynamic axes:
+    Concat(Unsqueeze(Gather(Shape(x), 0)), Unsqueeze(Gather(Shape(x), 1)), [H], [d])."""
+    b = Builder(36)
+    c = heads * size
+    d = 1 if dup else None
+
+    def project(name):
+        w = b.random((c, c), d, 0.5)
+        bias = b.random((c,), 0 if dup else None, 0.1)
+        return b.op("Add", [b.op("MatMul", ["x", b.const(f"w{name}", w)], name=f"attn.{name}"), b.const(f"b{name}", bias)])
+
+    def shape_of(*tail):
+        if not dynamic:
+            return b.const("shape", np.array([0, 0, *tail], dtype=np.int64))
+        dims = [b.op("Unsqueeze", [b.op("Gather", [b.op("Shape", ["x"]), b.const("i", np.int64(k))], axis=0),
+                                   b.const("ax", np.array([0], dtype=np.int64))]) for k in (0, 1)]
+        return b.op("Concat", [*dims, *(b.const("dim", np.array([t], dtype=np.int64)) for t in tail)], axis=0)
+
+    split = shape_of(heads, size)
+    q, k, v = (b.op("Reshape", [project(n), split]) for n in "qkv")
+    q = b.op("Transpose", [q], perm=[0, 2, 1, 3])
+    k = b.op("Transpose", [k], perm=[0, 2, 3, 1])
+    v = b.op("Transpose", [v], perm=[0, 2, 1, 3])
+    s = b.op("Div", [b.op("MatMul", [q, k]), b.const("scale", np.float32(np.sqrt(size)))])
+    inputs = [("x", ["B", "S", c])]
+    if mask:
+        s = b.op("Add", [s, "mask"])
+        inputs.append(("mask", ["B", 1, 1, "S"]))
+    ctx = b.op("Transpose", [b.op("MatMul", [b.op("Softmax", [s], axis=-1), v])], perm=[0, 2, 1, 3])
+    ctx = b.op("Reshape", [ctx, shape_of(c) if merge == "explicit" else shape_of(c // 2, 2)])
+    if merge != "explicit":
+        ctx = b.op("Reshape", [ctx, shape_of(c)])
+    y = b.op("Add", [b.op("MatMul", [ctx, b.weight("wo", (c, c), None, 0.3)], name="attn.o"), b.const("bo", b.random((c,), None, 0.1))])
+    return b.model(inputs, [b.op("Add", [y, "x"])])

@@ -16,6 +16,12 @@ be removed together. Each handler answers three questions about its op:
 
 The shape and layout ops (Transpose, Reshape, Flatten, Squeeze, Concat, ...) live in
 `layout.py`; the shared vocabulary in `edits.py`.
+
+Beyond one channel per channel: a Concat along the channels places its inputs' channels at
+offsets in one index space (`Enter`); GroupNormalization and grouped Convs (same width per group)
+let channels through in whole blocks (`Through.block`); attention heads are blocks of channels
+split by a Reshape, carried through the score and context products (`_attention_matmul`) and
+merged back into the output projection. ConvTranspose is a producer and an exit.
 """
 from __future__ import annotations
 
@@ -31,6 +37,8 @@ from .layout import Concat, Flatten, Reshape, Resize, ShapeOf, Softmax, Squeeze,
 class Unary(Handler):
     """Elementwise ops of one tensor input; other inputs must be constants not varying along the
     channels (Clip bounds, Dropout ratio, ...)."""
+
+    heads = True
 
     def consume(self, g, i, pos, m, channels):
         if pos != 0:
@@ -52,8 +60,8 @@ class Unary(Handler):
         if stop:
             return stop
         # the output's own values feed the exits' Grams, except through ops that copy them
-        out = (Member(g.nodes[i].output[0], m.axis, m.spatial, m.source, m.source_axis) if same_values
-               else Member(g.nodes[i].output[0], m.axis))
+        out = (Member(g.nodes[i].output[0], m.axis, m.spatial, m.source, m.source_axis) if same_values and not m.heads
+               else m.follow(g.nodes[i].output[0]))
         return Through(outputs=(out,), edits=tuple(edits))
 
 
@@ -69,12 +77,17 @@ class Binary(Unary):
         other = node.input[1 - pos] if pos in (0, 1) and len(node.input) == 2 else None
         if other is None:
             return Stop(f"{node.op_type} with {len(node.input)} inputs")
+        out = m.follow(node.output[0])
         if g.const(other) is None:
-            return Through(outputs=(Member(node.output[0], m.axis),), joins=((other, m.axis),))
+            shape = g.shape(other)
+            if shape is not None and all(len(shape) + a < 0 or shape[len(shape) + a] == 1 for a in m.axes) \
+                    and g.shape(node.output[0]) == g.shape(m.tensor):
+                return Through(outputs=(out,))  # broadcast along the channels (a mask, a per-row scale)
+            return Through(outputs=(out,), joins=((other, m.axis, m.head_axis) if m.heads else (other, m.axis),))
         e = const_channel_edit(g, other, m, channels, i)
         if isinstance(e, Stop):
             return e
-        return Through(outputs=(Member(node.output[0], m.axis),), edits=e)
+        return Through(outputs=(out,), edits=e)
 
 
 def positions(g: GraphIndex, output: str, per: int) -> float:
@@ -146,7 +159,55 @@ class Conv(Handler):
             if len(node.input) > 2 and node.input[2]:
                 edits.append(Slice(node.input[2], 0, i))
             return Through(outputs=(Member(node.output[0], m.axis),), edits=tuple(edits))
+        if group > 1 and channels % group == 0 and w.shape[0] == channels and w.shape[1] == channels // group:
+            # output block b (C / group channels) reads input block b only: with whole blocks kept,
+            # the kept outputs are computed from the kept inputs exactly as before
+            block = channels // group
+            edits = [Slice(node.input[1], 0, i), SetAttr(i, "group", per=block)]
+            if len(node.input) > 2 and node.input[2]:
+                edits.append(Slice(node.input[2], 0, i))
+            return Through(outputs=(Member(node.output[0], m.axis),), edits=tuple(edits), block=block)
+        if group > 1:
+            return Stop(f"grouped convolution (group={group}) with {w.shape[0]} outputs for {channels} inputs")
         return Stop(f"grouped convolution (group={group})")
+
+
+class ConvTranspose(Handler):
+    """ConvTranspose, weight W (C_in, C_out / group, *kernel), y = sum_c x[c] * W[c] (scattered).
+
+    Producer (group 1): its output channels are W's axis 1 (and the bias's entries), sliced by S.
+    Exit (group 1): linear in its input channels, W's axis 0 absorbs T: W''[j] = sum_c T[j, c] W[c].
+    No intercept: a constant input reaches an output position through a number of kernel taps
+    that varies with the position (strides, padding), so it is no constant bias."""
+
+    def produce(self, g, i):
+        node = g.nodes[i]
+        w = g.const(node.input[1])
+        if w is None:
+            return computed_weight(g, node.input[1]) or "weight is not a constant"
+        group = g.attr(i, "group", 1)
+        if group != 1:
+            return f"grouped transposed convolution (group={group})"
+        edits = [Slice(node.input[1], 1, i)]
+        if len(node.input) > 2 and node.input[2]:
+            if g.const(node.input[2]) is None:
+                return "bias is not a constant"
+            edits.append(Slice(node.input[2], 0, i))
+        return Produce(node.output[0], -(w.ndim - 1), w.shape[1], tuple(edits), edits[0])
+
+    def consume(self, g, i, pos, m, channels):
+        node = g.nodes[i]
+        w = g.const(node.input[1])
+        if pos != 0:
+            return Stop("ConvTranspose reads the channels as its weight")
+        if w is None:
+            return Stop("ConvTranspose's " + (computed_weight(g, node.input[1]) or "weight is not a constant"))
+        if m.spatial > 1 or m.axis != -(w.ndim - 1):
+            return Stop("ConvTranspose does not read the channel axis as its input channels")
+        group = g.attr(i, "group", 1)
+        if group != 1 or w.shape[0] != channels:
+            return Stop(f"grouped transposed convolution (group={group})")
+        return Exit((Mix(node.input[1], 0, 1, m.source, i),), m.source, m.source_axis)
 
 
 class Gemm(Handler):
@@ -226,8 +287,12 @@ class MatMul(Handler):
             return "batched constant weight"
         return Produce(node.output[0], -1, w.shape[1], (Slice(node.input[1], 1, i),), Slice(node.input[1], 1, i))
 
+    heads = True
+
     def consume(self, g, i, pos, m, channels):
         node = g.nodes[i]
+        if m.heads:
+            return _attention_matmul(g, i, pos, m)
         w = g.const(node.input[1])
         reason = computed_weight(g, node.input[1]) if pos == 0 and w is None else None
         if reason:
@@ -241,6 +306,33 @@ class MatMul(Handler):
         if bias is not None:
             edits.append(Shift(bias[1], node.input[1], 0, 1, m.spatial, m.source, bias[0]))
         return Exit(tuple(edits), m.source, m.source_axis)
+
+
+def _attention_matmul(g: GraphIndex, i: int, pos: int, m: Member):
+    """A @ B of two activations with the heads on a batch axis of both (decomposed attention):
+
+    * Q K^T: A split with the within-head channels on its last axis (contracted), B split with
+      them on its second-to-last: the scores hold only the heads (one S x S map per head);
+    * P V: A the per-head probabilities, B split with the within-head channels on its last
+      axis: the output is split the same way.
+
+    Keeping whole heads keeps every kept head's scores, probabilities and context as they were."""
+    node = g.nodes[i]
+    ranks = [g.rank(n) for n in node.input] + [g.rank(node.output[0])]
+    if None in ranks or len(set(ranks)) != 1 or ranks[0] < 3:
+        return Stop("MatMul of attention heads with unequal or unknown ranks")
+    if m.head_axis >= -2:
+        return Stop("MatMul with the attention heads on a matrix axis")
+    other, h = node.input[1 - pos], m.head_axis
+    if pos == 0 and not m.head_only and m.axis == -1:        # Q K^T
+        return Through(outputs=(Member(node.output[0], h, heads=m.heads, head_axis=h),), joins=((other, -2, h),))
+    if pos == 1 and not m.head_only and m.axis == -2:        # Q K^T, from K
+        return Through(outputs=(Member(node.output[0], h, heads=m.heads, head_axis=h),), joins=((other, -1, h),))
+    if pos == 0 and m.head_only:                             # P V, from P
+        return Through(outputs=(Member(node.output[0], -1, heads=m.heads, head_axis=h),), joins=((other, -1, h),))
+    if pos == 1 and not m.head_only and m.axis == -1:        # P V, from V
+        return Through(outputs=(Member(node.output[0], -1, heads=m.heads, head_axis=h),), joins=((other, h, h),))
+    return Stop("MatMul of attention heads in an unknown arrangement")
 
 
 def _following_bias(g: GraphIndex, i: int, width: int) -> tuple[int, str] | None:
@@ -334,6 +426,32 @@ class Reduce(Handler):
         return through_to(g, i, m, newpos - (rank - len(axes)))
 
 
+class GroupNorm(Handler):
+    """GroupNormalization(X, scale, bias, num_groups): mean and variance over each block of
+    C / num_groups consecutive channels (with the spatial axes). Removing whole blocks leaves the
+    other blocks' statistics unchanged, so the channels go through in whole blocks; the scale and
+    bias (per channel, opset 21) keep the kept channels' entries, and num_groups becomes k / block.
+    Opset 18's per-group parameters (deprecated by ONNX) are left alone."""
+
+    def consume(self, g, i, pos, m, channels):
+        node = g.nodes[i]
+        rank = g.rank(m.tensor)
+        groups = g.attr(i, "num_groups")
+        if pos != 0 or m.spatial > 1 or rank is None or m.axis != 1 - rank or not groups:
+            return Stop("GroupNormalization does not normalize along the channel axis")
+        if groups == 1 or channels % groups:
+            return Stop(f"GroupNormalization normalizes all {channels} channels together (num_groups={groups})")
+        block = channels // groups
+        edits = [SetAttr(i, "num_groups", per=block)]
+        for name in node.input[1:]:
+            c = g.const(name)
+            if c is None or c.shape != (channels,):
+                return Stop(f"GroupNormalization parameter {name!r} is not a constant per channel")
+            edits.append(Slice(name, 0, i))
+        return unused_extra_outputs(g, i) or Through(outputs=(Member(node.output[0], m.axis),),
+                                                     edits=tuple(edits), block=block)
+
+
 class Mixes(Handler):
     """Ops known to combine channels non-linearly: the group stops with a precise reason."""
 
@@ -350,17 +468,24 @@ UNARY_OPS = ("Relu LeakyRelu PRelu Sigmoid HardSigmoid HardSwish Tanh Erf Gelu S
 BINARY_OPS = "Add Sub Mul Div Pow Max Min".split()
 VALUE_PRESERVING = {"Identity", "Dropout"}  # output values are the input's (at inference)
 
+NORMALIZATIONS = "LayerNormalization LpNormalization MeanVarianceNormalization".split()
+
 HANDLERS: dict[str, Handler] = {
     **{op: Unary() for op in UNARY_OPS},
     **{op: Binary() for op in BINARY_OPS},
-    "Conv": Conv(), "Gemm": Gemm(), "MatMul": MatMul(), "Gather": Gather(),
+    "Conv": Conv(), "ConvTranspose": ConvTranspose(), "Gemm": Gemm(), "MatMul": MatMul(), "Gather": Gather(),
     "BatchNormalization": PerChannelNorm(), "InstanceNormalization": PerChannelNorm(),
     **{op: Pool() for op in "MaxPool AveragePool LpPool GlobalAveragePool GlobalMaxPool GlobalLpPool".split()},
     **{op: Reduce() for op in "ReduceMean ReduceSum ReduceMax ReduceMin ReduceL1 ReduceL2 ReduceProd".split()},
     "Transpose": Transpose(), "Resize": Resize(), "Upsample": Resize(), "Softmax": Softmax(),
     "LogSoftmax": Softmax(), "Flatten": Flatten(), "Reshape": Reshape(), "Squeeze": Squeeze(),
     "Unsqueeze": Squeeze(), "Concat": Concat(), "Shape": ShapeOf(),
-    **{op: Mixes("normalizes across the channels") for op in
-       "LayerNormalization GroupNormalization LpNormalization MeanVarianceNormalization".split()},
-    **{op: Mixes("mixes the channels") for op in "ConvTranspose LSTM GRU RNN Einsum".split()},
+    **{op: Mixes("normalizes across the channels") for op in NORMALIZATIONS},
+    "GroupNormalization": GroupNorm(),
+    **{op: Mixes("mixes the channels") for op in "LSTM GRU RNN Einsum".split()},
 }
+
+# What-if table (never used to compress): normalizations treated as if they let the channels
+# through, slicing their per-channel parameters; `groups.py` uses it to say how much a group
+# blocked by a LayerNormalization over its channels could act on.
+NORM_THROUGH: dict[str, Handler] = {op: Unary() for op in NORMALIZATIONS}

@@ -9,10 +9,18 @@ Edits say what the rewrite does with channel selection S (k kept of C) and inter
 `Slice` keeps entries S along an axis, `Mix` replaces the C-long input axis (C*spatial, channel-
 major) of a weight by T applied to it, `SetAttr` sets an attribute to k, `ShapeEntry` sets entry
 `index` of a shape constant to k*spatial, `Shift` folds a constant intercept into a bias.
+
+Windows (Concat along the channels): a group's channel index space is the concatenation of its
+producers' channels. A tensor before the Concat holds channels [offset, offset + width) of that
+space; every edit on it carries the window (`width` 0: the whole space). With kept channels S,
+the window keeps S_w = {s - offset : s in S, offset <= s < offset + width}; a `Mix` there uses the
+rows of T for S_w and its columns [offset, offset + width) (see `window_keep`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from ..core.stats import ChannelGram, PatchGram, Request, TokenCounts
 from ..core.graph import GraphIndex
@@ -23,6 +31,8 @@ class Slice:
     tensor: str
     axis: int
     node: int
+    offset: int = 0
+    width: int = 0
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,8 @@ class Mix:
     spatial: int
     source: str  # the group tensor whose Gram gives this exit's interpolation matrix
     node: int
+    offset: int = 0
+    width: int = 0
 
 
 @dataclass(frozen=True)
@@ -48,12 +60,19 @@ class Shift:
     source: str
     node: int
     scale: float = 1.0
+    offset: int = 0
+    width: int = 0
 
 
 @dataclass(frozen=True)
 class SetAttr:
+    """Set integer attribute `name` of `node` to k (times `per`: a grouped Conv's `group` counts
+    whole groups of `per` channels)."""
     node: int
     name: str
+    offset: int = 0
+    width: int = 0
+    per: int = 1
 
 
 @dataclass(frozen=True)
@@ -62,22 +81,48 @@ class ShapeEntry:
     index: int
     spatial: int
     node: int
+    offset: int = 0
+    width: int = 0
+    per: int = 1   # the entry counts whole blocks of `per` channels (attention heads)
 
 
 @dataclass(frozen=True)
 class Member:
     """A tensor of a group: its negative channel axis, the block size per channel, and the
-    unflattened tensor its values come from (itself unless spatial > 1)."""
+    unflattened tensor its values come from (itself unless spatial > 1).
+
+    Attention heads (`heads` H > 0; the group's C channels are H heads of C / H): either the
+    channel axis is split, channel h * C/H + j at index h of `head_axis` and j of `axis` (Q, K, V
+    after their Reshape), or the tensor only has the head axis (`axis` == `head_axis`: attention
+    scores and probabilities, one per head)."""
     tensor: str
     axis: int
     spatial: int = 1
     source: str = ""
     source_axis: int = 0
+    heads: int = 0
+    head_axis: int = 0
 
     def __post_init__(self):
         if not self.source:
             object.__setattr__(self, "source", self.tensor)
             object.__setattr__(self, "source_axis", self.axis)
+
+    @property
+    def axes(self) -> set[int]:
+        """The negative axes that carry channels (or heads)."""
+        return {self.axis, self.head_axis} if self.heads else {self.axis}
+
+    @property
+    def head_only(self) -> bool:
+        return bool(self.heads) and self.axis == self.head_axis
+
+    def follow(self, tensor: str, axis: int | None = None, head_axis: int | None = None) -> "Member":
+        """The same layout (heads included) on `tensor`, with the axes moved where given."""
+        axis = self.axis if axis is None else axis
+        if not self.heads:
+            return Member(tensor, axis)
+        return Member(tensor, axis, heads=self.heads, head_axis=self.head_axis if head_axis is None else head_axis)
 
 
 @dataclass(frozen=True)
@@ -93,7 +138,9 @@ class Produce:
 class Through:
     outputs: tuple = ()        # Members
     edits: tuple = ()
-    joins: tuple = ()          # other activations that must belong to the same group (name, axis)
+    joins: tuple = ()          # other activations that must belong to the same group: (name, axis) or,
+                               # for attention heads, (name, axis, head_axis)
+    block: int = 1             # the channels may only be removed in whole blocks of this many
 
 
 @dataclass(frozen=True)
@@ -101,6 +148,18 @@ class Exit:
     edits: tuple
     source: str
     axis: int
+
+
+@dataclass(frozen=True)
+class Enter:
+    """The member's channels become channels [offset, offset + channels) of `output`, a Concat
+    along the channel axis (`axis`) of `total` channels: the group continues in the
+    concatenated index space (see `groups.py`)."""
+    output: str
+    axis: int
+    offset: int
+    total: int
+    node: int
 
 
 @dataclass(frozen=True)
@@ -137,8 +196,26 @@ class Layer:
         return {ChannelGram: "channels", PatchGram: "patches", TokenCounts: "counts"}[type(self.request)]
 
 
+def window_keep(keep, offset: int, width: int):
+    """Positions (into `keep`) and local indices of the kept channels inside a window
+    (all of them when width is 0)."""
+    keep = np.asarray(keep, dtype=np.int64)
+    if not width:
+        return np.arange(len(keep)), keep
+    rows = np.flatnonzero((keep >= offset) & (keep < offset + width))
+    return rows, keep[rows] - offset
+
+
+def windowed(e, offset: int, width: int):
+    """Edit e placed at a window of the group's channel space."""
+    return replace(e, offset=e.offset + offset, width=e.width or width)
+
+
 class Handler:
-    """Default: never a producer, never a layer to split, and a group reaching it stops."""
+    """Default: never a producer, never a layer to split, and a group reaching it stops.
+    `heads`: whether `consume` understands members split into attention heads."""
+
+    heads = False
 
     def layer(self, g: GraphIndex, i: int, max_patch: int):
         """A `Layer` if node i is a constant-weight layer a low-rank split can replace, a reason
@@ -162,6 +239,10 @@ def const_channel_edit(g: GraphIndex, name: str, m: Member, channels: int, i: in
     c = g.const(name)
     if c is None:
         return None
+    if m.heads:
+        if any(c.ndim + a >= 0 and c.shape[c.ndim + a] != 1 for a in m.axes):
+            return Stop(f"constant {name!r} varies along the attention heads")
+        return ()
     pos = c.ndim + m.axis
     if pos < 0 or c.shape[pos] == 1:
         return ()
@@ -170,8 +251,8 @@ def const_channel_edit(g: GraphIndex, name: str, m: Member, channels: int, i: in
     return Stop(f"constant {name!r} does not broadcast along the channels")
 
 
-def through_to(g: GraphIndex, i: int, m: Member, axis: int | None = None) -> Through:
-    return Through(outputs=(Member(g.nodes[i].output[0], m.axis if axis is None else axis),))
+def through_to(g: GraphIndex, i: int, m: Member, axis: int | None = None, head_axis: int | None = None) -> Through:
+    return Through(outputs=(m.follow(g.nodes[i].output[0], axis, head_axis),))
 
 
 def unused_extra_outputs(g: GraphIndex, i: int) -> Stop | None:

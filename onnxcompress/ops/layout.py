@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from .edits import Handler, Member, ShapeEntry, Stop, Through, through_to
+from .edits import Enter, Handler, Member, ShapeEntry, Stop, Through, through_to
 
 
 class Transpose(Handler):
+    heads = True
+
     def consume(self, g, i, pos, m, channels):
         perm = g.attr(i, "perm")
         rank = g.rank(m.tensor) if perm is None else len(perm)
         if m.spatial > 1 or rank is None:
             return Stop("Transpose of unknown rank")
         perm = list(perm) if perm is not None else list(range(rank))[::-1]
-        return through_to(g, i, m, perm.index(rank + m.axis) - rank)
+        return through_to(g, i, m, perm.index(rank + m.axis) - rank,
+                          perm.index(rank + m.head_axis) - rank if m.heads else None)
 
 
 class Resize(Handler):
@@ -45,6 +48,8 @@ class Resize(Handler):
 
 
 class Softmax(Handler):
+    heads = True
+
     def consume(self, g, i, pos, m, channels):
         rank = g.rank(m.tensor)
         default = -1 if g.opset >= 13 else 1
@@ -53,7 +58,7 @@ class Softmax(Handler):
             return Stop("Softmax of unknown rank")
         if g.opset < 13 and axis % rank <= rank + m.axis:
             return Stop("Softmax (opset < 13) flattens across the channels")
-        if axis % rank == rank + m.axis:
+        if any(axis % rank == rank + a for a in m.axes):
             return Stop("Softmax over the channels")
         return through_to(g, i, m)
 
@@ -77,17 +82,63 @@ class Flatten(Handler):
         return Through(outputs=(Member(g.nodes[i].output[0], -1, flat, m.source if flat > 1 else "", m.axis),))
 
 
+class Target:
+    """A Reshape's target shape: entry j is an int, or None where it is computed at run time.
+    Either a constant, or a Concat (axis 0) of 1-D pieces, constant or computed (the
+    Shape -> Gather -> Unsqueeze pieces a PyTorch export makes of the dimensions it does not
+    know); `entry(j, ...)` edits entry j where it is stored."""
+
+    def __init__(self, output: str, values: list, slots: list):
+        self.output, self.values, self.slots = output, values, slots
+
+    def __getitem__(self, j: int):
+        return self.values[j]
+
+    def entry(self, j: int, spatial: int, per: int = 1) -> ShapeEntry:
+        tensor, index, node = self.slots[j]
+        return ShapeEntry(tensor, index, spatial, node, per=per)
+
+    @classmethod
+    def of(cls, g, i: int) -> "Target | None":
+        node = g.nodes[i]
+        name = node.input[1]
+        c = g.const(name)
+        if c is not None:
+            return cls(node.output[0], [int(v) for v in np.ravel(c)], [(name, k, i) for k in range(c.size)])
+        j = g.producer.get(name)
+        if j is None or g.nodes[j].op_type != "Concat" or g.attr(j, "axis", 0) != 0:
+            return None
+        values, slots = [], []
+        for piece in g.nodes[j].input:
+            c, shape = g.const(piece), g.shape(piece)
+            if c is not None and c.ndim == 1:
+                values += [int(v) for v in c]
+                slots += [(piece, k, j) for k in range(c.size)]
+            elif shape is not None and len(shape) == 1 and shape[0] is not None:
+                values += [None] * shape[0]
+                slots += [None] * shape[0]
+            else:
+                return None
+        return cls(node.output[0], values, slots)
+
+
 class Reshape(Handler):
     """Reshape that keeps the channel axis whole (merging or splitting only other axes), or that
-    flattens it channel-major with the axes after it."""
+    flattens it channel-major with the axes after it, or that splits it into attention heads
+    (C -> H x C/H, adjacent) or merges heads back (H x C/H -> C)."""
+
+    heads = True
 
     def consume(self, g, i, pos, m, channels):
         node = g.nodes[i]
-        src, dst, target = g.shape(m.tensor), g.shape(node.output[0]), g.const(node.input[1])
+        src, dst = g.shape(m.tensor), g.shape(node.output[0])
         if pos != 0 or src is None or dst is None or None in src or None in dst or m.spatial > 1:
             return Stop("Reshape of unknown shape")
+        target = Target.of(g, i)
         if target is None:
             return Stop("Reshape to a computed shape")
+        if m.heads:
+            return self._merge_heads(node, i, src, dst, target, channels, m)
         c = len(src) + m.axis
         before = int(np.prod(src[:c], dtype=np.int64))
         after = int(np.prod(src[c + 1:], dtype=np.int64))
@@ -96,22 +147,59 @@ class Reshape(Handler):
                 continue
             tail = int(np.prod(dst[j + 1:], dtype=np.int64))
             if dst[j] == channels and tail == after:
-                return self._through(node, i, j, len(dst), int(target[j]), channels, 1, m, j == c)
+                return self._through(target, j, len(dst), channels, 1, m, j == c)
             if dst[j] == channels * after and j == len(dst) - 1:
-                return self._through(node, i, j, len(dst), int(target[j]), channels, after, m, False)
+                return self._through(target, j, len(dst), channels, after, m, False)
+        for j in range(len(dst) - 1):
+            heads, size = dst[j], dst[j + 1]
+            if int(np.prod(dst[:j], dtype=np.int64)) != before or heads * size != channels or heads < 2 \
+                    or size < 2 or int(np.prod(dst[j + 2:], dtype=np.int64)) != after:
+                continue
+            # split into heads: the head entry (or, with it inferred, the size entry) names them
+            if target[j] == heads:
+                edits = (target.entry(j, 1, per=size),)
+            elif target[j] == -1 and target[j + 1] == size:
+                edits = ()
+            else:
+                return Stop("Reshape into attention heads with a target that does not name them")
+            rank = len(dst)
+            return Through(outputs=(Member(node.output[0], j + 1 - rank, heads=heads, head_axis=j - rank),),
+                           edits=edits, block=size)
         return Stop("Reshape splits the channel axis")
 
     @staticmethod
-    def _through(node, i, j, rank, entry, channels, spatial, m, same_axis):
+    def _merge_heads(node, i, src, dst, target, channels, m):
+        """Heads (H at head_axis, C/H right after it) merged back into one channel axis."""
+        rank = len(src)
+        h, c = rank + m.head_axis, rank + m.axis
+        if m.head_only or c != h + 1:
+            return Stop("Reshape of attention heads other than merging them back")
+        before = int(np.prod(src[:h], dtype=np.int64))
+        after = int(np.prod(src[c + 1:], dtype=np.int64))
+        for j in range(len(dst)):
+            if int(np.prod(dst[:j], dtype=np.int64)) == before and dst[j] == channels and \
+                    int(np.prod(dst[j + 1:], dtype=np.int64)) == after:
+                if target[j] == channels:
+                    edits = (target.entry(j, 1),)
+                elif target[j] == -1:
+                    edits = ()
+                else:
+                    return Stop("Reshape merging attention heads with a target that does not name the channels")
+                return Through(outputs=(Member(node.output[0], j - len(dst)),), edits=edits)
+        return Stop("Reshape of attention heads other than merging them back")
+
+    @staticmethod
+    def _through(target, j, rank, channels, spatial, m, same_axis):
         """Output channel axis at position j of `rank`; the target entry j names the channels
         (edited), is -1 (inferred) or 0 copying the channel axis itself."""
         edits = ()
+        entry = target[j]
         if entry == channels * spatial:
-            edits = (ShapeEntry(node.input[1], j, spatial, i),)
+            edits = (target.entry(j, spatial),)
         elif not (entry == -1 or (entry == 0 and same_axis)):
             return Stop("Reshape target does not name the channels")
         source = m.source if spatial > 1 else ""
-        return Through(outputs=(Member(node.output[0], j - rank, spatial, source, m.axis),), edits=edits)
+        return Through(outputs=(Member(target.output, j - rank, spatial, source, m.axis),), edits=edits)
 
 
 class Squeeze(Handler):
@@ -143,7 +231,12 @@ class Squeeze(Handler):
 
 
 class Concat(Handler):
-    """Concatenation along an axis other than the channels joins its inputs into one group."""
+    """Concatenation along an axis other than the channels joins its inputs into one group.
+
+    Along the channels, input `pos` becomes channels [offset, offset + C_pos) of the output
+    (offset = sum of the widths of the inputs before it): the group continues in the
+    concatenated index space (`Enter`), where one selection S serves every input and the
+    consumers of the output read one interpolation matrix over all the channels."""
 
     def consume(self, g, i, pos, m, channels):
         node = g.nodes[i]
@@ -151,7 +244,14 @@ class Concat(Handler):
         if rank is None or m.spatial > 1:
             return Stop("Concat of unknown rank")
         if g.attr(i, "axis") % rank == rank + m.axis:
-            return Stop("Concat along the channels")
+            c = rank + m.axis
+            if any(g.const(n) is not None for n in node.input if n):
+                return Stop("Concat along the channels with a constant")
+            shapes = [g.shape(n) for n in node.input]
+            if any(s is None or len(s) != rank or s[c] is None for s in shapes):
+                return Stop("Concat along the channels of unknown widths")
+            widths = [int(s[c]) for s in shapes]
+            return Enter(node.output[0], m.axis, sum(widths[:pos]), sum(widths), i)
         joins = tuple((n, m.axis) for k, n in enumerate(node.input) if k != pos and n)
         if any(g.const(n) is not None for n, _ in joins):
             return Stop("Concat with a constant")

@@ -15,10 +15,9 @@ import numpy as np
 from ...core.config import Config
 from ...core.graph import GraphIndex
 from ...core.plan import GroupPlan
-from ...core.stats import ChannelGram
 from ...ops.edits import Mix, SetAttr, Shift, Slice
 from ..base import Cost, Curve, Site
-from .groups import Analysis, find_groups
+from .groups import Analysis, exit_request, find_groups
 from .interpolate import best_residual, interpolation_matrix, selection_matrix
 from .rewrite import rewrite as rewrite_groups
 from .select import group_curve, norm_order, selection_error
@@ -37,7 +36,7 @@ class IdMethod:
 
     def requests(self, site: Site):
         grp = site.target
-        return [ChannelGram(e.tensor, e.axis, grp.channels) for e in grp.exits]
+        return [exit_request(grp.channels, e) for e in grp.exits]
 
     def curve(self, g: GraphIndex, site: Site, stats: dict, config: Config, flops: dict) -> Curve:
         grp = site.target
@@ -45,25 +44,28 @@ class IdMethod:
         c = grp.channels
         sizes = np.arange(c, 0, -1)
         error = np.maximum(state.residual[sizes], 0.0)
-        floor = max(1, math.ceil(config.min_keep * c))
-        stride = max(1, c // 64)
+        b = grp.block  # sizes in whole blocks (heads, GroupNorm groups)
+        floor = b * max(1, math.ceil(config.min_keep * c / b))
+        stride = b * max(1, c // 64 // b)
         steps = np.unique(np.append(np.arange(0, c - floor + 1, stride), c - floor))
         return Curve(site, sizes, error, tuple(group_costs(g, grp, sizes / c, flops)), state, steps)
 
     def keep_index(self, curve: Curve, fraction: float):
-        c = curve.site.target.channels
-        return c - max(1, min(c, round(fraction * c)))
+        c, b = curve.site.target.channels, curve.site.target.block
+        return c - max(b, min(c, b * round(fraction * c / b)))
 
     def tolerance_index(self, curve: Curve, eps: float):
+        c, b = curve.site.target.channels, curve.site.target.block
         rel = np.sqrt(np.clip(curve.error, 0, None))
         ok = np.nonzero(rel <= eps)[0]
-        return int(ok[-1]) if len(ok) else 0
+        k = c - (int(ok[-1]) if len(ok) else 0)
+        return c - min(c, b * -(-k // b))
 
     def realize(self, g: GraphIndex, curve: Curve, index: int, config: Config) -> GroupPlan:
         grp, state = curve.site.target, curve.state
         k = int(curve.sizes[index])
         order = state.order if config.select == "id" else norm_order(g, grp)
-        keep = np.sort(order[:k])
+        keep = grp.kept_channels(order, k)
         interp, intercept = {}, {}
         for e in grp.exits:
             gram = state.grams[e.tensor]
@@ -74,7 +76,7 @@ class IdMethod:
                 intercept[e.tensor] = mu - mu[keep] @ interp[e.tensor]
         err = selection_error(state, keep, interp)
         best = best_residual(state.gram)
-        best_err = math.sqrt(max(best[k], 0.0) / best[0]) if best[0] > 0 else 0.0
+        best_err = math.sqrt(max(best[len(keep)], 0.0) / best[0]) if best[0] > 0 else 0.0
         return GroupPlan(grp.id, grp.channels, tuple(int(c) for c in keep), interp, err, best_err, intercept)
 
     def rewrite(self, model, g: GraphIndex, sites: list[Site], decisions: list):

@@ -97,3 +97,48 @@ def relative_error(residual: np.ndarray) -> np.ndarray:
     if total <= 0:
         return np.zeros_like(residual)
     return np.sqrt(np.clip(residual / total, 0.0, None))
+
+
+def block_pivot_order(gram: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy block pivoting (block ID): the channels in blocks of `block` consecutive ones
+    (attention heads, GroupNormalization groups, grouped-convolution groups), chosen a whole block
+    at a time.
+
+    With R the Schur complement of the blocks chosen so far (R = G at the start), a block B
+    captures trace(R[:, B] R[B, B]^+ R[B, :]) of the residual energy; the block capturing the most
+    is taken and R <- R - R[:, B] R[B, B]^+ R[B, :]. Returns (order, residual) as `pivot_order`
+    does: `order` lists the channels block by block in pivot order; residual[k] (k = 0..C) is the
+    residual energy with ceil(k / block) blocks kept (a size between multiples of the block is
+    rounded up), so residual[C] = 0.
+    """
+    g = np.array(gram, dtype=np.float64, copy=True)
+    c = g.shape[0]
+    if block <= 1:
+        return pivot_order(g)
+    if c % block:
+        raise ValueError(f"{c} channels do not split into blocks of {block}")
+    n = c // block
+    left, order, energy = list(range(n)), [], [float(np.trace(g))]
+    for _ in range(n):
+        best, best_gain, best_update = None, -1.0, None
+        for b in left:
+            idx = slice(b * block, (b + 1) * block)
+            w, v = np.linalg.eigh(g[idx, idx])
+            tol = max(float(w[-1]), 0.0) * block * np.finfo(np.float64).eps * 16
+            use = w > tol
+            if not np.any(use):
+                gain, update = 0.0, None
+            else:
+                proj = g[:, idx] @ v[:, use] / np.sqrt(w[use])   # R[:, B] R[B, B]^{-1/2}
+                gain, update = float(np.einsum("ij,ij->", proj, proj)), proj
+            if gain > best_gain:
+                best, best_gain, best_update = b, gain, update
+        left.remove(best)
+        order.extend(range(best * block, (best + 1) * block))
+        if best_update is not None:
+            g -= best_update @ best_update.T
+        energy.append(max(float(np.trace(g)), 0.0))
+    energy[-1] = 0.0
+    blocks = -(-np.arange(c + 1) // block)   # ceil(k / block)
+    residual = np.minimum.accumulate(np.asarray(energy))[blocks]
+    return np.asarray(order, dtype=np.int64), residual

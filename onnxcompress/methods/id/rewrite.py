@@ -8,10 +8,14 @@ For a group with kept channels S (k of C) and interpolation matrices T_e (k x C)
   W'' with W''[..., j*spatial + s, ...] = sum_c W'[..., c*spatial + s, ...] T_e[j, c], i.e.
   W' T_e^T on the channel axis (kron(T_e, I_spatial) for a channel-major flatten);
 * `SetAttr` sets the depthwise Conv's `group` to k; `ShapeEntry` sets a Reshape/Resize shape entry
-  to k*spatial;
+  to k*spatial (k / per for a count of heads), in a copy of the constant for that node alone;
 * `Shift` adds W' c0 (the consumer's response to the intercept c0) to the consumer's bias. Shifts
   run first, on the original weights and full-width biases, so a bias later sliced by another
   group is sliced after its shift.
+
+An edit with a window (a tensor before a Concat along the channels, `edits.window_keep`) works
+on the kept channels inside its window: S_w, and T_e's rows S_w and columns of the window (and
+the window of the intercept c0).
 
 Weights keep their dtype (the maths runs in float64). Stale `value_info` of every changed tensor is
 dropped. The result is what `onnx.checker` and ONNX Runtime then verify.
@@ -22,12 +26,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...core.errors import UsageError
+from ...core.errors import RewriteError, UsageError
 from ...core.graph import GraphIndex
 from ...core.modelio import without_initializers
 from ...core.plan import Plan
-from ...ops.edits import Mix, SetAttr, ShapeEntry, Shift, Slice
-from ...ops.surgery import drop_value_info, set_int_attr, store_tensor
+from ...ops.edits import Mix, SetAttr, ShapeEntry, Shift, Slice, window_keep
+from ...ops.surgery import drop_value_info, fresh_name, set_int_attr, store_tensor
 from .groups import Analysis
 
 
@@ -39,6 +43,7 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, analysis: Analysis, plan: Pla
     values: dict[str, np.ndarray] = {}
     done: set[tuple] = set()
     changed: set[str] = set()
+    shapes: dict[tuple[int, str], np.ndarray] = {}
     for gp in plan.groups:
         grp = groups.get(gp.group)
         exits = {e.tensor for e in grp.exits} if grp is not None else set()
@@ -48,7 +53,9 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, analysis: Analysis, plan: Pla
         for e in grp.edits:
             if isinstance(e, Shift) and e.source in gp.intercept:
                 base = values.get(e.tensor, g.const(e.tensor))
-                values[e.tensor] = shift(base, g.const(e.weight), e, gp.intercept[e.source])
+                c0 = gp.intercept[e.source]
+                values[e.tensor] = shift(base, g.const(e.weight), e,
+                                         c0[e.offset:e.offset + e.width] if e.width else c0)
     for gp in plan.groups:
         grp = groups[gp.group]
         keep = np.asarray(gp.keep, dtype=np.int64)
@@ -56,10 +63,21 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, analysis: Analysis, plan: Pla
         for e in grp.edits:
             if isinstance(e, Shift):
                 continue
+            local = window_keep(keep, e.offset, e.width)[1]
+            if e.width and len(local) == 0:
+                raise RewriteError(f"rewrite: group {grp.id!r} keeps no channel of the window "
+                                   f"[{e.offset}, {e.offset + e.width}) that {getattr(e, 'tensor', e.node)!r} holds")
+            if getattr(e, "per", 1) > 1 and len(local) % e.per:
+                raise RewriteError(f"rewrite: group {grp.id!r} keeps {len(local)} channels where only whole "
+                                   f"blocks of {e.per} can be kept")
             if isinstance(e, SetAttr):
-                set_int_attr(out.graph.node[e.node], e.name, len(keep))
+                set_int_attr(out.graph.node[e.node], e.name, len(local) // e.per)
                 continue
-            key = (e.tensor, type(e).__name__, getattr(e, "axis", getattr(e, "index", None)))
+            if isinstance(e, ShapeEntry):  # edited in a copy of its own: shape constants are often shared
+                slot = (e.node, e.tensor)
+                shapes[slot] = _apply(e, shapes.get(slot, g.const(e.tensor)), keep, gp.interpolation, dtypes[e.tensor])
+                continue
+            key = (e.tensor, type(e).__name__, getattr(e, "axis", getattr(e, "index", None)), e.offset)
             if key in done:
                 continue  # a constant shared by two nodes of the group is edited once
             done.add(key)
@@ -68,7 +86,18 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, analysis: Analysis, plan: Pla
                 value = g.const(e.tensor)
             values[e.tensor] = _apply(e, value, keep, gp.interpolation, dtypes[e.tensor])
     changed |= set(values)
+    taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output} | \
+        {vi.name for vi in model.graph.input}
+    for (i, name), value in sorted(shapes.items()):
+        node = out.graph.node[i]
+        fresh = fresh_name(f"{name}_{node.name or i}", taken)
+        node.input[list(node.input).index(name)] = fresh
+        out.graph.initializer.append(numpy_helper.from_array(value.astype(dtypes[name], copy=False), fresh))
+    read = {n for node in out.graph.node for n in node.input} | {o.name for o in out.graph.output}
+    orphans = {name for _, name in shapes} - read  # shape constants every reader now has a copy of
     for t in model.graph.initializer:
+        if t.name in orphans:
+            continue
         if t.name in values:  # each new value is released as soon as it is stored
             store_tensor(out.graph.initializer.add(), t, values.pop(t.name).astype(dtypes[t.name], copy=False))
         else:
@@ -78,13 +107,17 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, analysis: Analysis, plan: Pla
 
 
 def _apply(e, value: np.ndarray, keep: np.ndarray, interpolation: dict, dtype) -> np.ndarray:
+    rows, local = window_keep(keep, e.offset, e.width)
     if isinstance(e, Slice):
-        return np.take(value, keep, axis=e.axis)
+        return np.take(value, local, axis=e.axis)
     if isinstance(e, Mix):
-        return mix(value, e.axis, e.spatial, interpolation[e.source], dtype)
+        t = interpolation[e.source]
+        if e.width:
+            t = t[rows, e.offset:e.offset + e.width]
+        return mix(value, e.axis, e.spatial, t, dtype)
     if isinstance(e, ShapeEntry):
         value = value.copy()
-        value[e.index] = len(keep) * e.spatial
+        value[e.index] = len(local) // e.per * e.spatial
         return value
     raise TypeError(f"unknown edit {e!r}")
 

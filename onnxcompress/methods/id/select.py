@@ -22,8 +22,8 @@ import numpy as np
 
 from ...core.config import Config
 from ...core.graph import GraphIndex
-from .groups import Group
-from .interpolate import pivot_order
+from .groups import Group, embed_stats
+from .interpolate import block_pivot_order
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,10 @@ def consumer_norms(g: GraphIndex, group: Group, source: str) -> np.ndarray:
     sq = np.zeros(group.channels)
     for mix in group.mixes(source):
         w = np.moveaxis(g.const(mix.tensor), mix.axis, -1)
+        window = slice(mix.offset, mix.offset + (mix.width or group.channels))
         for block in _row_blocks(w):  # in float64 a block at a time, not the whole weight
-            block = block.astype(np.float64).reshape(-1, group.channels, mix.spatial)
-            sq += np.einsum("rcs,rcs->c", block, block)
+            block = block.astype(np.float64).reshape(-1, mix.width or group.channels, mix.spatial)
+            sq[window] += np.einsum("rcs,rcs->c", block, block)
     return np.sqrt(sq)
 
 
@@ -66,7 +67,7 @@ def group_curve(g: GraphIndex, group: Group, stats: dict, config: Config) -> Gro
     gsel = np.zeros((group.channels, group.channels))
     weights, grams, means = {}, {}, {}
     for e in group.exits:
-        st = stats[e.tensor]
+        st = embed_stats(stats[e.tensor], e, group.channels)
         gram = st.gram
         if config.intercept and config.select == "id" and group.can_shift(e.tensor) and st.rows > 0:
             means[e.tensor] = st.sums / st.rows
@@ -79,7 +80,7 @@ def group_curve(g: GraphIndex, group: Group, stats: dict, config: Config) -> Gro
         tr = float(np.trace(part))
         if tr > 0:
             gsel += part / tr
-    order, residual = pivot_order(gsel)
+    order, residual = block_pivot_order(gsel, group.block)
     norm = residual / residual[0] if residual[0] > 0 else residual
     rows = min((stats[e.tensor].rows for e in group.exits), default=0)
     return GroupStats(group, gsel, weights, grams, means, order, norm, rows)
@@ -100,11 +101,14 @@ def norm_order(g: GraphIndex, group: Group) -> np.ndarray:
     sq = np.zeros(group.channels)
     for s in group.weights:
         w = np.moveaxis(g.const(s.tensor), s.axis, 0)
-        start = 0
+        start = s.offset
         for block in _row_blocks(w):
             block = block.astype(np.float64).reshape(len(block), -1)
             sq[start:start + len(block)] += np.einsum("ij,ij->i", block, block)
             start += len(block)
+    if group.block > 1:  # whole blocks, by their total norm
+        blocks = np.argsort(-sq.reshape(-1, group.block).sum(axis=1), kind="stable")
+        return (blocks[:, None] * group.block + np.arange(group.block)).ravel()
     return np.argsort(-sq, kind="stable")
 
 
