@@ -781,9 +781,9 @@ def test_new_files_follow_the_umask(work):
     ({"p": "2"}, "p must be a number, got '2'"),
     ({"include": 5}, "include must be a string, got 5"),
     ({"smoothing": "x"}, "smoothing must be a number, got 'x'"),
-    ({"lp_weighted": "no"}, "lp_weighted (--lp-weighted) must be True or False, got 'no'"),
+    ({"lp_weighted": "no"}, "--lp-weighted must be True or False, got 'no'"),
     ({"allow_nonfinite": 1}, "must be True or False, got 1"),
-    ({"max_patch": 2.5}, "max_patch (--max-patch) must be an integer, got 2.5"),
+    ({"max_patch": 2.5}, "--max-patch must be an integer, got 2.5"),
 ])
 def test_config_types_are_usage_errors(kw, message):
     with pytest.raises(UsageError) as e:
