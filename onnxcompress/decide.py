@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 BUDGETS = {"params_target": "params", "flops_target": "flops", "size_target": "bytes"}
 MINIMIZE = {"size": "bytes", "params": "params", "flops": "flops"}
 PASSES = 8
+LABELS = {"id": "channel group", "lowrank": "low rank", "quant": "quantization"}
 
 
 def decide(norm, g, methods: dict, curves: list, config, before: dict, *, calib_src, reference, report,
@@ -82,10 +83,18 @@ def _realize(g, methods: dict, curves: list, idx: list[int], config, reasons: di
             if shrunk_by or not method.entry_at_full or ci in reasons:
                 why = f"its weights are compressed by {shrunk_by}" if shrunk_by else reasons.get(ci)
                 if why:
-                    left.append(Skipped(c.site.key, c.site.op, why))
+                    left.append(Skipped(c.site.key, c.site.op, f"{LABELS.get(c.site.method, c.site.method)}: {why}"))
                 continue
         entries.append(method.realize(g, c, idx[ci], config))
-    return entries, left
+    return entries, _merge_skipped(left)
+
+
+def _merge_skipped(left: list) -> list:
+    """One entry per node: the reasons of every method that left it whole, joined."""
+    merged: dict = {}
+    for s in left:
+        merged.setdefault((s.node, s.op), []).append(s.reason)
+    return [Skipped(node, op, "; ".join(dict.fromkeys(r))) for (node, op), r in merged.items()]
 
 
 def _search(norm, g, methods, curves, costs, weights, config, reference, report, timer, progress):

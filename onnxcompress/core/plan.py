@@ -176,11 +176,13 @@ def check_plan_dict(d) -> None:
         _need(isinstance(raw, list), "'entries' must be a list")
         _need(all(isinstance(e, dict) for e in raw), "every entry must be an object")
         entries = [(e.get("method"), e, f"entries[{n}]") for n, e in enumerate(raw)]
+    from ..methods import REGISTRY  # other methods check their own entries (`decision.check`)
     checks = {"id": _check_group, "lowrank": _check_layer}
     seen = set()
     for method, e, where in entries:
-        _need(method in checks, f"{where}: unknown method {method!r}")
-        checks[method](e, where)
+        check = checks.get(method) or getattr(getattr(REGISTRY.get(method), "decision", None), "check", None)
+        _need(check is not None, f"{where}: unknown method {method!r}")
+        check(e, where)
         key = (method, e.get("group") if method == "id" else e.get("layer"))
         _need(key not in seen, f"a {'group' if method == 'id' else 'layer'} appears twice")
         seen.add(key)

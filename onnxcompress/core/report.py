@@ -117,6 +117,11 @@ class Report:
             if acc:
                 lines.append(f"accuracy of {a['output']!r} against {acc['labels']} ({acc['samples']} samples): "
                              f"original {acc['original']:.4f}, compressed {acc['compressed']:.4f}")
+        for x in self.sections.get("quantized", []):
+            if x is self.sections["quantized"][0]:
+                lines += ["", f"{'quantized layer':<40} {'format':>12} {'bytes':>9} {'error':>8}"]
+            lines.append(f"{_short(x['layer'], 40):<40} {x['format']:>12} "
+                         f"{x['bytes_after'] / max(x['bytes_before'], 1):9.1%} {x['error'] or 0:8.4f}")
         lines += _allocation_lines(self.allocation)
         lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()))
         return "\n".join(lines)

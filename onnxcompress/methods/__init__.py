@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from .id import IdMethod
 from .lowrank import LowRankMethod
+from .quant import QuantMethod
 
 REGISTRY = {
     "id": IdMethod(),
     "lowrank": LowRankMethod(),
+    "quant": QuantMethod(),
 }
 
 # what each --method runs (the low-rank variant is read from the config by the method)
@@ -18,6 +20,7 @@ CHOICES = {
     "svd": ("lowrank",),
     "aasvd": ("lowrank",),
     "lp": ("lowrank",),
+    "quant": ("quant",),
     "auto": tuple(REGISTRY),
 }
 
