@@ -13,16 +13,9 @@ from onnx import TensorProto
 from onnxcompress import Config, Plan, UsageError, compress
 
 from checks import assert_valid_output, run
-from test_mixed import embed_ffn, feeds
+from test_mixed import feeds, path  # noqa: F401 (path: the embed_ffn model, a fixture)
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
-
-
-@pytest.fixture
-def path(tmp_path):
-    p = tmp_path / "embed_ffn.onnx"
-    onnx.save(embed_ffn(), str(p))
-    return p
 
 
 def test_size_target_quantizes_weights_as_int8_with_dequantize(path, tmp_path):

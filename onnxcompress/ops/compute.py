@@ -98,6 +98,31 @@ def positions(g: GraphIndex, output: str, per: int) -> float:
     return float(np.prod(shape, dtype=np.float64)) / per
 
 
+def _weight_and_bias_slices(g: GraphIndex, i: int, axis: int):
+    """A (transposed) convolution producing channels: Slice edits of its weight (output channels
+    on `axis`: 0 for Conv, 1 for ConvTranspose) and of its bias, or the reason it cannot be."""
+    node = g.nodes[i]
+    edits = [Slice(node.input[1], axis, i)]
+    if len(node.input) > 2 and node.input[2]:
+        if g.const(node.input[2]) is None:
+            return "bias is not a constant"
+        edits.append(Slice(node.input[2], 0, i))
+    return edits
+
+
+def _conv_input_stop(g: GraphIndex, i: int, pos: int, m: Member, op: str) -> Stop | None:
+    """Why a (transposed) convolution cannot take a group's channels as its input, or None."""
+    node = g.nodes[i]
+    w = g.const(node.input[1])
+    if pos != 0:
+        return Stop(f"{op} reads the channels as its weight")
+    if w is None:
+        return Stop(f"{op}'s " + (computed_weight(g, node.input[1]) or "weight is not a constant"))
+    if m.spatial > 1 or m.axis != -(w.ndim - 1):
+        return Stop(f"{op} does not read the channel axis as its input channels")
+    return None
+
+
 class Conv(Handler):
     def layer(self, g: GraphIndex, i: int, max_patch: int):
         node = g.nodes[i]
@@ -131,22 +156,17 @@ class Conv(Handler):
             if group == w.shape[0] and w.shape[1] == 1:
                 return None  # depthwise: follows its input's channels
             return f"grouped convolution (group={group})"
-        edits = [Slice(node.input[1], 0, i)]
-        if len(node.input) > 2 and node.input[2]:
-            if g.const(node.input[2]) is None:
-                return "bias is not a constant"
-            edits.append(Slice(node.input[2], 0, i))
+        edits = _weight_and_bias_slices(g, i, 0)
+        if isinstance(edits, str):
+            return edits
         return Produce(node.output[0], -(w.ndim - 1), w.shape[0], tuple(edits), edits[0])
 
     def consume(self, g, i, pos, m, channels):
         node = g.nodes[i]
         w = g.const(node.input[1])
-        if pos != 0:
-            return Stop("Conv reads the channels as its weight")
-        if w is None:
-            return Stop("Conv's " + (computed_weight(g, node.input[1]) or "weight is not a constant"))
-        if m.spatial > 1 or m.axis != -(w.ndim - 1):
-            return Stop("Conv does not read the channel axis as its input channels")
+        stop = _conv_input_stop(g, i, pos, m, "Conv")
+        if stop:
+            return stop
         group = g.attr(i, "group", 1)
         if group == 1 and w.shape[1] == channels:
             edits = [Mix(node.input[1], 1, 1, m.source, i)]
@@ -188,22 +208,17 @@ class ConvTranspose(Handler):
         group = g.attr(i, "group", 1)
         if group != 1:
             return f"grouped transposed convolution (group={group})"
-        edits = [Slice(node.input[1], 1, i)]
-        if len(node.input) > 2 and node.input[2]:
-            if g.const(node.input[2]) is None:
-                return "bias is not a constant"
-            edits.append(Slice(node.input[2], 0, i))
+        edits = _weight_and_bias_slices(g, i, 1)
+        if isinstance(edits, str):
+            return edits
         return Produce(node.output[0], -(w.ndim - 1), w.shape[1], tuple(edits), edits[0])
 
     def consume(self, g, i, pos, m, channels):
         node = g.nodes[i]
         w = g.const(node.input[1])
-        if pos != 0:
-            return Stop("ConvTranspose reads the channels as its weight")
-        if w is None:
-            return Stop("ConvTranspose's " + (computed_weight(g, node.input[1]) or "weight is not a constant"))
-        if m.spatial > 1 or m.axis != -(w.ndim - 1):
-            return Stop("ConvTranspose does not read the channel axis as its input channels")
+        stop = _conv_input_stop(g, i, pos, m, "ConvTranspose")
+        if stop:
+            return stop
         group = g.attr(i, "group", 1)
         if group != 1 or w.shape[0] != channels:
             return Stop(f"grouped transposed convolution (group={group})")
