@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_METHODS = ("id", "aasvd")
 DEFAULT_SIZES = (0.9, 0.75, 0.6, 0.45, 0.3)
-RULES = ("keep", "params_target", "flops_target")
+RULES = ("keep", "params_target", "flops_target", "size_target")
 
 
 @dataclass(frozen=True)
