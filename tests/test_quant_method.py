@@ -27,7 +27,7 @@ def test_size_target_quantizes_weights_as_int8_with_dequantize(path, tmp_path):
     deq = [n for n in new.graph.node if n.op_type == "DequantizeLinear"]
     assert len(ints) == len(deq) == len(report.sections["quantized"]) >= 2
     assert report.allocation["reached"] <= 0.4
-    assert report.params["after"] <= report.params["before"]  # scales are small floats
+    assert report.params["before"] <= report.params["after"] <= 1.1 * report.params["before"]  # codes + scales
     for row in report.sections["quantized"]:
         assert row["format"] == "int8/channel" and row["bytes_after"] < 0.4 * row["bytes_before"]
         assert 0 <= row["error"] < 0.05

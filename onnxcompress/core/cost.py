@@ -1,7 +1,8 @@
 """Parameter and FLOP counts of a model.
 
 FLOPs are counted for Conv, ConvTranspose, Gemm and MatMul nodes (2 per multiply-add) at the
-shapes of one concrete feed; parameters are the elements of floating-point initializers. How
+shapes of one concrete feed; parameters are the elements of floating-point initializers and of
+quantized weights' integer codes. How
 they scale with each site's size is the sites' `Cost` items (`methods/base.py`, `allocate.py`).
 """
 from __future__ import annotations
@@ -12,9 +13,14 @@ import onnx
 from .graph import FLOAT_TYPES, GraphIndex
 
 
+WEIGHT_CODES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+
+
 def count_params(model: onnx.ModelProto) -> int:
+    """Elements of the floating-point initializers and of the integer codes of quantized weights
+    (8 and 4 bits; int64 shape constants and the like are not parameters)."""
     return int(sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer
-                   if t.data_type in FLOAT_TYPES))
+                   if t.data_type in FLOAT_TYPES or t.data_type in WEIGHT_CODES))
 
 
 def node_flops(g: GraphIndex) -> dict[int, float]:
