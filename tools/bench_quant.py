@@ -1,7 +1,7 @@
 """Weight quantization on MiniLM: onnxcompress's GPTQ (methods/quant) beside ONNX Runtime's own
 quantizers, in one run, on the same held-out sentences.
 
-    nice -n 10 python tools/bench_quant.py [--bench /work/bench/minilm] [--out /tmp/bench_quant]
+    nice -n 10 python tools/bench_quant.py [--bench build/bench/minilm] [--out build/bench_quant]
         [--calib-limit 256] [--val-limit 512] [--runs ours-int8,ort-dynamic-int8,...]
 
 Ours: every MatMul / Gemm with a constant weight quantized from its input Gram (calibration
@@ -201,8 +201,8 @@ def main(argv=None) -> int:
     import logging
     logging.getLogger("onnxruntime").setLevel(logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bench", type=Path, default=Path("/work/bench/minilm"))
-    ap.add_argument("--out", type=Path, default=Path("/tmp/bench_quant"))
+    ap.add_argument("--bench", type=Path, default=Path("build/bench/minilm"))
+    ap.add_argument("--out", type=Path, default=Path("build/bench_quant"))
     ap.add_argument("--calib-limit", type=int, default=256)
     ap.add_argument("--val-limit", type=int, default=512)
     ap.add_argument("--runs", default=",".join([*OURS, *ORT_RUNS]))
