@@ -8,15 +8,16 @@ currency: the estimated contribution to the model's output error,
 
 where w_s is the site's end-to-end sensitivity (measured by `sensitivity.py`: the model's
 relative output error energy per unit of local error, from one probe per site), or 1 when no
-probe was run. Costs ("params", "flops", "bytes") are products over the sites that share an
-item (a Conv between two channel groups scales with both kept fractions):
+probe was run. Costs ("params", "flops", "bytes", and "latency" in seconds from the measured
+latency model, `latency.py`) are products over the sites that share an item (a Conv between two
+channel groups scales with both kept fractions):
 
     C(j) = fixed + sum_items base_i prod_{s touching i} f_{s,i}(j_s).
 
 Rules:
 
 * per site (`keep`, `tolerance`): each method's own index for the site;
-* budgets (`params_target`, `flops_target`, `size_target` R): walk from the full model, each
+* budgets (`params_target`, `flops_target`, `size_target`, `latency_target` R): walk from the full model, each
   step taking, over all sites, the move j -> j' (j' > j, any later candidate: a look-ahead over
   the whole curve, so non-convex curves are followed along their lower convex hull) with the
   least added E per unit of cost saved, until C <= R C_full (seed 000's greedy, in the shared
@@ -42,7 +43,7 @@ from .methods.base import Curve
 
 log = logging.getLogger(__name__)
 
-METRICS = ("params", "flops", "bytes")
+METRICS = ("params", "flops", "bytes", "latency")
 
 
 class CostModel:
@@ -62,7 +63,8 @@ class CostModel:
             for ci, _ in parts:
                 self.by_site.setdefault((key[0], ci), []).append(key)
         zero = [0] * len(curves)
-        self.fixed = {m: float(totals.get(m, 0.0)) - self._variable(m, zero) for m in METRICS}
+        # a measured total below the sum of its items (per-op timings in isolation) fixes nothing
+        self.fixed = {m: max(0.0, float(totals.get(m, 0.0)) - self._variable(m, zero)) for m in METRICS}
 
     def _variable(self, metric: str, idx) -> float:
         total = 0.0

@@ -30,7 +30,7 @@ class Report:
     output: str | None
     config: dict
     params: dict = field(default_factory=dict)      # before / after
-    flops: dict = field(default_factory=dict)       # before / after (at the first feed's shapes)
+    flops: dict = field(default_factory=dict)       # before / after, per sample (batch 1; shapes in at_input_shapes)
     file_size: dict = field(default_factory=dict)   # before / after, bytes
     data: dict = field(default_factory=dict)        # calibration / validation source and counts
     groups: list = field(default_factory=list)
@@ -42,6 +42,7 @@ class Report:
     warnings: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
     plan: object = field(default=None, repr=False)  # the Plan applied (not part of the JSON)
+    latency: dict | None = None                     # --benchmark: measured latency of both models
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "plan"}
@@ -82,6 +83,7 @@ class Report:
                 lines.append(f"{_short(a['output'], 28):<28} {a['samples']:>7} {a['max_abs']:10.4g} "
                              f"{a['rel_l2']:9.4g} {cos:>8} {top:>7}")
         lines += _allocation_lines(self.allocation)
+        lines += _latency_lines(self.latency)
         for w in self.warnings:
             lines.append(f"warning: {w}")
         lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()))
@@ -116,6 +118,19 @@ def _allocation_lines(a: dict) -> list[str]:
     if a.get("measured_error") is not None:
         out.append(f"output error energy (mean rel L2^2): estimated {a['estimated_error']:.3e}, "
                    f"measured {a['measured_error']:.3e}")
+    return out
+
+
+def _latency_lines(lat: dict | None) -> list[str]:
+    """--benchmark: median latency of both models per thread count and batch."""
+    if not lat:
+        return []
+    out = ["", f"latency (median of {lat['repeats']} interleaved calls, {lat['provider']}, "
+               f"ONNX Runtime {lat['onnxruntime']}):"]
+    for r in lat["runs"]:
+        batch = next(iter(r["shapes"].values()), [None])[0] if r["shapes"] else None
+        out.append(f"  {r['threads']:>2} thread{'s' if r['threads'] > 1 else ' '} {r['batch']:<10} (batch {batch}) "
+                   f"{r['original_s'] * 1e3:10.3f} ms -> {r['compressed_s'] * 1e3:10.3f} ms ({r['ratio']:.2f}x)")
     return out
 
 
