@@ -22,7 +22,9 @@ Rules:
   the whole curve, so non-convex curves are followed along their lower convex hull) with the
   least added E per unit of cost saved, until C <= R C_full (seed 000's greedy, in the shared
   currency). For separable costs and convex curves every point the walk passes is optimal:
-  no allocation of lower or equal cost has lower E (tests compare with brute force);
+  no allocation of lower or equal cost has lower E (tests compare with brute force). The move
+  that crosses the goal is the one, of all single moves that reach it, adding the least error;
+  coarse steps (rounded widths) would otherwise overshoot;
 * a quality target (`--target`): the same walk to the end gives a path of allocations of
   decreasing cost; `search_path` picks the most compressed one that the real model confirms.
 
@@ -174,6 +176,27 @@ def walk(curves: list[Curve], costs: CostModel, metric: str, weights: list[float
         j = int(np.argmin(ratio))
         return float(ratio[j]), float(saved[j]), int(later[j])
 
+    def _finish(ci: int, j: int, saved: float, need: float):
+        """The last move: of all single moves that save at least `need`, the one adding the least
+        error (coarse steps, such as rounded widths, would otherwise overshoot the goal)."""
+        choice, least = (ci, j, saved), err[ci][j] - err[ci][idx[ci]]
+        for cj in range(n):
+            if frozen[cj]:
+                continue
+            grid = grids[cj]
+            later = grid[grid > idx[cj]]
+            if not len(later):
+                continue
+            cost = costs.site_costs(metric, cj, idx)
+            gain = cost[idx[cj]] - cost[later]
+            added = err[cj][later] - err[cj][idx[cj]]
+            ok = np.nonzero(gain >= need)[0]
+            if len(ok):
+                k = ok[int(np.argmin(added[ok]))]
+                if added[k] < least:
+                    choice, least = (cj, int(later[k]), float(gain[k])), added[k]
+        return choice
+
     start = {m: costs.total(m, idx) for m in METRICS}
     current = start[metric]
     total_err = 0.0
@@ -187,6 +210,8 @@ def walk(curves: list[Curve], costs: CostModel, metric: str, weights: list[float
             break
         _, _, ci = min(options)
         _, saved, j = best[ci]
+        if goal is not None and current - saved < goal:
+            ci, j, saved = _finish(ci, j, saved, current - goal)
         total_err += float(err[ci][j] - err[ci][idx[ci]])
         idx[ci] = j
         current -= saved

@@ -5,7 +5,7 @@ For a node n of the model, at the shapes of one sample (batch 1), `Probe`s are o
 ONNX graphs with random weights: the node itself with its input or output channel count set to
 w (depthwise Conv: both, and its group), and, for a layer a low-rank split may replace, the split
 at rank r (Conv k x k -> r then Conv 1x1 r -> out; X B^T A^T; Gather then MatMul). Each probe is
-timed once per machine (median of `REPEATS` calls after warm-up, in its own ONNX Runtime CPU
+timed once per machine (the fastest of `REPEATS` calls after warm-up, in its own ONNX Runtime CPU
 session at `threads` threads) and cached in a JSON file keyed by the probe, the thread count,
 the ONNX Runtime version and the CPU.
 
@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +82,8 @@ def build(probe: Probe) -> onnx.ModelProto:
 
 
 def time_probe(probe: Probe, threads: int) -> float:
-    """Median seconds per call of the probe in ONNX Runtime (CPU, `threads` intra-op threads)."""
+    """Seconds per call of the probe in ONNX Runtime (CPU, `threads` intra-op threads): the
+    fastest of REPEATS calls after warm-up, the figure least disturbed by other work."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -102,7 +102,7 @@ def time_probe(probe: Probe, threads: int) -> float:
         start = time.perf_counter()
         session.run(None, feed)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 class Timings:
