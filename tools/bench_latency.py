@@ -1,6 +1,7 @@
 """Latency against FLOPs: does a compressed model run as much faster as its FLOPs say?
 
     python tools/bench_latency.py --bench build/bench [--out build/latency] [--runs a,b] [--phase compress|time|all]
+        [--calib-limit ocr_det=64] [--val-limit 32] [--table]
 
 For every row of the README results table (the runs of tools/benchmark.py) and for the example
 CNN (models/digits_cnn.onnx at --keep 0.75, --flops-target 0.5, --flops-target 0.7, --method aasvd
@@ -57,9 +58,24 @@ def sources(model: str, bench: Path) -> tuple[Path, Path, Path]:
     return bench / model / "model.onnx", bench / model / "calib", bench / model / "val"
 
 
-def compress(run, bench: Path, out: Path) -> dict:
+def subset(folder: Path, n: int | None, dest: Path) -> Path:
+    """`folder` itself, or a folder of links to its first n feeds (a quicker compression)."""
+    files = sorted(folder.glob("*.np[yz]")) if folder.is_dir() else []
+    if not n or len(files) <= n:
+        return folder
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files[:n]:
+        link = dest / f.name
+        if not link.exists():
+            link.symlink_to(f.resolve())
+    return dest
+
+
+def compress(run, bench: Path, out: Path, limits: dict) -> dict:
     rid, model, flags, val = run
     src, calib, vals = sources(model, bench)
+    calib = subset(calib, limits.get(f"{model}:calib"), out / "data" / model / "calib")
+    vals = subset(vals, limits.get("val"), out / "data" / model / "val")
     cmd = [sys.executable, "-m", "onnxcompress", str(src), str(out / f"{rid}.onnx"), "--calib", str(calib),
            *(("--val", str(vals)) if val else ()), "--report", str(out / f"{rid}.report.json"), "--force", "-q", *flags]
     start = time.perf_counter()
@@ -137,7 +153,12 @@ def main(argv=None) -> int:
     p.add_argument("--phase", choices=("compress", "time", "all"), default="all")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--table", action="store_true", help="print the markdown table after the JSON lines")
+    p.add_argument("--calib-limit", action="append", default=[], metavar="MODEL=N",
+                   help="compress MODEL with its first N calibration feeds only (repeatable)")
+    p.add_argument("--val-limit", type=int, help="validate inside the compression on the first N feeds")
     args = p.parse_args(argv)
+    limits = {f"{k}:calib": int(v) for k, v in (x.split("=") for x in args.calib_limit)}
+    limits["val"] = args.val_limit
     runs = all_runs()
     if args.runs:
         order = [x.strip() for x in args.runs.split(",") if x.strip()]
@@ -150,7 +171,7 @@ def main(argv=None) -> int:
     rows, failed = [], False
     for run in runs:
         if args.phase in ("compress", "all"):
-            result = compress(run, args.bench, args.out)
+            result = compress(run, args.bench, args.out, limits)
             print(json.dumps(result), flush=True)
             failed |= result["exit_code"] not in (0, 3)
         if args.phase in ("time", "all") and (args.out / f"{run[0]}.onnx").exists():
