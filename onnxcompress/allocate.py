@@ -8,20 +8,23 @@ currency: the estimated contribution to the model's output error,
 
 where w_s is the site's end-to-end sensitivity (measured by `sensitivity.py`: the model's
 relative output error energy per unit of local error, from one probe per site), or 1 when no
-probe was run. Costs ("params", "flops", "bytes") are products over the sites that share an
-item (a Conv between two channel groups scales with both kept fractions):
+probe was run. Costs ("params", "flops", "bytes", and "latency" in seconds from the measured
+latency model, `latency.py`) are products over the sites that share an item (a Conv between two
+channel groups scales with both kept fractions):
 
     C(j) = fixed + sum_items base_i prod_{s touching i} f_{s,i}(j_s).
 
 Rules:
 
 * per site (`keep`, `tolerance`): each method's own index for the site;
-* budgets (`params_target`, `flops_target`, `size_target` R): walk from the full model, each
+* budgets (`params_target`, `flops_target`, `size_target`, `latency_target` R): walk from the full model, each
   step taking, over all sites, the move j -> j' (j' > j, any later candidate: a look-ahead over
   the whole curve, so non-convex curves are followed along their lower convex hull) with the
   least added E per unit of cost saved, until C <= R C_full (seed 000's greedy, in the shared
   currency). For separable costs and convex curves every point the walk passes is optimal:
-  no allocation of lower or equal cost has lower E (tests compare with brute force);
+  no allocation of lower or equal cost has lower E (tests compare with brute force). The move
+  that crosses the goal is the one, of all single moves that reach it, adding the least error;
+  coarse steps (rounded widths) would otherwise overshoot;
 * a quality target (`--target`): the same walk to the end gives a path of allocations of
   decreasing cost; `search_path` picks the most compressed one that the real model confirms.
 
@@ -42,7 +45,7 @@ from .methods.base import Curve
 
 log = logging.getLogger(__name__)
 
-METRICS = ("params", "flops", "bytes")
+METRICS = ("params", "flops", "bytes", "latency")
 
 
 class CostModel:
@@ -62,7 +65,8 @@ class CostModel:
             for ci, _ in parts:
                 self.by_site.setdefault((key[0], ci), []).append(key)
         zero = [0] * len(curves)
-        self.fixed = {m: float(totals.get(m, 0.0)) - self._variable(m, zero) for m in METRICS}
+        # a measured total below the sum of its items (per-op timings in isolation) fixes nothing
+        self.fixed = {m: max(0.0, float(totals.get(m, 0.0)) - self._variable(m, zero)) for m in METRICS}
 
     def _variable(self, metric: str, idx) -> float:
         total = 0.0
@@ -172,6 +176,27 @@ def walk(curves: list[Curve], costs: CostModel, metric: str, weights: list[float
         j = int(np.argmin(ratio))
         return float(ratio[j]), float(saved[j]), int(later[j])
 
+    def _finish(ci: int, j: int, saved: float, need: float):
+        """The last move: of all single moves that save at least `need`, the one adding the least
+        error (coarse steps, such as rounded widths, would otherwise overshoot the goal)."""
+        choice, least = (ci, j, saved), err[ci][j] - err[ci][idx[ci]]
+        for cj in range(n):
+            if frozen[cj]:
+                continue
+            grid = grids[cj]
+            later = grid[grid > idx[cj]]
+            if not len(later):
+                continue
+            cost = costs.site_costs(metric, cj, idx)
+            gain = cost[idx[cj]] - cost[later]
+            added = err[cj][later] - err[cj][idx[cj]]
+            ok = np.nonzero(gain >= need)[0]
+            if len(ok):
+                k = ok[int(np.argmin(added[ok]))]
+                if added[k] < least:
+                    choice, least = (cj, int(later[k]), float(gain[k])), added[k]
+        return choice
+
     start = {m: costs.total(m, idx) for m in METRICS}
     current = start[metric]
     total_err = 0.0
@@ -185,6 +210,8 @@ def walk(curves: list[Curve], costs: CostModel, metric: str, weights: list[float
             break
         _, _, ci = min(options)
         _, saved, j = best[ci]
+        if goal is not None and current - saved < goal:
+            ci, j, saved = _finish(ci, j, saved, current - goal)
         total_err += float(err[ci][j] - err[ci][idx[ci]])
         idx[ci] = j
         current -= saved

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import onnx
 
+from . import latency as latency_mod
+from .benchmark import benchmark as run_benchmark, one_sample
 from .core import data as data_mod
 from .core.calibrate import Progress, calibrate, ticker
 from .core.config import SIZE_RULES, Config, flag
@@ -109,7 +111,8 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
         specs = data_mod.input_specs(norm)
         calib_src, val_src = _sources(calib, val, specs, config, report, plan is not None)
         first = next(iter(calib_src))
-        g = GraphIndex(norm, *shapes_at(norm, first))
+        sample = one_sample(first, specs)  # FLOPs and the latency model are per sample
+        g = GraphIndex(norm, *shapes_at(norm, sample))
     flops = node_flops(g)
     before = {"params": count_params(norm), "flops": sum(flops.values()), "bytes": serialized_size(norm),
               "scores": score_outputs(g)}
@@ -132,6 +135,8 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
                     tick()
                 _warn_few_rows(curves, config)
             stats = None  # the Grams (8 C^2 bytes per exit) are not needed past the curves
+            with timer("latency_model"):
+                curves, before["latency"] = latency_mod.prepare(g, curves, config, norm, sample)
             if config.target is not None:
                 with timer("validate"):
                     reference = Reference(src, val_src, [vi.name for vi in norm.graph.output],
@@ -158,7 +163,10 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
         if reference is not None:
             reference.close()
     _warn_low_agreement(report, agreement, config)
-    _fill(report, new, before, methods, sites, skipped, plan, agreement, first)
+    _fill(report, new, before, methods, sites, skipped, plan, agreement, sample)
+    if config.benchmark:
+        with timer("benchmark"):
+            report.latency = run_benchmark(src, new, next(iter(val_src)), specs)
     report.seconds = timer.seconds
     report.plan = plan
     _gate(report, agreement, config)
@@ -248,7 +256,7 @@ def _fill(report: Report, new, before: dict, methods: dict, sites: list, skipped
     after = GraphIndex(new, *shapes_at(new, first))
     report.params = {"before": before["params"], "after": count_params(new)}
     report.flops = {"before": before["flops"], "after": sum(node_flops(after).values()),
-                    "at_input_shapes": {k: list(v.shape) for k, v in first.items()}}
+                    "at_input_shapes": {k: list(v.shape) for k, v in first.items()}, "per": "sample"}
     report.file_size = {"before": os.path.getsize(report.input)}
     report.ops["after"] = op_counts(new.graph)
     by_key = {(s.method, s.key): s for s in sites}

@@ -104,7 +104,7 @@ SUBCOMMANDS = {"inspect": ".inspect", "sweep": ".sweep"}
 @click.option("--params-target", type=float, help="Keep at most this fraction of the model's parameters (greedy allocation).")
 @click.option("--size-target", type=float, help="Keep at most this fraction of the model's weight bytes (greedy allocation).")
 @click.option("--target", help="Quality target on the worst output, e.g. cosine>=0.99, top1>=0.99, rel_l2<=0.05: the most compressed model that meets it on the validation data (at most 8 validation passes). Implies --method auto unless --method is given.")
-@click.option("--minimize", type=click.Choice(MINIMIZE), default="size", show_default=True, help="With --target: what to make smallest (weight bytes, parameters or FLOPs).")
+@click.option("--minimize", type=click.Choice(MINIMIZE), default="size", show_default=True, help="With --target: what to make smallest (weight bytes, parameters, FLOPs, or latency as the measured latency model estimates it).")
 @click.option("--sensitivity/--no-sensitivity", default=True, show_default=True, help="Budgets and targets: weigh each site by its measured end-to-end sensitivity (one probe per site).")
 @click.option("--probe-feeds", type=int, default=32, show_default=True, help="Calibration feeds used by each sensitivity probe.")
 @click.option("--min-keep", type=float, default=0.05, show_default=True, help="Budget modes never shrink a group below this fraction.")
@@ -134,11 +134,17 @@ SUBCOMMANDS = {"inspect": ".inspect", "sweep": ".sweep"}
 @click.option("--solver", default="irls", show_default=True, help="--method lp: irls (reweighted least squares) or ellipsoid (Löwner ellipsoid of the l_p body, seed 002).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for synthesized inputs and for the rows --max-rows samples.")
 @click.option("--val-labels", type=click.Path(), help=".npy of integer classes, one per --val sample: report the accuracy of both models.")
+@click.option("--round", "round_", type=click.IntRange(min=1), help="Every kept width (id) and rank (low rank) a multiple of N (default per op: Conv 16 with AVX-512, else 8; Gemm/MatMul/Gather 16; 1: any size). A group narrower than N keeps its width.")
+@click.option("--latency-target", type=float, help="Keep at most this fraction of the model's latency, as the measured per-op latency model estimates it (greedy allocation).")
+@click.option("--latency-check/--no-latency-check", default=True, show_default=True, help="Time each low-rank split against the layer it replaces (cached per machine) and never emit one that is not faster.")
+@click.option("--latency-threads", type=click.IntRange(min=1), default=1, show_default=True, help="ONNX Runtime threads of the latency model's timings.")
+@click.option("--benchmark", is_flag=True, help="Time the original and the compressed model on the validation feed (batch 1 and the feed's batch, one thread and all cores) and report it.")
 @click.version_option(package_name="onnxcompress")
 def main(model, output, calib, val, report_path, keep, tolerance, flops_target, params_target, size_target, target,
          minimize, sensitivity, probe_feeds, min_keep,
          select, method, include, p, lp_weighted, smoothing, max_patch, intercept, exclude, min_agreement, keep_failed, batch_size, max_rows, holdout, save_plan, plan_path,
-         force, quiet, verbose, allow_nonfinite, solver, seed, val_labels):
+         force, quiet, verbose, allow_nonfinite, solver, seed, val_labels, round_, latency_target, latency_check,
+         latency_threads, benchmark):
     """Compress MODEL.onnx into OUTPUT (default: MODEL.compressed.onnx beside it)."""
     logging.basicConfig(format="onnxcompress: %(levelname)s: %(message)s",
                         level=logging.ERROR if quiet else (logging.INFO if verbose else logging.WARNING))
@@ -152,7 +158,8 @@ def main(model, output, calib, val, report_path, keep, tolerance, flops_target, 
                             include=include, p=p, lp_weighted=lp_weighted, smoothing=smoothing, max_patch=max_patch,
                             min_agreement=min_agreement, keep_failed=keep_failed, batch_size=batch_size, max_rows=max_rows,
                             holdout=holdout, force=force, allow_nonfinite=allow_nonfinite, solver=solver,
-                            seed=seed)
+                            seed=seed, round=round_, latency_target=latency_target, latency_check=latency_check,
+                            latency_threads=latency_threads, benchmark=benchmark)
             out = _check_side_outputs(model, output, calib, val, plan_path, force, report=report_path,
                                       save_plan=save_plan, labels=val_labels)
             files.remove_stale({Path(x).parent for x in (out, report_path, save_plan) if x})

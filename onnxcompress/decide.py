@@ -26,8 +26,8 @@ from .sensitivity import measure
 
 log = logging.getLogger(__name__)
 
-BUDGETS = {"params_target": "params", "flops_target": "flops", "size_target": "bytes"}
-MINIMIZE = {"size": "bytes", "params": "params", "flops": "flops"}
+BUDGETS = {"params_target": "params", "flops_target": "flops", "size_target": "bytes", "latency_target": "latency"}
+MINIMIZE = {"size": "bytes", "params": "params", "flops": "flops", "latency": "latency"}
 PASSES = 8
 LABELS = {"id": "channel group", "lowrank": "low rank", "quant": "quantization"}
 
@@ -41,12 +41,13 @@ def decide(norm, g, methods: dict, curves: list, config, before: dict, *, calib_
     if rule in ("keep", "tolerance"):
         def choose(c):
             m = methods[c.site.method]
-            return m.keep_index(c, value) if rule == "keep" else m.tolerance_index(c, value)
+            j = m.keep_index(c, value) if rule == "keep" else m.tolerance_index(c, value)
+            return c.dropped.get(j, j) if not isinstance(j, str) else j
         with timer("decide"):
             idx, reasons = per_site(curves, choose)
             entries, left = _realize(g, methods, curves, idx, config, reasons)
         return entries, left, None
-    costs = CostModel(curves, {"params": before["params"], "flops": before["flops"], "bytes": before["bytes"]})
+    costs = CostModel(curves, {m: before[m] for m in ("params", "flops", "bytes", "latency") if before.get(m) is not None})
     weights = _weights(norm, g, methods, curves, config, calib_src, report, timer, progress)
     if rule != "target":
         metric = BUDGETS[rule]
@@ -121,7 +122,8 @@ def _search(norm, g, methods, curves, costs, weights, config, reference, report,
             raise UsageError(f"--target {target.metric}: no output of this model has that figure "
                              f"({', '.join(a.output for a in agreement)}); use cosine or rel_l2")
         probe_info[pos] = {"measured_error": output_error(agreement),
-                           "cost": {m: path.cost(pos, m) / (path.start[m] or 1.0) for m in ("params", "flops", "bytes")}}
+                           "cost": {m: path.cost(pos, m) / (path.start[m] or 1.0) for m in ("params", "flops", "bytes")
+                                    + (("latency",) if path.start.get("latency") else ())}}
         if target.met(score) and (not best or pos > best["pos"]):
             best.update(pos=pos, entries=entries, model=new, agreement=agreement)
         return score

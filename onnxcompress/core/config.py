@@ -14,8 +14,8 @@ from .target import parse_target
 from .errors import UsageError
 
 METHODS = ("auto", "id", "svd", "aasvd", "lp", "quant")
-MINIMIZE = ("size", "params", "flops")
-SIZE_RULES = ("keep", "tolerance", "flops_target", "params_target", "size_target", "target")
+MINIMIZE = ("size", "params", "flops", "latency")
+SIZE_RULES = ("keep", "tolerance", "flops_target", "params_target", "size_target", "target", "latency_target")
 SELECTIONS = ("id", "norm")
 SOLVERS = ("irls", "ellipsoid")
 
@@ -79,6 +79,17 @@ class Config:
     solver:          how "lp" finds its subspace: "irls" (iteratively reweighted least squares, a
                      local optimum from the SVD) or "ellipsoid" (seed 002: the Löwner ellipsoid of
                      the l_p body, a provable approximation; `methods/lowrank/ellipsoid.py`).
+    round:           every kept width (id) and rank (low rank) is a multiple of this, or the
+                     full width when rounding would remove a narrow group; the budget walk
+                     steps by it. None: per op (Conv: ONNX Runtime's NCHWc block, 16 with
+                     AVX-512, else 8; Gemm/MatMul/Gather: 16; `methods/rounding.py`); 1: any size.
+    latency_target:  keep at most this fraction of the model's latency as the measured latency
+                     model estimates it (`latency.py`), sizes chosen greedily.
+    latency_check:   time every low-rank split against the layer it replaces (cached per machine)
+                     and never emit one that is not faster.
+    latency_threads: ONNX Runtime threads of the latency model's timings.
+    benchmark:       time the original and the compressed model on the validation feed (batch 1
+                     and the feed's batch; one thread and all cores) and put it in the report.
     """
 
     method: str | None = None
@@ -111,6 +122,11 @@ class Config:
     seed: int = 0
     allow_nonfinite: bool = False
     solver: str = "irls"
+    round: int | None = None
+    latency_target: float | None = None
+    latency_check: bool = True
+    latency_threads: int = 1
+    benchmark: bool = False
 
     def __post_init__(self) -> None:
         if self.method is None:
@@ -164,11 +180,12 @@ class Config:
             raise UsageError(f"{_named('solver')}: unknown solver {self.solver!r}; choose from {', '.join(SOLVERS)}")
         if self.solver != "irls" and self.method != "lp":
             raise UsageError(f"{_named('solver')} {self.solver} applies to {_named('method')} lp only, not {self.method}")
+        _check_speed(self)
 
     @property
     def size_rule(self) -> tuple[str, float]:
         """The size rule in force, as (name, value)."""
-        for name in ("target", "tolerance", "flops_target", "params_target", "size_target", "keep"):
+        for name in ("target", "tolerance", "flops_target", "params_target", "size_target", "latency_target", "keep"):
             value = getattr(self, name)
             if value is not None:
                 return name, value
@@ -231,3 +248,20 @@ def _check_fraction(name: str, value: float | None, *, open_low: bool) -> None:
     if not (low_ok and value <= 1):
         bound = "(0, 1]" if open_low else "[0, 1]"
         raise UsageError(f"{_named(name)} must be in {bound}, got {value}")
+
+
+def _check_speed(config: Config) -> None:
+    """The speed options: `round` and `latency_threads` positive integers, `latency_target` in (0, 1]."""
+    for name in ("round", "latency_threads"):
+        value = getattr(config, name)
+        if value is None and name == "round":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise UsageError(f"{_named(name)} must be an integer of at least 1, got {value!r}")
+    if config.latency_target is not None and (isinstance(config.latency_target, bool)
+                                              or not isinstance(config.latency_target, numbers.Real)):
+        raise UsageError(f"{_named('latency_target')} must be a number, got {config.latency_target!r}")
+    _check_fraction("latency_target", config.latency_target, open_low=True)
+    for name in ("latency_check", "benchmark"):
+        if not isinstance(getattr(config, name), bool):
+            raise UsageError(f"{_named(name)} must be True or False, got {getattr(config, name)!r}")

@@ -37,7 +37,7 @@ class Report:
     output: str | None
     config: dict
     params: dict = field(default_factory=dict)      # before / after
-    flops: dict = field(default_factory=dict)       # before / after (at the first feed's shapes)
+    flops: dict = field(default_factory=dict)       # before / after, per sample (batch 1; shapes in at_input_shapes)
     file_size: dict = field(default_factory=dict)   # before / after, bytes
     data: dict = field(default_factory=dict)        # calibration / validation source and counts
     groups: list = field(default_factory=list)
@@ -58,6 +58,7 @@ class Report:
         does not repeat it."""
         log.warning(message)
         self.warnings.append(message)
+    latency: dict | None = None                     # --benchmark: measured latency of both models
 
     def to_dict(self) -> dict:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("plan", "sections")}
@@ -123,6 +124,7 @@ class Report:
             lines.append(f"{_short(x['layer'], 40):<40} {x['format']:>12} "
                          f"{x['bytes_after'] / max(x['bytes_before'], 1):9.1%} {x['error'] or 0:8.4f}")
         lines += _allocation_lines(self.allocation)
+        lines += _latency_lines(self.latency)
         lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()))
         return "\n".join(lines)
 
@@ -204,6 +206,19 @@ def _allocation_lines(a: dict) -> list[str]:
     if a.get("measured_error") is not None:
         out.append(f"output error energy (mean rel L2^2): estimated {a['estimated_error']:.3e}, "
                    f"measured {a['measured_error']:.3e}")
+    return out
+
+
+def _latency_lines(lat: dict | None) -> list[str]:
+    """--benchmark: median latency of both models per thread count and batch."""
+    if not lat:
+        return []
+    out = ["", f"latency (median of {lat['repeats']} interleaved calls, {lat['provider']}, "
+               f"ONNX Runtime {lat['onnxruntime']}):"]
+    for r in lat["runs"]:
+        batch = next(iter(r["shapes"].values()), [None])[0] if r["shapes"] else None
+        out.append(f"  {r['threads']:>2} thread{'s' if r['threads'] > 1 else ' '} {r['batch']:<10} (batch {batch}) "
+                   f"{r['original_s'] * 1e3:10.3f} ms -> {r['compressed_s'] * 1e3:10.3f} ms ({r['ratio']:.2f}x)")
     return out
 
 

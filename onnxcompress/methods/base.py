@@ -80,6 +80,8 @@ class Curve:
     costs: tuple
     state: object = field(compare=False, repr=False, default=None)
     steps: np.ndarray | None = field(compare=False, repr=False, default=None)  # indices the budget walk may take
+    multiple: int = 1  # every size the rules pick is a multiple of this (or the full size), `rounding.py`
+    dropped: dict = field(compare=False, repr=False, default_factory=dict)  # index -> why it is no candidate
 
     @property
     def id(self) -> str:

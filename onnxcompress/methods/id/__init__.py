@@ -17,6 +17,7 @@ from ...core.graph import GraphIndex
 from ...core.plan import GroupPlan
 from ...ops.edits import Mix, SetAttr, Shift, Slice
 from ..base import Cost, Curve, Site
+from .. import rounding
 from .groups import Analysis, exit_request, find_groups
 from .interpolate import best_residual, interpolation_matrix, selection_matrix
 from .rewrite import rewrite as rewrite_groups
@@ -44,22 +45,23 @@ class IdMethod:
         c = grp.channels
         sizes = np.arange(c, 0, -1)
         error = np.maximum(state.residual[sizes], 0.0)
-        b = grp.block  # sizes in whole blocks (heads, GroupNorm groups)
-        floor = b * max(1, math.ceil(config.min_keep * c / b))
-        stride = b * max(1, c // 64 // b)
-        steps = np.unique(np.append(np.arange(0, c - floor + 1, stride), c - floor))
-        return Curve(site, sizes, error, tuple(group_costs(g, grp, sizes / c, flops)), state, steps)
+        floor = max(1, math.ceil(config.min_keep * c))
+        n = math.lcm(grp.block, rounding.multiple(config.round, _kind(g, grp)))  # whole blocks, hardware widths
+        steps = rounding.grid(sizes, n, floor)
+        return Curve(site, sizes, error, tuple(group_costs(g, grp, sizes / c, flops)), state, steps, n)
 
     def keep_index(self, curve: Curve, fraction: float):
-        c, b = curve.site.target.channels, curve.site.target.block
-        return c - max(b, min(c, b * round(fraction * c / b)))
+        c = curve.site.target.channels
+        return c - rounding.keep_size(fraction * c, c, curve.multiple)
 
     def tolerance_index(self, curve: Curve, eps: float):
         c, b = curve.site.target.channels, curve.site.target.block
         rel = np.sqrt(np.clip(curve.error, 0, None))
         ok = np.nonzero(rel <= eps)[0]
-        k = c - (int(ok[-1]) if len(ok) else 0)
-        return c - min(c, b * -(-k // b))
+        if not len(ok):
+            return 0
+        c = curve.site.target.channels
+        return c - rounding.at_least(int(curve.sizes[int(ok[-1])]), c, curve.multiple)
 
     def realize(self, g: GraphIndex, curve: Curve, index: int, config: Config) -> GroupPlan:
         grp, state = curve.site.target, curve.state
@@ -92,6 +94,13 @@ class IdMethod:
         return {**row, "producers": list(grp.producers),
                 "exits": [e.tensor for e in grp.exits],
                 "error_ratio": (decision.error / decision.best_error) if decision.best_error > 0 else None}
+
+
+def _kind(g: GraphIndex, grp) -> str:
+    """"conv" when a Conv produces the group's channels (its width is a Conv channel count),
+    else "gemm" (`rounding.multiple`)."""
+    ops = {g.nodes[g.index_of(p)].op_type for p in grp.producers}
+    return "conv" if "Conv" in ops else "gemm"
 
 
 def _claims(grp) -> frozenset:

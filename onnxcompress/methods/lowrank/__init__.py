@@ -20,6 +20,7 @@ from ...core.config import Config
 from ...core.graph import GraphIndex
 from ...core.plan import LayerPlan, Plan
 from ..base import Cost, Curve, Site
+from .. import rounding
 from .layers import find_layers
 from .ranks import errors, factors, layer_curve
 from .rewrite import split
@@ -55,10 +56,9 @@ class LowRankMethod:
         spectrum = np.asarray(state.spectrum.error, dtype=np.float64)
         error = np.concatenate([[0.0], np.maximum(spectrum[np.minimum(ranks, len(spectrum) - 1)], 0.0)])
         floor = max(1, math.ceil(config.min_keep * min(layer.out, layer.inputs)))
-        last = top - floor + 1
-        steps = (np.unique(np.concatenate([[0], np.arange(1, last + 1, max(1, top // 32)), [last]]))
-                 if last >= 1 else np.array([0]))
-        return Curve(site, sizes, error, tuple(self._costs(g, layer, sizes, flops)), state, steps)
+        n = rounding.multiple(config.round, layer.kind)
+        steps = rounding.grid(sizes, n, floor, parts=32)
+        return Curve(site, sizes, error, tuple(self._costs(g, layer, sizes, flops)), state, steps, n)
 
     def _costs(self, g: GraphIndex, layer, sizes: np.ndarray, flops: dict) -> list[Cost]:
         split = sizes * (layer.out + layer.inputs) / layer.params
@@ -76,17 +76,23 @@ class LowRankMethod:
         return out
 
     def keep_index(self, curve: Curve, fraction: float):
-        layer = curve.site.target
+        layer, n = curve.site.target, curve.multiple
         r = min(math.floor(fraction * layer.params / (layer.out + layer.inputs)), layer.max_rank)
+        if n > 1 and r >= 1:
+            r = rounding.keep_size(r, layer.max_rank + 1, n)
+            r = r if r <= layer.max_rank else n * (layer.max_rank // n)
         if r < 1:
-            return f"keep {fraction} leaves no rank >= 1 for a {layer.out} x {layer.inputs} weight"
+            return (f"keep {fraction} leaves no rank >= 1 for a {layer.out} x {layer.inputs} weight" if n == 1 else
+                    f"no multiple of {n} (--round) below rank {layer.max_rank + 1} makes a "
+                    f"{layer.out} x {layer.inputs} weight smaller")
         return layer.max_rank - r + 1
 
     def tolerance_index(self, curve: Curve, eps: float):
-        layer = curve.site.target
-        r = max(1, curve.state.spectrum.rank_for(eps * eps))
+        layer, n = curve.site.target, curve.multiple
+        r = rounding.at_least(max(1, curve.state.spectrum.rank_for(eps * eps)), layer.max_rank + 1, n)
         if r > layer.max_rank:
-            return f"tolerance {eps} needs rank {r}; a split that size is not smaller than the layer"
+            return (f"tolerance {eps} needs rank {r}" + (f" (a multiple of {n}, --round)" if n > 1 else "")
+                    + "; a split that size is not smaller than the layer")
         return layer.max_rank - r + 1
 
     def realize(self, g: GraphIndex, curve: Curve, index: int, config: Config) -> LayerPlan:

@@ -1,0 +1,360 @@
+"""A measured latency model: how long each layer a site shrinks takes in ONNX Runtime at the sizes
+the allocator may pick, so sizes can be chosen for speed and slower splits refused.
+
+For a node n of the model, at the shapes of one sample (batch 1), `Probe`s are one- or two-node
+ONNX graphs with random weights: the node itself with its input or output channel count set to
+w (depthwise Conv: both, and its group), and, for a layer a low-rank split may replace, the split
+at rank r (Conv k x k -> r then Conv 1x1 r -> out; X B^T A^T; Gather then MatMul). Each probe is
+timed once per machine (the fastest of `REPEATS` calls after warm-up, in its own ONNX Runtime CPU
+session at `threads` threads) and cached in a JSON file keyed by the probe, the thread count,
+the ONNX Runtime version and the CPU.
+
+Sites get a "latency" `Cost` item per node (base t_n, the node's full-size time):
+
+* ID: factor_j = t_n(w_j) / t_n(full) along the side the group sets (output channels of a
+  producer, input channels of a consumer, both for a depthwise Conv), t_n(w) interpolated
+  linearly between the timed widths (at most `POINTS` per side, multiples of the curve's N);
+  a node between two groups scales with the product of both factors, as its FLOPs do.
+* low rank: factor_j = t_split(r_j) / t_n, interpolated the same way over timed ranks; a
+  candidate with factor >= 1 (the split is not faster than the layer) is dropped from the curve
+  with the reason.
+
+Latency is thus the product of per-op timings, not a FLOP count; what the model does not see
+(layout conversions between ops, fusion) is left to `--benchmark` and `tools/bench_latency.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .methods.base import Cost, Curve
+
+log = logging.getLogger(__name__)
+
+REPEATS = 9
+POINTS = 4
+CACHE_DIR = Path(os.path.expanduser("~")) / ".cache" / "onnxcompress"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A tiny graph to time: `nodes` as (op_type, attributes, weight shapes) applied in a chain to
+    one input of `shape` (float32; "Gather" takes int64 indices of `shape` into its table;
+    "MatMul@left" multiplies its weight from the left)."""
+    shape: tuple
+    nodes: tuple  # ((op, ((attr, value), ...), (weight shape, ...)), ...)
+
+    def key(self) -> str:
+        return json.dumps([list(self.shape), [[op, list(attrs), [list(w) for w in ws]] for op, attrs, ws in self.nodes]])
+
+
+def build(probe: Probe) -> onnx.ModelProto:
+    """The probe as an ONNX model (opset 17), weights random."""
+    rng = np.random.default_rng(0)
+    gather = probe.nodes[0][0] == "Gather"
+    x = helper.make_tensor_value_info("x", TensorProto.INT64 if gather else TensorProto.FLOAT, list(probe.shape))
+    nodes, inits, prev = [], [], "x"
+    for k, (op, attrs, weights) in enumerate(probe.nodes):
+        names = []
+        for m, shape in enumerate(weights):
+            name = f"w{k}_{m}"
+            inits.append(numpy_helper.from_array((rng.standard_normal(shape) * 0.1).astype(np.float32), name))
+            names.append(name)
+        out = f"y{k}"
+        ins = [names[0], prev] if op in ("Gather", "MatMul@left") else [prev, *names]
+        nodes.append(helper.make_node(op.split("@")[0], ins, [out], **dict(attrs)))
+        prev = out
+    y = helper.make_tensor_value_info(prev, TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "probe", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def time_probe(probe: Probe, threads: int) -> float:
+    """Seconds per call of the probe in ONNX Runtime (CPU, `threads` intra-op threads): the
+    fastest of REPEATS calls after warm-up, the figure least disturbed by other work."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(build(probe).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    if probe.nodes[0][0] == "Gather":
+        vocab = probe.nodes[0][2][0][0]
+        x = np.random.default_rng(0).integers(0, vocab, size=probe.shape).astype(np.int64)
+    else:
+        x = np.random.default_rng(0).standard_normal(probe.shape).astype(np.float32)
+    feed = {"x": x}
+    for _ in range(2):
+        session.run(None, feed)
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+class Timings:
+    """Probe timings of this machine, cached in `CACHE_DIR/latency-<machine>.json`."""
+
+    def __init__(self, threads: int = 1, timer: Callable[[Probe, int], float] | None = None,
+                 cache_dir: Path | None = None):
+        import onnxruntime as ort
+        self.threads = threads
+        self.timer = timer or time_probe
+        self.machine = f"ort{ort.__version__}-{platform.machine()}-{_cpu()}"
+        self.path = None if timer is not None else (cache_dir or CACHE_DIR) / f"latency-{_digest(self.machine)}.json"
+        self.values: dict[str, float] = self._load()
+        self.measured = 0
+
+    def _load(self) -> dict:
+        try:
+            return json.loads(self.path.read_text()) if self.path is not None and self.path.exists() else {}
+        except (OSError, ValueError):
+            return {}
+
+    def __call__(self, probe: Probe) -> float:
+        key = f"{self.threads}|{probe.key()}"
+        if key not in self.values:
+            self.values[key] = float(self.timer(probe, self.threads))
+            self.measured += 1
+        return self.values[key]
+
+    def save(self) -> None:
+        if self.path is None or not self.measured:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.values))
+            os.replace(tmp, self.path)
+        except OSError as e:
+            log.warning("latency: cannot write the timing cache %s (%s)", self.path, e)
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------------------
+# probes of a model's nodes, and the sites' latency costs
+
+
+def _attrs(g, i: int, names=("strides", "pads", "dilations", "auto_pad", "kernel_shape")) -> tuple:
+    out = []
+    for name in names:
+        value = g.attr(i, name)
+        if value is not None:
+            out.append((name, value.decode() if isinstance(value, bytes) else (tuple(value) if isinstance(value, (list, tuple)) else value)))
+    return tuple(out)
+
+
+def node_probe(g, i: int, w_in: int | None = None, w_out: int | None = None, *, rank: int | None = None) -> Probe | None:
+    """Node `i` (Conv, Gemm, MatMul or Gather with a constant weight, at `g`'s shapes) as a probe,
+    with its input / output channel count set to `w_in` / `w_out`; with `rank`, its low-rank split
+    at that rank instead. None when the shapes are unknown or the node is not such a layer."""
+    node = g.nodes[i]
+    op = node.op_type
+    if op == "Conv":
+        x, w = g.shape(node.input[0]), g.const(node.input[1])
+        if x is None or w is None or None in x:
+            return None
+        group = int(g.attr(i, "group", 1))
+        cin, cout, kernel = int(x[1]), int(w.shape[0]), tuple(int(d) for d in w.shape[2:])
+        attrs = _attrs(g, i)
+        if group > 1:
+            if group != cin or cout != cin or rank is not None:
+                return None
+            c = w_out or w_in or cin
+            return Probe((1, c, *x[2:]), (("Conv", attrs + (("group", c),), ((c, 1, *kernel),)),))
+        cin, cout = w_in or cin, w_out or cout
+        if rank is not None:
+            return Probe((1, cin, *x[2:]), (("Conv", attrs, ((rank, cin, *kernel),)),
+                                            ("Conv", (), ((cout, rank, *(1 for _ in kernel)),))))
+        return Probe((1, cin, *x[2:]), (("Conv", attrs, ((cout, cin, *kernel),)),))
+    if op == "Gather":
+        table, idx = g.const(node.input[0]), g.shape(node.input[1])
+        if table is None or idx is None or None in idx or table.ndim != 2 or g.attr(i, "axis", 0) != 0:
+            return None
+        vocab, d = table.shape
+        d = w_out or d
+        if rank is not None:
+            return Probe(tuple(idx), (("Gather", (), ((vocab, rank),)), ("MatMul", (), ((rank, d),))))
+        return Probe(tuple(idx), (("Gather", (), ((vocab, d),)),))
+    if op not in ("Gemm", "MatMul"):
+        return None
+    left = op == "MatMul" and g.const(node.input[0]) is not None and g.const(node.input[1]) is None
+    w = g.const(node.input[0 if left else 1])
+    x = g.shape(node.input[1 if left else 0])
+    if w is None or w.ndim != 2 or x is None or None in x or len(x) < 1:
+        return None
+    if left:  # W (out x in) @ X (..., in, cols)
+        cout, cin = w.shape
+        cols = int(np.prod(x, dtype=np.int64)) // int(x[-2]) if len(x) >= 2 else 1
+        cin, cout = w_in or cin, w_out or cout
+        chain = ((("MatMul@left", (), ((rank, cin),)), ("MatMul@left", (), ((cout, rank),))) if rank is not None
+                 else (("MatMul@left", (), ((cout, cin),)),))
+        return Probe((cin, cols), chain)
+    if op == "Gemm":
+        cin, cout = (w.shape[1], w.shape[0]) if g.attr(i, "transB", 0) else w.shape
+    else:
+        cin, cout = w.shape
+    rows = int(np.prod(x, dtype=np.int64)) // int(cin) if int(cin) else 0
+    cin, cout = int(w_in or cin), int(w_out or cout)
+    if rows < 1:
+        return None
+    chain = ((("MatMul", (), ((cin, rank),)), ("MatMul", (), ((rank, cout),))) if rank is not None
+             else (("MatMul", (), ((cin, cout),)),))
+    return Probe((rows, cin), chain)
+
+
+def _points(sizes: np.ndarray, steps: np.ndarray | None) -> np.ndarray:
+    """At most POINTS + 1 sizes to time: the full size and evenly spread candidates of the walk."""
+    cand = np.asarray(sizes)[steps if steps is not None else np.arange(len(sizes))]
+    cand = cand[1:] if len(cand) > 1 else cand[:0]
+    if len(cand) > POINTS:
+        cand = cand[np.linspace(0, len(cand) - 1, POINTS).round().astype(int)]
+    return np.unique(np.concatenate([[sizes[0]], cand]))
+
+
+def _interp(sizes: np.ndarray, points: np.ndarray, times: list[float]) -> np.ndarray:
+    order = np.argsort(points)
+    return np.interp(np.asarray(sizes, dtype=np.float64), np.asarray(points, dtype=np.float64)[order],
+                     np.asarray(times)[order])
+
+
+def _sides(g, grp) -> dict[int, tuple[str, int]]:
+    """Per node whose weight the group edits: which side it sets ("in", "out", "both" for a
+    depthwise Conv) and how many weight columns one group channel is (a Flatten's spatial size)."""
+    from .ops.edits import Mix, SetAttr, Slice
+    out = {}
+    for e in grp.edits:
+        if isinstance(e, SetAttr):
+            out[e.node] = ("both", 1)
+        elif isinstance(e, (Slice, Mix)) and e.node not in out:
+            node = g.nodes[e.node]
+            pos = 0 if node.op_type == "Gather" else 1
+            if len(node.input) <= pos or node.input[pos] != e.tensor:
+                continue
+            w = g.const(e.tensor)
+            trans = node.op_type == "Gemm" and g.attr(e.node, "transB", 0)
+            if node.op_type == "Conv" or trans:
+                side = "out" if e.axis == 0 else "in"
+            elif node.op_type == "Gather":
+                side = "out"
+            else:
+                side = "in" if e.axis == 0 else "out"
+            spatial = int(w.shape[e.axis]) // grp.channels if grp.channels else 1
+            out[e.node] = (side, max(1, spatial))
+    return out
+
+
+def id_costs(g, curve: Curve, timings: Timings) -> list[Cost]:
+    """One "latency" item per node the group's edits narrow (see the module docstring)."""
+    grp = curve.site.target
+    sizes = np.asarray(curve.sizes)
+    points = _points(sizes, curve.steps)
+    out = []
+    for i, (side, spatial) in sorted(_sides(g, grp).items()):
+        times = []
+        for k in points:
+            w = int(k) * spatial
+            probe = node_probe(g, i, w if side == "in" else None, w if side in ("out", "both") else None)
+            if probe is None:
+                break
+            times.append(timings(probe))
+        if len(times) != len(points) or times[-1] <= 0:
+            continue
+        full = times[list(points).index(sizes[0])]
+        out.append(Cost("latency", g.key(i), full, _interp(sizes, points, times) / full))
+    return out
+
+
+def lowrank_costs(g, curve: Curve, timings: Timings) -> tuple[list[Cost], dict[int, str]]:
+    """The layer's "latency" item (factor t_split(r) / t_layer) and the candidates whose split the
+    model says is not faster than the layer, with the reason."""
+    layer = curve.site.target
+    whole = node_probe(g, layer.node)
+    if whole is None:
+        return [], {}
+    base = timings(whole)
+    sizes = np.asarray(curve.sizes)
+    ranks = _points(sizes[1:], None if curve.steps is None else np.asarray(curve.steps)[1:] - 1) if len(sizes) > 1 else []
+    times = [timings(node_probe(g, layer.node, rank=int(r))) for r in ranks]
+    if not len(times) or base <= 0:
+        return [], {}
+    factor = np.concatenate([[1.0], _interp(sizes[1:], np.asarray(ranks), times) / base])
+    dropped = {int(j): (f"latency: the split at rank {int(sizes[j])} takes {factor[j] * base * 1e6:.0f} us "
+                        f"against {base * 1e6:.0f} us for the layer")
+               for j in range(1, len(sizes)) if factor[j] >= 1.0}
+    return [Cost("latency", layer.key, base, factor)], dropped
+
+
+def attach(g, curves: list[Curve], timings: Timings, *, costs: bool, drop_slower: bool) -> list[Curve]:
+    """The curves with "latency" items (`costs`) and, for low-rank sites, slower splits dropped
+    from the walk's steps and listed in `Curve.dropped` (`drop_slower`)."""
+    out = []
+    for c in curves:
+        if c.site.method == "lowrank":
+            items, dropped = lowrank_costs(g, c, timings)
+        elif costs and c.site.method == "id":
+            items, dropped = id_costs(g, c, timings), {}
+        else:
+            items, dropped = [], {}
+        new = {}
+        if costs and items:
+            new["costs"] = tuple(c.costs) + tuple(items)
+        if drop_slower and dropped:
+            steps = c.steps if c.steps is not None else np.arange(len(c.sizes))
+            new["steps"] = np.asarray([j for j in steps if int(j) not in dropped], dtype=np.int64)
+            new["dropped"] = {**c.dropped, **dropped}
+        out.append(dataclasses.replace(c, **new) if new else c)
+    timings.save()
+    return out
+
+
+def needs_costs(config) -> bool:
+    """The size rule reads the "latency" metric."""
+    return config.latency_target is not None or (config.target is not None and config.minimize == "latency")
+
+
+def prepare(g, curves: list[Curve], config, model, sample: dict, *, timer=None) -> tuple[list[Curve], float | None]:
+    """The curves with latency items and slower splits dropped (as `config` asks), and the
+    original model's measured latency at `sample` (the total of the "latency" metric; None when
+    the size rule does not read it). `timer` replaces the ONNX Runtime timing of probes (tests)."""
+    costs = needs_costs(config)
+    drop = config.latency_check and any(c.site.method == "lowrank" for c in curves)
+    if not (costs or drop):
+        return curves, None
+    timings = Timings(config.latency_threads, timer=timer)
+    curves = attach(g, curves, timings, costs=costs, drop_slower=drop)
+    if timings.measured:
+        log.info("latency: timed %d probes (cached in %s)", timings.measured, timings.path)
+    if not costs:
+        return curves, None
+    if timer is not None:
+        return curves, sum(float(c.base) for cv in curves for c in cv.costs if c.metric == "latency")
+    from .benchmark import model_latency
+    return curves, model_latency(model, sample, config.latency_threads)

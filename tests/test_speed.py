@@ -1,0 +1,288 @@
+"""Hardware-friendly sizes (`--round`), the latency model's structure and its use by the
+allocator (`--minimize latency`, `--latency-target`, slower splits dropped), `--benchmark`'s
+report section, and FLOPs per sample. No test times anything: the latency model's probes are
+costed by a deterministic function here (see conftest.py), and `--benchmark` figures are only
+checked for their structure."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcompress import Config, compress, latency
+from onnxcompress.benchmark import one_sample
+from onnxcompress.cli import main
+from onnxcompress.core.data import InputSpec
+from onnxcompress.core.graph import GraphIndex
+from onnxcompress.methods import rounding
+
+from checks import reasons
+
+RNG = np.random.default_rng(7)
+
+
+def _model(nodes, inputs, inits) -> onnx.ModelProto:
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return onnx.shape_inference.infer_shapes(m)
+
+
+def wide_mlp(hidden=(40, 6)) -> tuple[onnx.ModelProto, list[dict]]:
+    """x[N,16] -> Gemm h1 -> Relu -> Gemm h2 -> Relu -> Gemm 4; inputs in a 10-dim subspace."""
+    h1, h2 = hidden
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["a"], name="fc1", transB=1),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["c"], name="fc2", transB=1),
+             helper.make_node("Relu", ["c"], ["s"]),
+             helper.make_node("Gemm", ["s", "w3", "b3"], ["y"], name="fc3", transB=1)]
+    inits = {"w1": RNG.standard_normal((h1, 16)) / 4, "b1": RNG.standard_normal(h1) * 0.1,
+             "w2": RNG.standard_normal((h2, h1)) / 6, "b2": RNG.standard_normal(h2) * 0.1,
+             "w3": RNG.standard_normal((4, h2)) / 3, "b3": np.zeros(4)}
+    basis = RNG.standard_normal((10, 16))
+    data = (RNG.standard_normal((96, 10)) @ basis).astype(np.float32)
+    return _model(nodes, [("x", ["N", 16])], inits), data
+
+
+def conv_chain() -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv 24 3x3 -> Relu -> depthwise 3x3 -> Relu -> Conv 4 1x1."""
+    nodes = [helper.make_node("Conv", ["x", "c1", "c1b"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "dw"], ["d"], name="dw", group=24, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["d"], ["s"]),
+             helper.make_node("Conv", ["s", "c2"], ["y"], name="conv2")]
+    inits = {"c1": RNG.standard_normal((24, 3, 3, 3)) / 3, "c1b": RNG.standard_normal(24) * 0.1,
+             "dw": RNG.standard_normal((24, 1, 3, 3)) / 3, "c2": RNG.standard_normal((4, 24, 1, 1)) / 5}
+    return _model(nodes, [("x", ["N", 3, 8, 8])], inits)
+
+
+def _npz(tmp_path, name, x):
+    p = tmp_path / f"{name}.npz"
+    np.savez(p, x=x)
+    return p
+
+
+def _save(tmp_path, m, name="m.onnx"):
+    p = tmp_path / name
+    onnx.save(m, str(p))
+    return p
+
+
+# ------------------------------------------------------------------------------------------
+# rounding
+
+
+def test_grid_takes_multiples_above_the_floor_and_always_index_0():
+    sizes = np.arange(40, 0, -1)          # an ID curve: index j keeps 40 - j
+    steps = rounding.grid(sizes, 8, floor=10)
+    assert steps[0] == 0
+    assert sizes[steps[1:]].tolist() == [32, 24, 16]     # 8 is below the floor
+    assert rounding.grid(sizes, 64, floor=1).tolist() == [0]
+
+
+def test_rules_round_and_narrow_sites_keep_their_width():
+    assert rounding.keep_size(0.75 * 40, 40, 8) == 32      # 30 -> nearest multiple of 8
+    assert rounding.keep_size(0.5 * 40, 40, 16) == 16      # 20 -> 16
+    assert rounding.keep_size(0.75 * 6, 6, 8) == 6         # narrower than N: unrounded, whole
+    assert rounding.keep_size(0.1 * 40, 40, 8) == 8        # never below N
+    assert rounding.at_least(17, 40, 8) == 24              # tolerance rounds up
+    assert rounding.at_least(37, 40, 8) == 40              # up to the full width
+    assert rounding.keep_size(0.75 * 40, 40, 1) == 30      # --round 1: as before
+
+
+def test_keep_rounds_id_widths_and_keeps_a_narrow_group_whole(tmp_path):
+    m, data = wide_mlp((40, 6))
+    report = compress(_save(tmp_path, m), tmp_path / "o.onnx", config=Config(keep=0.75, round=8),
+                      calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
+    kept = {g["group"]: (g["kept"], g["channels"]) for g in report.groups}
+    assert kept["fc1"] == (32, 40)
+    assert kept["fc2"] == (6, 6)
+    base = compress(_save(tmp_path, m, "b.onnx"), tmp_path / "p.onnx", config=Config(keep=0.75, round=1),
+                    calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
+    assert {g["group"]: g["kept"] for g in base.groups} == {"fc1": 30, "fc2": 4}
+
+
+@pytest.mark.parametrize("rule", [{"flops_target": 0.6}, {"params_target": 0.6}])
+def test_budget_walk_steps_by_the_multiple(tmp_path, rule):
+    m, data = wide_mlp((40, 24))
+    report = compress(_save(tmp_path, m), tmp_path / "o.onnx", config=Config(round=8, **rule),
+                      calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
+    widths = [g["kept"] for g in report.groups]
+    assert widths and all(k % 8 == 0 for k in widths)
+    metric = "flops" if "flops_target" in rule else "params"
+    assert report.allocation["reached"] <= 0.6 + 1e-9
+    d = getattr(report, metric)
+    assert d["after"] / d["before"] <= 0.6 + 1e-9
+
+
+def test_conv_group_with_depthwise_rounds_every_member(tmp_path):
+    m = conv_chain()
+    x = RNG.standard_normal((48, 3, 8, 8)).astype(np.float32)
+    report = compress(_save(tmp_path, m), tmp_path / "o.onnx", config=Config(keep=0.5, round=8), calib=_npz(tmp_path, 'c', x[:32]), val=_npz(tmp_path, 'v', x[32:]))
+    assert [(g["kept"], g["channels"]) for g in report.groups] == [(16, 24)]   # 12 -> 16 (ties round up)
+    out = onnx.load(str(tmp_path / "o.onnx"))
+    dw = next(n for n in out.graph.node if n.name == "dw")
+    assert next(a.i for a in dw.attribute if a.name == "group") == 16
+
+
+def test_lowrank_ranks_are_multiples(tmp_path):
+    m, data = wide_mlp((40, 24))
+    report = compress(_save(tmp_path, m), tmp_path / "o.onnx", config=Config(method="svd", keep=0.6, round=4),
+                      calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
+    assert report.layers
+    assert all(x["rank"] % 4 == 0 for x in report.layers)
+    many = compress(_save(tmp_path, m, "b.onnx"), tmp_path / "p.onnx", config=Config(method="svd", keep=0.6, round=64),
+                    calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
+    assert not many.layers                                  # no multiple of 64 makes any layer smaller
+    assert any("--round" in r for r in reasons(many).values())
+
+
+def test_round_is_checked():
+    with pytest.raises(Exception, match="round"):
+        Config(round=0)
+    with pytest.raises(Exception, match="latency_target"):
+        Config(latency_target=1.5)
+
+
+def test_cli_refuses_round_zero(tmp_path):
+    from click.testing import CliRunner
+    m, _ = wide_mlp()
+    result = CliRunner().invoke(main, [str(_save(tmp_path, m)), "--round", "0"])
+    assert result.exit_code == 2
+
+
+# ------------------------------------------------------------------------------------------
+# latency model
+
+
+def _graph(m, feed):
+    from onnxcompress.api import shapes_at
+    return GraphIndex(m, *shapes_at(m, feed))
+
+
+def test_probes_are_the_nodes_at_their_widths_and_run():
+    m = conv_chain()
+    g = _graph(m, {"x": np.zeros((1, 3, 8, 8), np.float32)})
+    conv1 = g.index_of("conv1")
+    full, narrow = latency.node_probe(g, conv1), latency.node_probe(g, conv1, w_out=8)
+    assert full.nodes[0][2][0] == (24, 3, 3, 3) and narrow.nodes[0][2][0] == (8, 3, 3, 3)
+    dw = latency.node_probe(g, g.index_of("dw"), w_out=8)
+    assert dict(dw.nodes[0][1])["group"] == 8 and dw.shape == (1, 8, 8, 8)
+    split = latency.node_probe(g, conv1, rank=4)
+    assert [w for _, _, ws in split.nodes for w in ws] == [(4, 3, 3, 3), (24, 4, 1, 1)]
+    for probe, channels in ((full, 24), (narrow, 8), (dw, 8), (split, 24)):
+        sess = ort.InferenceSession(latency.build(probe).SerializeToString(), providers=["CPUExecutionProvider"])
+        y = sess.run(None, {"x": np.zeros(probe.shape, np.float32)})[0]
+        assert y.shape == (1, channels, 8, 8)
+
+
+def test_timings_are_cached_per_probe(tmp_path):
+    calls = []
+    t = latency.Timings(1, timer=lambda p, threads: calls.append(p) or 1.0)
+    probe = latency.Probe((2, 3), (("MatMul", (), ((3, 4),)),))
+    assert t(probe) == t(probe) == 1.0
+    assert len(calls) == 1
+    disk = latency.Timings(1, cache_dir=tmp_path)
+    disk.values["1|" + probe.key()] = 2.5
+    disk.measured = 1
+    disk.save()
+    assert latency.Timings(1, cache_dir=tmp_path)(probe) == 2.5
+    assert latency.Timings(2, cache_dir=tmp_path).values.get("2|" + probe.key()) is None
+
+
+def _overhead_timer(probe, threads):
+    """Per node a fixed overhead plus its weights: a split (two nodes) is slower than its layer
+    unless the rank is small."""
+    return sum(1000.0 + float(np.prod(w)) for _, _, ws in probe.nodes for w in ws)
+
+
+def test_slower_splits_are_dropped_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(latency, "time_probe", _overhead_timer)
+    m, data = wide_mlp((40, 24))
+    report = compress(_save(tmp_path, m), tmp_path / "o.onnx", config=Config(method="svd", keep=0.9),
+                      calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
+    why = reasons(report)
+    assert not report.layers
+    assert all("latency: the split at rank" in why[k] for k in ("fc1", "fc2"))
+    off = compress(_save(tmp_path, m, "b.onnx"), tmp_path / "p.onnx", config=Config(method="svd", keep=0.9, latency_check=False),
+                   calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
+    assert {x["layer"] for x in off.layers} >= {"fc1", "fc2"}
+
+
+def test_latency_items_scale_with_the_timed_widths():
+    m, data = wide_mlp((40, 24))
+    g = _graph(m, {"x": data[:1]})
+    from onnxcompress.methods.id import IdMethod
+    method = IdMethod()
+    sites, _ = method.sites(g, Config())
+    from onnxcompress.methods.base import Curve
+    site = next(s for s in sites if s.key == "fc1")
+    sizes = np.arange(40, 0, -1)
+    curve = Curve(site, sizes, np.zeros(40), (), None, np.arange(0, 40, 8), 8)
+    items = latency.id_costs(g, curve, latency.Timings(1, timer=lambda p, t: _overhead_timer(p, t)))
+    by = {c.item: c for c in items}
+    assert set(by) == {"fc1", "fc2"}                      # the producer's rows, the consumer's columns
+    assert by["fc1"].base == pytest.approx(1000 + 40 * 16)
+    assert by["fc1"].factor[0] == pytest.approx(1.0)
+    assert by["fc1"].factor[8] == pytest.approx((1000 + 32 * 16) / (1000 + 40 * 16))
+    assert by["fc2"].factor[16] == pytest.approx((1000 + 24 * 24) / (1000 + 24 * 40))
+
+
+def test_latency_target_and_minimize_latency(tmp_path, monkeypatch):
+    monkeypatch.setattr(latency, "time_probe", _overhead_timer)
+    m, data = wide_mlp((40, 24))
+    report = compress(_save(tmp_path, m), tmp_path / "o.onnx", config=Config(latency_target=0.8, round=1),
+                      calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
+    assert report.allocation["metric"] == "latency"
+    assert report.allocation["reached"] <= 0.8 + 1e-9
+    assert any(g["kept"] < g["channels"] for g in report.groups)
+    target = compress(_save(tmp_path, m, "b.onnx"), tmp_path / "p.onnx",
+                      config=Config(target="cosine>=0.9", minimize="latency", method="id"),
+                      calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
+    assert target.allocation["metric"] == "latency"
+    assert all("latency" in p["cost"] for p in target.allocation["probes"])
+
+
+# ------------------------------------------------------------------------------------------
+# FLOPs per sample, --benchmark
+
+
+def test_one_sample_cuts_dynamic_batch_only():
+    specs = [InputSpec("x", np.dtype(np.float32), (None, 4)), InputSpec("k", np.dtype(np.float32), (3, 4))]
+    feed = {"x": np.zeros((5, 4), np.float32), "k": np.zeros((3, 4), np.float32)}
+    cut = one_sample(feed, specs)
+    assert cut["x"].shape == (1, 4) and cut["k"].shape == (3, 4)
+    assert one_sample({"x": feed["x"][:1], "k": feed["k"]}, specs)["x"].shape == (1, 4)
+
+
+def test_report_flops_do_not_depend_on_batching(tmp_path):
+    m, data = wide_mlp((40, 24))
+    p = _save(tmp_path, m)
+    figures = []
+    for batch in (4, 32):
+        r = compress(p, tmp_path / f"o{batch}.onnx", config=Config(keep=0.5, batch_size=batch), calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
+        figures.append((r.flops["before"], r.flops["after"], r.flops["at_input_shapes"]["x"]))
+    assert figures[0] == figures[1]
+    assert figures[0][2] == [1, 16]
+    assert figures[0][0] == 2 * (16 * 40 + 40 * 24 + 24 * 4)
+
+
+def test_benchmark_reports_both_models_per_thread_count_and_batch(tmp_path):
+    m, data = wide_mlp((40, 24))
+    r = compress(_save(tmp_path, m), tmp_path / "o.onnx", config=Config(keep=0.5, benchmark=True, batch_size=8),
+                 calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
+    lat = r.latency
+    assert lat["provider"] == "CPUExecutionProvider" and lat["onnxruntime"] == ort.__version__
+    seen = {(x["threads"], x["batch"]) for x in lat["runs"]}
+    threads = {1, lat["cpu_count"]}
+    assert seen == {(t, b) for t in threads for b in ("batch 1", "feed batch")}
+    for x in lat["runs"]:
+        assert x["original_s"] > 0 and x["compressed_s"] > 0
+        assert x["shapes"]["x"][0] == (1 if x["batch"] == "batch 1" else 8)
+    assert "latency (median of" in r.table()
+    assert compress(_save(tmp_path, m, "b.onnx"), tmp_path / "p.onnx", config=Config(keep=0.5),
+                    calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:])).latency is None
