@@ -84,7 +84,8 @@ def test_budget_mixes_id_and_low_rank_and_both_are_exact_here(path, tmp_path):
     assert sorted(n.op_type for n in new.graph.node) == sorted(["MatMul", "Add", "Relu", "MatMul", "Gather", "MatMul", "Add"])
     assert_valid_output(path, out, data[:4], same=True, rtol=1e-3, atol=1e-3)
     sens = report.allocation["sensitivity"]
-    assert {s["site"] for s in sens} == {"id group fc1", "lowrank MatMul fc1", "lowrank MatMul fc2", "lowrank Gather embed"}
+    assert {s["site"] for s in sens} == {"id group fc1", "lowrank MatMul fc1", "lowrank MatMul fc2", "lowrank Gather embed",
+                                         "quant MatMul fc1", "quant MatMul fc2", "quant Gather embed"}
     assert all(s["weight"] >= 0 and s["local"] >= 0 for s in sens)
     assert report.allocation["estimated_error"] == pytest.approx(0.0, abs=1e-8)
     assert report.allocation["measured_error"] < 1e-8
