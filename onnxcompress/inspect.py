@@ -23,6 +23,7 @@ from .core.errors import OnnxCompressError
 from .core.graph import GraphIndex
 from .core.modelio import load_model
 from .core.normalize import normalize
+from .benchmark import one_sample
 from .core.report import op_counts
 from .methods.id import group_costs
 from .methods.id.groups import find_groups
@@ -81,7 +82,7 @@ def inspect_model(model: str | os.PathLike, *, calib=None, include: str | None =
     specs = data_mod.input_specs(norm)
     source = (data_mod.open_source(calib, specs, batch_size=16) if calib is not None
               else data_mod.synthesize(specs, count=1, seed=0))
-    first = next(iter(source))
+    first = one_sample(next(iter(source)), specs)  # FLOPs per sample, as compress() counts them
     g = GraphIndex(norm, *shapes_at(norm, first))
     flops = node_flops(g)
     groups = find_groups(g, exclude=exclude, include=include)

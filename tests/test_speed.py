@@ -144,7 +144,7 @@ def test_lowrank_ranks_are_multiples(tmp_path):
 def test_round_is_checked():
     with pytest.raises(Exception, match="round"):
         Config(round=0)
-    with pytest.raises(Exception, match="latency_target"):
+    with pytest.raises(Exception, match="latency-target"):
         Config(latency_target=1.5)
 
 
