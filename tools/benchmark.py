@@ -192,6 +192,7 @@ def parse_args(argv: list[str] | None):
     )
     parser.add_argument("--flags", help="ad-hoc CLI flags, one string")
     parser.add_argument("--limit", type=int, help="metric on the first N val feeds only")
+    parser.add_argument("--extra", default="", help="CLI flags appended to every run (e.g. \"--round 1 --no-latency-check\")")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per CLI call")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the CLI")
     return parser, parser.parse_args(argv)
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run.id:22s} {run.model:8s} {shlex.join(run.flags)}")
         return 0
     runs = select_runs(args, parser)
+    if args.extra:
+        runs = [Run(r.id, r.model, (*r.flags, *shlex.split(args.extra)), r.val) for r in runs]
     missing = sorted({r.model for r in runs if not (args.bench / r.model / "model.onnx").exists()})
     if missing:
         print(
