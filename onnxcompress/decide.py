@@ -72,10 +72,12 @@ def _weights(norm, g, methods, curves, config, calib_src, report, timer, progres
     return [s.weight for s in found]
 
 
-def _realize(g, methods: dict, curves: list, idx: list[int], config, reasons: dict):
+def _realize(g, methods: dict, curves: list, idx: list[int], config, reasons: dict, cache: dict | None = None):
     """Entries for the allocation `idx`; a site at index 0 gets an entry only if its method makes
-    one and none of its weights is shrunk by another site."""
+    one and none of its weights is shrunk by another site. `cache` ((site, index) -> entry) lets
+    the target search reuse what earlier probes realized."""
     clash = conflicts(curves)
+    cache = {} if cache is None else cache
     entries, left = [], []
     for ci, c in enumerate(curves):
         method = methods[c.site.method]
@@ -86,7 +88,10 @@ def _realize(g, methods: dict, curves: list, idx: list[int], config, reasons: di
                 if why:
                     left.append(Skipped(c.site.key, c.site.op, f"{LABELS.get(c.site.method, c.site.method)}: {why}"))
                 continue
-        entries.append(method.realize(g, c, idx[ci], config))
+        key = (ci, idx[ci])
+        if key not in cache:
+            cache[key] = method.realize(g, c, idx[ci], config)
+        entries.append(cache[key])
     return entries, _merge_skipped(left)
 
 
@@ -104,12 +109,12 @@ def _search(norm, g, methods, curves, costs, weights, config, reference, report,
     metric = MINIMIZE[config.minimize]
     with timer("decide"):
         path = walk(curves, costs, metric, weights)
-    best = {}
+    best, realized = {}, {}
 
     def evaluate(pos: int) -> float:
         idx = path.at(pos)
         with timer("decide"):
-            entries, _ = _realize(g, methods, curves, idx, config, {})
+            entries, _ = _realize(g, methods, curves, idx, config, {}, realized)
         with timer("rewrite"):
             new = norm
             for name, m in methods.items():

@@ -174,14 +174,10 @@ class Conv(Handler):
             if unpadded and len(node.input) > 2 and g.const(node.input[2]) is not None:
                 edits.append(Shift(node.input[2], node.input[1], 1, 0, 1, m.source, i))
             return Exit(tuple(edits), m.source, m.source_axis)
-        if group == channels and w.shape[0] == channels and w.shape[1] == 1:
-            edits = [Slice(node.input[1], 0, i), SetAttr(i, "group")]
-            if len(node.input) > 2 and node.input[2]:
-                edits.append(Slice(node.input[2], 0, i))
-            return Through(outputs=(Member(node.output[0], m.axis),), edits=tuple(edits))
         if group > 1 and channels % group == 0 and w.shape[0] == channels and w.shape[1] == channels // group:
             # output block b (C / group channels) reads input block b only: with whole blocks kept,
-            # the kept outputs are computed from the kept inputs exactly as before
+            # the kept outputs are computed from the kept inputs exactly as before (a depthwise
+            # Conv is the case of blocks of one channel)
             block = channels // group
             edits = [Slice(node.input[1], 0, i), SetAttr(i, "group", per=block)]
             if len(node.input) > 2 and node.input[2]:
