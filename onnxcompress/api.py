@@ -29,6 +29,7 @@ from .core.validate import Reference, load_labels, output_error, score_outputs, 
 from .decide import decide
 from .methods import for_method, for_plan
 from .methods.base import Skipped
+from .methods.quant import stage as quant_stage
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ def _check_arguments(model, output, config, calib, val, plan) -> tuple[Config, P
         given = [n for n in SIZE_RULES if getattr(config, n) is not None]
         if given:
             raise UsageError(f"--plan fixes the sizes; {flag(given[0])} contradicts it")
+        if config.quantize and any(getattr(e, "after", False) for e in plan.entries):
+            raise UsageError("--plan already quantizes what its other entries leave; --quantize contradicts it")
     src = Path(model)
     out = Path(output) if output is not None else default_output(src)
     inputs = []
@@ -117,7 +120,8 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     before = {"params": count_params(norm), "flops": sum(flops.values()), "bytes": serialized_size(norm),
               "scores": score_outputs(g)}
     original = None  # validation reads the input file itself
-    methods = {m.name: m for m in (for_plan(plan) if plan is not None else for_method(config.method))}
+    methods = {m.name: m for m in (for_plan(plan) if plan is not None else for_method(config.method))
+               if not (config.quantize and plan is None and m.name == "quant")}  # --quantize quantizes last
     with timer("find"):
         sites, skipped = _find(g, methods, config)
     reference = chosen = None
@@ -142,14 +146,24 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
                     reference = Reference(src, val_src, [vi.name for vi in norm.graph.output],
                                           scores=before["scores"], progress=progress, labels=labels)
             entries, left, chosen = decide(norm, g, methods, curves, config, before, calib_src=calib_src,
-                                           reference=reference, report=report, timer=timer, progress=progress)
+                                           reference=reference, report=report, timer=timer, progress=progress,
+                                           sample=sample)
             plan = Plan(config.method, config.select, tuple(entries))
             skipped = skipped + left
+        late_sites = []
         if chosen is not None:
-            new, agreement = chosen
+            new, agreement, late_sites = chosen
         else:
             with timer("rewrite"):
-                new = _rewrite(norm, g, methods, sites, plan)
+                new, late_sites = _rewrite(norm, g, methods, sites, plan, sample)
+            if config.quantize and not late_sites:
+                found = []
+                with timer("quantize"):
+                    new, late, late_sites, _ = quant_stage.quantize_rest(
+                        new, config.quantize, calib_src, config, sample, progress=progress, warnings=found)
+                for w in found:
+                    report.warn(w)
+                plan = Plan(plan.method, plan.select, plan.entries + tuple(late))
         rewritten = new is not norm
         # release the input model and its index before the compressed model runs: a large model
         # would otherwise be held twice through the smoke test and validation
@@ -163,7 +177,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
         if reference is not None:
             reference.close()
     _warn_low_agreement(report, agreement, config)
-    _fill(report, new, before, methods, sites, skipped, plan, agreement, sample)
+    _fill(report, new, before, methods, sites, skipped, plan, agreement, sample, late_sites=late_sites)
     if config.benchmark:
         with timer("benchmark"):
             report.latency = run_benchmark(src, new, next(iter(val_src)), specs)
@@ -197,12 +211,16 @@ def _find(g: GraphIndex, methods: dict, config: Config) -> tuple[list, list]:
     return sites, skipped
 
 
-def _rewrite(norm, g: GraphIndex, methods: dict, sites: list, plan: Plan):
-    """Each method rewrites its own entries, in registry order, on the previous one's output."""
+def _rewrite(norm, g: GraphIndex, methods: dict, sites: list, plan: Plan, sample: dict):
+    """Each method rewrites its own entries, in registry order, on the previous one's output;
+    then the `--quantize` entries (made for that output) are replayed on it. Returns (model, the
+    sites of the replayed `--quantize` entries)."""
     new = norm
+    late = [e for e in plan.entries if getattr(e, "after", False)]
     for name, m in methods.items():
-        new = m.rewrite(new, g, [s for s in sites if s.method == name], [e for e in plan.entries if e.method == name])
-    return new
+        new = m.rewrite(new, g, [s for s in sites if s.method == name],
+                        [e for e in plan.entries if e.method == name and not getattr(e, "after", False)])
+    return quant_stage.replay(new, late, sample)
 
 
 def _sources(calib, val, specs, config: Config, report: Report, planned: bool = False):
@@ -252,17 +270,18 @@ def _smoke_test(model: onnx.ModelProto, feed: dict, *, rewritten: bool = True) -
 
 
 def _fill(report: Report, new, before: dict, methods: dict, sites: list, skipped: list, plan: Plan,
-          agreement, first) -> None:
+          agreement, first, *, late_sites=()) -> None:
     after = GraphIndex(new, *shapes_at(new, first))
     report.params = {"before": before["params"], "after": count_params(new)}
     report.flops = {"before": before["flops"], "after": sum(node_flops(after).values()),
                     "at_input_shapes": {k: list(v.shape) for k, v in first.items()}, "per": "sample"}
     report.file_size = {"before": os.path.getsize(report.input)}
     report.ops["after"] = op_counts(new.graph)
-    by_key = {(s.method, s.key): s for s in sites}
+    by_key = {(s.method, s.key, False): s for s in sites}
+    by_key.update({(s.method, s.key, True): s for s in late_sites})
     for e in plan.entries:
-        m = methods[e.method]
-        site = by_key.get((e.method, e.site))
+        m = methods.get(e.method) or quant_stage._method()
+        site = by_key.get((e.method, e.site, bool(getattr(e, "after", False))))
         row = m.describe(site, e) if site is not None else e.to_dict(matrices=False)
         report.rows(m.section).append(row)
     report.skipped = [vars(s) for s in skipped]

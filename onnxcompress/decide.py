@@ -22,6 +22,7 @@ from .allocate import CostModel, budget, conflicts, per_site, search_path, walk
 from .core.errors import AgreementError, UsageError
 from .core.validate import output_error
 from .methods.base import Skipped
+from .methods.quant import stage as quant_stage
 from .sensitivity import measure
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,10 @@ LABELS = {"id": "channel group", "lowrank": "low rank", "quant": "quantization"}
 
 
 def decide(norm, g, methods: dict, curves: list, config, before: dict, *, calib_src, reference, report,
-           timer, progress=None):
+           timer, progress=None, sample=None):
     """Returns (entries, skipped, chosen): the plan's entries, the sites left whole with reasons,
-    and for a target the chosen (model, agreement) already built and validated (else None)."""
+    and for a target the chosen (model, agreement, `--quantize` sites) already built and
+    validated (else None). `sample`: one feed at batch 1, the shapes `--quantize` indexes at."""
     rule, value = config.size_rule
     report.allocation = {"rule": rule, "value": value}
     if rule in ("keep", "tolerance"):
@@ -58,7 +60,8 @@ def decide(norm, g, methods: dict, curves: list, config, before: dict, *, calib_
             why = f"{rule.replace('_', ' ')} {value} is met without it"
             entries, left = _realize(g, methods, curves, idx, config, {ci: why for ci in range(len(curves)) if idx[ci] == 0})
         return entries, left, None
-    return _search(norm, g, methods, curves, costs, weights, config, reference, report, timer, progress)
+    return _search(norm, g, methods, curves, costs, weights, config, reference, report, timer, progress,
+                   calib_src, sample)
 
 
 def _weights(norm, g, methods, curves, config, calib_src, report, timer, progress) -> list[float]:
@@ -103,8 +106,9 @@ def _merge_skipped(left: list) -> list:
     return [Skipped(node, op, "; ".join(dict.fromkeys(r))) for (node, op), r in merged.items()]
 
 
-def _search(norm, g, methods, curves, costs, weights, config, reference, report, timer, progress):
-    """The most compressed allocation along the walk whose validation outputs meet the target."""
+def _search(norm, g, methods, curves, costs, weights, config, reference, report, timer, progress, calib_src, sample):
+    """The most compressed allocation along the walk whose validation outputs meet the target.
+    With `--quantize`, each probe is quantized (`methods.quant.stage`) before it is validated."""
     target = config.quality_target
     metric = MINIMIZE[config.minimize]
     with timer("decide"):
@@ -120,6 +124,12 @@ def _search(norm, g, methods, curves, costs, weights, config, reference, report,
             for name, m in methods.items():
                 new = m.rewrite(new, g, [c.site for c in curves if c.site.method == name],
                                 [e for e in entries if e.method == name])
+        late_sites = []
+        if config.quantize:
+            with timer("quantize"):
+                new, late, late_sites, _ = quant_stage.quantize_rest(new, config.quantize, calib_src, config, sample,
+                                                                     progress=progress, warnings=warnings)
+            entries = entries + late
         with timer("validate"):
             agreement = reference.compare(new, progress=progress)
         score = worst(agreement, target)
@@ -130,10 +140,11 @@ def _search(norm, g, methods, curves, costs, weights, config, reference, report,
                            "cost": {m: path.cost(pos, m) / (path.start[m] or 1.0) for m in ("params", "flops", "bytes")
                                     + (("latency",) if path.start.get("latency") else ())}}
         if target.met(score) and (not best or pos > best["pos"]):
-            best.update(pos=pos, entries=entries, model=new, agreement=agreement)
+            best.update(pos=pos, entries=entries, model=new, agreement=agreement, late=late_sites)
         return score
 
     probe_info = {}
+    warnings = []
     pos, probes = search_path(path, metric, target, evaluate, passes=PASSES)
     report.allocation.update(metric=metric, target=str(target), path_length=len(path.steps), probes=[
         {"position": p.position, **probe_info[p.position], "estimated_error": p.estimated_error,
@@ -147,7 +158,9 @@ def _search(norm, g, methods, curves, costs, weights, config, reference, report,
     report.allocation["reached"] = path.cost(best["pos"], metric) / (path.start[metric] or 1.0)
     chosen_reason = f"target {target} is met without it"
     _, left = _realize(g, methods, curves, idx, config, {ci: chosen_reason for ci in range(len(curves)) if idx[ci] == 0})
-    return best["entries"], left, (best["model"], best["agreement"])
+    for w in dict.fromkeys(warnings):
+        report.warn(w)
+    return best["entries"], left, (best["model"], best["agreement"], best["late"])
 
 
 def worst(agreement, target) -> float:

@@ -52,9 +52,11 @@ def reports(tmp_path_factory) -> list[dict]:
                  calib=MODELS / "digits_cnn_calib.npz")
     c = compress(MODELS / "digits_cnn.onnx", tmp / "c.onnx", config=Config(target="top1>=0.98", probe_feeds=4),
                  calib=MODELS / "digits_cnn_calib.npz", val=MODELS / "digits_cnn_val.npz")
+    d = compress(MODELS / "digits_mlp.onnx", tmp / "d.onnx", config=Config(keep=0.6, quantize="int8"),
+                 calib=MODELS / "digits_calib.npz")
     for r in (a, b, c):  # what --report writes
         r.save(tmp / "r.json")
-    return [a.to_dict(), b.to_dict(), c.to_dict(), json.loads((tmp / "r.json").read_text())]
+    return [a.to_dict(), b.to_dict(), c.to_dict(), json.loads((tmp / "r.json").read_text()), d.to_dict()]
 
 
 def test_every_key_is_documented_and_every_documented_key_present(reports):

@@ -18,6 +18,7 @@ MINIMIZE = ("size", "params", "flops", "latency")
 SIZE_RULES = ("keep", "tolerance", "flops_target", "params_target", "size_target", "target", "latency_target")
 SELECTIONS = ("id", "norm")
 SOLVERS = ("irls", "ellipsoid")
+QUANTIZE = ("int8", "int4")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +91,13 @@ class Config:
     latency_threads: ONNX Runtime threads of the latency model's timings.
     benchmark:       time the original and the compressed model on the validation feed (batch 1
                      and the feed's batch; one thread and all cores) and put it in the report.
+    quantize:        "int8" (one scale per output channel) or "int4" (blocks of 32 inputs; the
+                     opset is raised to 21 when that is safe, else int8): after the size rule's
+                     plan is applied, every float weight left in a Gemm, MatMul, Conv or Gather
+                     (ID-shrunk weights and low-rank factors included) is quantized with error
+                     feedback against its input Gram in the rewritten model, from one more
+                     calibration pass (`methods/quant/stage.py`). With `target`, every probe
+                     is quantized before it is validated.
     """
 
     method: str | None = None
@@ -127,6 +135,7 @@ class Config:
     latency_check: bool = True
     latency_threads: int = 1
     benchmark: bool = False
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.method is None:
@@ -181,6 +190,12 @@ class Config:
         if self.solver != "irls" and self.method != "lp":
             raise UsageError(f"{_named('solver')} {self.solver} applies to {_named('method')} lp only, not {self.method}")
         _check_speed(self)
+        if self.quantize is not None:
+            if self.quantize not in QUANTIZE:
+                raise UsageError(f"{_named('quantize')} must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+            if self.method == "quant":
+                raise UsageError(f"{_named('quantize')} quantizes what the plan leaves; {_named('method')} quant "
+                                 "already quantizes every weight: give one of them")
 
     @property
     def size_rule(self) -> tuple[str, float]:
@@ -207,14 +222,14 @@ class Config:
 
 
 _OPTIONAL = ("keep", "tolerance", "flops_target", "params_target", "size_target", "target", "min_agreement",
-             "exclude", "include", "smoothing")
+             "exclude", "include", "smoothing", "quantize")
 _KINDS = {"a number": (("keep", "tolerance", "flops_target", "params_target", "size_target", "min_keep", "holdout",
                         "ridge", "min_agreement", "p", "smoothing"), lambda v: isinstance(v, numbers.Real)),
           "an integer": (("batch_size", "max_rows", "seed", "max_patch", "probe_feeds"),
                          lambda v: isinstance(v, numbers.Integral)),
           "True or False": (("weighted", "intercept", "keep_failed", "force", "lp_weighted", "allow_nonfinite",
                              "sensitivity"), lambda v: True),
-          "a string": (("method", "select", "exclude", "include", "target", "minimize", "solver"),
+          "a string": (("method", "select", "exclude", "include", "target", "minimize", "solver", "quantize"),
                        lambda v: isinstance(v, str))}
 
 

@@ -43,6 +43,7 @@ class QuantPlan:
     codes: np.ndarray = field(compare=False)
     scales: np.ndarray = field(compare=False)
     error: float = 0.0
+    after: bool = False  # `--quantize`: a layer of the model the other entries rewrote (`stage.py`)
 
     @property
     def site(self) -> str:
@@ -55,6 +56,8 @@ class QuantPlan:
     def to_dict(self, *, matrices: bool = True) -> dict:
         d = {"layer": self.layer, "kind": self.kind, "format": self.format.name, "bits": self.bits,
              "block": self.block, "error": float(self.error) if math.isfinite(self.error) else None}
+        if self.after:
+            d["after"] = True
         if matrices:
             codes = np.ascontiguousarray(self.codes, dtype=np.int8)
             d["codes"] = {"shape": list(codes.shape), "int8": base64.b64encode(codes.tobytes()).decode("ascii")}
@@ -68,7 +71,7 @@ class QuantPlan:
         scales = np.frombuffer(base64.b64decode(d["scales"]["float64"]), dtype="<f8").reshape(d["scales"]["shape"])
         error = d.get("error")
         return cls(d["layer"], d["kind"], int(d["bits"]), int(d["block"]), codes.copy(), scales.copy(),
-                   float("nan") if error is None else float(error))
+                   float("nan") if error is None else float(error), bool(d.get("after", False)))
 
     @staticmethod
     def check(d: dict, where: str) -> None:
@@ -79,6 +82,7 @@ class QuantPlan:
         need(isinstance(d.get("layer"), str) and isinstance(d.get("kind"), str), "must name its layer and kind")
         need(isinstance(d.get("bits"), int) and d["bits"] in (2, 3, 4, 8), "'bits' must be 2, 3, 4 or 8")
         need(isinstance(d.get("block"), int) and d["block"] >= 0, "'block' must be a non-negative integer")
+        need(isinstance(d.get("after", False), bool), "'after' must be true or false")
         for key, kind, size in (("codes", "int8", 1), ("scales", "float64", 8)):
             m = d.get(key)
             need(isinstance(m, dict) and isinstance(m.get("shape"), list) and len(m["shape"]) == 2
@@ -113,16 +117,8 @@ class QuantMethod:
 
     def curve(self, g: GraphIndex, site: Site, stats: dict, config: Config, flops: dict) -> Curve:
         layer = site.target
-        w = weight_matrix(g, layer)
-        stat = stats[layer.request]
         formats = [f for f in FORMATS if not f.block or g.opset >= BLOCKED_OPSET]
-        if layer.kind == "gather":
-            found = [quantize_embedding(w.T, np.asarray(stat, dtype=np.float64), f, config.smoothing) for f in formats]
-        else:
-            gram = input_gram(layer, stat)
-            kernel = layer.kernel if layer.kind == "conv" else ()
-            found = [gptq(w, gram, f, kernel) if gram is not None else rtn(w, np.ones(w.shape[1]), f, kernel)
-                     for f in formats]
+        found = solve(g, layer, stats[layer.request], formats, config)
         nbytes = float(g.const(layer.weight).nbytes)
         stored = np.array([nbytes] + [self._bytes(layer, f) for f in formats])
         error = np.array([0.0] + [max(float(q.error), 0.0) for q in found])
@@ -144,9 +140,7 @@ class QuantMethod:
         return int(ok[-1]) if len(ok) and ok[-1] > 0 else "no format meets the tolerance"
 
     def realize(self, g: GraphIndex, curve: Curve, index: int, config: Config) -> QuantPlan:
-        layer, q = curve.site.target, curve.state[index]
-        return QuantPlan(layer.key, layer.kind, q.format.bits, q.format.block, q.codes.astype(np.int8),
-                         np.asarray(q.scales, dtype=np.float64), math.sqrt(max(float(q.error), 0.0)))
+        return entry(curve.site.target, curve.state[index])
 
     def rewrite(self, model, g: GraphIndex, sites: list[Site], decisions: list):
         if not decisions:
@@ -168,8 +162,30 @@ class QuantMethod:
         except ValueError as e:
             raise UsageError(f"quantize: {e}") from e
 
-    def describe(self, site: Site, decision: QuantPlan) -> dict:
-        layer = site.target
-        before = float(layer.params * 4)
-        return {**decision.to_dict(matrices=False), "bytes_before": int(before),
-                "bytes_after": int(self._bytes(layer, decision.format))}
+    def describe(self, site: Site | None, decision: QuantPlan) -> dict:
+        """The report's row; bytes from the decision's own codes (its layer in the model it was
+        made for: the input model, or for `--quantize` the rewritten one)."""
+        rows, cols = decision.codes.shape
+        kernel = ()
+        if site is not None and site.target.kind == "conv" and decision.kind == "conv":
+            kernel = site.target.kernel
+        return {**decision.to_dict(matrices=False), "bytes_before": int(rows * cols * 4),
+                "bytes_after": int(decision.format.bytes(rows, cols, kernel))}
+
+
+def solve(g: GraphIndex, layer, stat, formats, config: Config) -> list:
+    """`layer`'s weight quantized in each of `formats` (`solvers.Quantized`): GPTQ against the
+    input Gram (round to nearest where the Gram is not affordable), a table by its token weights."""
+    w = weight_matrix(g, layer)
+    if layer.kind == "gather":
+        return [quantize_embedding(w.T, np.asarray(stat, dtype=np.float64), f, config.smoothing) for f in formats]
+    gram = input_gram(layer, stat)
+    kernel = layer.kernel if layer.kind == "conv" else ()
+    return [gptq(w, gram, f, kernel) if gram is not None else rtn(w, np.ones(w.shape[1]), f, kernel)
+            for f in formats]
+
+
+def entry(layer, q: Quantized, *, after: bool = False) -> QuantPlan:
+    """The plan entry of `layer` stored as `q`."""
+    return QuantPlan(layer.key, layer.kind, q.format.bits, q.format.block, q.codes.astype(np.int8),
+                     np.asarray(q.scales, dtype=np.float64), math.sqrt(max(float(q.error), 0.0)), after)
