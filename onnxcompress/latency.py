@@ -137,7 +137,8 @@ class Timings:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.values))
+            merged = {**self._load(), **self.values}  # other Timings (thread counts, runs) share the file
+            tmp.write_text(json.dumps(merged))
             os.replace(tmp, self.path)
         except OSError as e:
             log.warning("latency: cannot write the timing cache %s (%s)", self.path, e)
@@ -292,33 +293,44 @@ def id_costs(g, curve: Curve, timings: Timings) -> list[Cost]:
     return out
 
 
-def lowrank_costs(g, curve: Curve, timings: Timings) -> tuple[list[Cost], dict[int, str]]:
-    """The layer's "latency" item (factor t_split(r) / t_layer) and the candidates whose split the
-    model says is not faster than the layer, with the reason."""
+def lowrank_costs(g, curve: Curve, timings: Timings, others: tuple = ()) -> tuple[list[Cost], dict[int, str]]:
+    """The layer's "latency" item (factor t_split(r) / t_layer at `timings`' thread count) and the
+    candidates whose split is not faster than the layer, with the reason: at that thread count or
+    at any of `others` (`Timings` at other thread counts, e.g. all cores)."""
     layer = curve.site.target
     whole = node_probe(g, layer.node)
     if whole is None:
         return [], {}
-    base = timings(whole)
     sizes = np.asarray(curve.sizes)
     ranks = _points(sizes[1:], None if curve.steps is None else np.asarray(curve.steps)[1:] - 1) if len(sizes) > 1 else []
-    times = [timings(node_probe(g, layer.node, rank=int(r))) for r in ranks]
-    if not len(times) or base <= 0:
+    if not len(ranks):
         return [], {}
-    factor = np.concatenate([[1.0], _interp(sizes[1:], np.asarray(ranks), times) / base])
-    dropped = {int(j): (f"latency: the split at rank {int(sizes[j])} takes {factor[j] * base * 1e6:.0f} us "
-                        f"against {base * 1e6:.0f} us for the layer")
-               for j in range(1, len(sizes)) if factor[j] >= 1.0}
-    return [Cost("latency", layer.key, base, factor)], dropped
+    items, dropped = [], {}
+    for t in (timings, *others):
+        base = t(whole)
+        if base <= 0:
+            continue
+        times = [t(node_probe(g, layer.node, rank=int(r))) for r in ranks]
+        factor = np.concatenate([[1.0], _interp(sizes[1:], np.asarray(ranks), times) / base])
+        if t is timings:
+            items = [Cost("latency", layer.key, base, factor)]
+        for j in range(1, len(sizes)):
+            if factor[j] >= 1.0 and j not in dropped:
+                dropped[j] = (f"latency: the split at rank {int(sizes[j])} takes {factor[j] * base * 1e6:.0f} us "
+                              f"against {base * 1e6:.0f} us for the layer ({t.threads} thread"
+                              f"{'s' if t.threads > 1 else ''})")
+    return items, dropped
 
 
-def attach(g, curves: list[Curve], timings: Timings, *, costs: bool, drop_slower: bool) -> list[Curve]:
-    """The curves with "latency" items (`costs`) and, for low-rank sites, slower splits dropped
-    from the walk's steps and listed in `Curve.dropped` (`drop_slower`)."""
+def attach(g, curves: list[Curve], timings: Timings, *, costs: bool, drop_slower: bool,
+           others: tuple = ()) -> list[Curve]:
+    """The curves with "latency" items (`costs`) and, for low-rank sites, splits slower than their
+    layer (at `timings`' thread count or any of `others`') dropped from the walk's steps and
+    listed in `Curve.dropped` (`drop_slower`)."""
     out = []
     for c in curves:
         if c.site.method == "lowrank":
-            items, dropped = lowrank_costs(g, c, timings)
+            items, dropped = lowrank_costs(g, c, timings, others if drop_slower else ())
         elif costs and c.site.method == "id":
             items, dropped = id_costs(g, c, timings), {}
         else:
@@ -331,7 +343,8 @@ def attach(g, curves: list[Curve], timings: Timings, *, costs: bool, drop_slower
             new["steps"] = np.asarray([j for j in steps if int(j) not in dropped], dtype=np.int64)
             new["dropped"] = {**c.dropped, **dropped}
         out.append(dataclasses.replace(c, **new) if new else c)
-    timings.save()
+    for t in (timings, *others):
+        t.save()
     return out
 
 
@@ -349,7 +362,10 @@ def prepare(g, curves: list[Curve], config, model, sample: dict, *, timer=None) 
     if not (costs or drop):
         return curves, None
     timings = Timings(config.latency_threads, timer=timer)
-    curves = attach(g, curves, timings, costs=costs, drop_slower=drop)
+    # a split must be faster on one thread and on all cores: the check times both
+    cores = os.cpu_count() or 1
+    others = tuple(Timings(n, timer=timer) for n in {1, cores} if n != config.latency_threads) if drop else ()
+    curves = attach(g, curves, timings, costs=costs, drop_slower=drop, others=others)
     if timings.measured:
         log.info("latency: timed %d probes (cached in %s)", timings.measured, timings.path)
     if not costs:

@@ -213,6 +213,29 @@ def test_slower_splits_are_dropped_with_the_reason(tmp_path, monkeypatch):
     assert {x["layer"] for x in off.layers} >= {"fc1", "fc2"}
 
 
+def test_a_split_slower_on_all_cores_is_dropped_too(tmp_path, monkeypatch):
+    """On one thread the split is faster (weights only); on all cores each node pays a fixed
+    overhead, so the two-node split is slower there: the check refuses it, naming the threads."""
+    def timer(probe, threads):
+        cost = sum(float(np.prod(w)) for _, _, ws in probe.nodes for w in ws)
+        return cost + (0.0 if threads == 1 else 5000.0 * len(probe.nodes))
+
+    monkeypatch.setattr(latency, "time_probe", timer)
+    monkeypatch.setattr(latency.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(latency, "CACHE_DIR", tmp_path / "cache")
+    m, data = wide_mlp((40, 24))
+    cfg = Config(method="svd", keep=0.5, round=1)
+    report = compress(_save(tmp_path, m), tmp_path / "o.onnx", config=cfg,
+                      calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
+    why = reasons(report)
+    assert not report.layers
+    assert all("(4 threads)" in why[k] for k in ("fc1", "fc2"))
+    monkeypatch.setattr(latency.os, "cpu_count", lambda: 1)  # one core: only the one-thread timing counts
+    single = compress(_save(tmp_path, m, "b.onnx"), tmp_path / "p.onnx", config=cfg,
+                      calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
+    assert {x["layer"] for x in single.layers} >= {"fc1", "fc2"}
+
+
 def test_latency_items_scale_with_the_timed_widths():
     m, data = wide_mlp((40, 24))
     g = _graph(m, {"x": data[:1]})

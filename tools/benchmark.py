@@ -78,6 +78,13 @@ RUNS = (
     # on the separate val sentences / lines
     Run("minilm-target-cos99", "minilm", ("--target", "cosine>=0.99"), val=False),
     Run("ocr_rec-target-top99-flops", "ocr_rec", ("--target", "top1>=0.99", "--minimize", "flops"), val=False),
+    # composition: the plan, then every weight it leaves quantized (--quantize)
+    Run("minilm-keep75-q8", "minilm", ("--keep", "0.75", "--quantize", "int8")),
+    Run("minilm-keep75-q4", "minilm", ("--keep", "0.75", "--quantize", "int4")),
+    Run("minilm-q4", "minilm", ("--keep", "1", "--quantize", "int4")),
+    Run("minilm-target-cos99-q8", "minilm", ("--target", "cosine>=0.99", "--quantize", "int8"), val=False),
+    Run("ocr_rec-target-top99-flops-q8", "ocr_rec", ("--target", "top1>=0.99", "--minimize", "flops",
+                                                     "--quantize", "int8"), val=False),
     # seed 002's solver: l_1 by the Löwner ellipsoid of the l_p body, beside IRLS (minilm-emb72-l1)
     Run("minilm-emb72-l1-ellipsoid", "minilm", ("--method", "lp", "--p", "1", "--solver", "ellipsoid",
                                                 "--include", "word_embeddings", "--keep", "0.72")),
