@@ -88,3 +88,22 @@ def test_the_readme_output_is_ignored_by_git():
         pytest.skip("not a git checkout")
     r = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "models/digits_cnn.compressed.onnx"])
     assert r.returncode == 0
+
+
+def test_no_text_file_holds_merge_conflict_markers():
+    """A merge left unresolved must never reach users: no line of a tracked text file starts with
+    a conflict marker."""
+    marker = re.compile(r"^(<{7} |={7}$|>{7} )", re.M)
+    suffixes = {".md", ".py", ".toml", ".txt", ".cfg", ".json", ".yml", ".yaml", ""}
+    bad = []
+    for path in ROOT.rglob("*"):
+        if any(part in {".git", "build", "node_modules", ".venv"} or part.startswith(".pytest") for part in path.parts):
+            continue
+        if path.is_file() and path.suffix in suffixes and path.stat().st_size < 2_000_000:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            if marker.search(text):
+                bad.append(str(path.relative_to(ROOT)))
+    assert bad == []
