@@ -93,17 +93,19 @@ def test_the_readme_output_is_ignored_by_git():
 def test_no_text_file_holds_merge_conflict_markers():
     """A merge left unresolved must never reach users: no line of a tracked text file starts with
     a conflict marker."""
+    try:
+        tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
     marker = re.compile(r"^(<{7} |={7}$|>{7} )", re.M)
-    suffixes = {".md", ".py", ".toml", ".txt", ".cfg", ".json", ".yml", ".yaml", ""}
     bad = []
-    for path in ROOT.rglob("*"):
-        if any(part in {".git", "build", "node_modules", ".venv"} or part.startswith(".pytest") for part in path.parts):
-            continue
-        if path.is_file() and path.suffix in suffixes and path.stat().st_size < 2_000_000:
+    for name in tracked:
+        path = ROOT / name
+        if path.suffix in {".md", ".py", ".toml", ".txt", ".cfg", ".yml", ".yaml", ""} and path.is_file():
             try:
                 text = path.read_text(encoding="utf-8")
             except (UnicodeDecodeError, OSError):
                 continue
             if marker.search(text):
-                bad.append(str(path.relative_to(ROOT)))
+                bad.append(name)
     assert bad == []
