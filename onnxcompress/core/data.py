@@ -197,7 +197,7 @@ def shards(source: FeedSource, count: int) -> list[Shard]:
     table = source.table if source.table is not None else ListFeeds(tuple(source))
     n = len(table)
     count = max(1, min(count, n))
-    bounds = [round(i * n / count) for i in range(count + 1)]
+    bounds = [i * n // count for i in range(count + 1)]
     specs = tuple(source.specs) if source.specs is not None else None
     return [Shard(source.name, a, table.take(range(a, b)), specs, source.allow_nonfinite)
             for a, b in zip(bounds, bounds[1:])]
