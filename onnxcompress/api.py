@@ -131,7 +131,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
         if plan is None:
             with timer("calibrate"):
                 requests = [r for s in sites for r in methods[s.method].requests(s)]
-                with _cluster(config) as cluster:
+                with _cluster(config, bool(requests)) as cluster:
                     stats = calibrate(norm, requests, calib_src, types=g.types, progress=progress,
                                       max_rows=config.max_rows, seed=config.seed, provider=config.provider,
                                       cluster=cluster)
@@ -192,10 +192,10 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     return report
 
 
-def _cluster(config: Config):
-    """The Ray cluster calibration runs on (`--ray`), for a `with` block; None without --ray.
-    Ray is imported only here, and only then."""
-    if config.ray is None:
+def _cluster(config: Config, needed: bool):
+    """The Ray cluster calibration runs on (`--ray`), for a `with` block; None without --ray or
+    when nothing is to be calibrated. Ray is imported only here, and only then."""
+    if config.ray is None or not needed:
         return nullcontext(None)
     from .core.cluster import connect
     return connect(config.ray, config.ray_workers)

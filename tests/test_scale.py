@@ -177,6 +177,18 @@ def test_without_the_flag_ray_is_never_imported(work):
     assert (tmp / "o.onnx").exists()
 
 
+def test_nothing_to_calibrate_starts_no_cluster(tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    from onnxcompress.core import cluster
+    started = []
+    monkeypatch.setattr(cluster, "connect", lambda *a: started.append(a))
+    b = graphs.Builder()
+    onnx.save(b.model([("x", ["N", 4])], [b.op("Relu", ["x"])]), tmp_path / "relu.onnx")
+    report = compress(tmp_path / "relu.onnx", tmp_path / "o.onnx", config=Config(ray="local"),
+                      calib={"x": np.ones((10, 4), np.float32)})
+    assert started == [] and report.plan.entries == () and (tmp_path / "o.onnx").exists()
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray instance of 2 CPUs for this module's tests (`cluster.connect("local", 2)`),
