@@ -7,7 +7,9 @@ measured, never asserted in tests.
 Every request `--method` makes of the model (MiniLM with auto: the Grams of every linear layer's
 input and the embedding's token counts) is calibrated over the first `--feeds` files of the
 folder:
-* in this process, one ONNX Runtime session with its default threads (what runs without --ray);
+* in this process, one ONNX Runtime session with its default threads (what runs without --ray),
+  and again with one thread (what each Ray task uses: on a loaded machine, ONNX Runtime's
+  spinning thread pool can make the default much slower than one thread);
 * on one local Ray instance with max(workers) CPUs, once per worker count: the feeds cut into
   that many shards, one task each, one ONNX Runtime thread per task, each task reading its own
   files; the partial statistics merged in shard order.
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from onnxcompress.api import _find, shapes_at  # noqa: E402
 from onnxcompress.core import data as data_mod  # noqa: E402
-from onnxcompress.core.calibrate import calibrate  # noqa: E402
+from onnxcompress.core.calibrate import accumulate, calibrate  # noqa: E402
 from onnxcompress.core.cluster import Cluster, connect  # noqa: E402
 from onnxcompress.core.config import Config  # noqa: E402
 from onnxcompress.core.graph import GraphIndex  # noqa: E402
@@ -72,6 +74,10 @@ def main() -> None:
     single = calibrate(norm, reqs, source, **kw)
     out = {"model": args.model, "feeds": source.feeds, "requests": len(reqs), "cores": os.cpu_count(),
            "load_before": os.getloadavg()[0], "single_process_s": round(time.perf_counter() - start, 2)}
+    start = time.perf_counter()
+    one = accumulate(norm, reqs, enumerate(source), threads=1, **kw)
+    out["single_process_1_thread_s"] = round(time.perf_counter() - start, 2)
+    out["single_process_1_thread_max_rel_diff"] = max(rel_diff(single[r], one[r]) for r in reqs)
     start = time.perf_counter()
     with connect("local", max(workers)):
         out["ray_start_s"] = round(time.perf_counter() - start, 2)
