@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import onnx
@@ -24,7 +25,7 @@ from .core.modelio import check_finite_weights, check_output_path, load_model, s
 from .core.normalize import normalize, static_shapes
 from .core.plan import Plan
 from .core.report import Report, StageTimer, op_counts
-from .core.runtime import make_session, observed_shapes, run
+from .core.runtime import check_provider, make_session, observed_shapes, run
 from .core.validate import Reference, load_labels, output_error, score_outputs, validate
 from .decide import decide
 from .methods import for_method, for_plan
@@ -60,6 +61,11 @@ def _check_arguments(model, output, config, calib, val, plan) -> tuple[Config, P
             raise UsageError(f"--plan fixes the sizes; {flag(given[0])} contradicts it")
         if config.quantize and any(getattr(e, "after", False) for e in plan.entries):
             raise UsageError("--plan already quantizes what its other entries leave; --quantize contradicts it")
+    elif config.ray is not None:
+        from .core.cluster import import_ray
+        import_ray()  # not installed: a UsageError naming --ray before any work
+    if config.provider != "cpu":
+        check_provider(config.provider)
     src = Path(model)
     out = Path(output) if output is not None else default_output(src)
     inputs = []
@@ -129,8 +135,10 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
         if plan is None:
             with timer("calibrate"):
                 requests = [r for s in sites for r in methods[s.method].requests(s)]
-                stats = calibrate(norm, requests, calib_src, types=g.types, progress=progress,
-                                  max_rows=config.max_rows, seed=config.seed)
+                with _cluster(config, bool(requests)) as cluster:
+                    stats = calibrate(norm, requests, calib_src, types=g.types, progress=progress,
+                                      max_rows=config.max_rows, seed=config.seed, provider=config.provider,
+                                      cluster=cluster)
             with timer("decide"):
                 tick = ticker(progress, "decide", len(sites))
                 curves = []
@@ -144,7 +152,8 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
             if config.target is not None:
                 with timer("validate"):
                     reference = Reference(src, val_src, [vi.name for vi in norm.graph.output],
-                                          scores=before["scores"], progress=progress, labels=labels)
+                                          scores=before["scores"], progress=progress, labels=labels,
+                                          provider=config.provider)
             entries, left, chosen = decide(norm, g, methods, curves, config, before, calib_src=calib_src,
                                            reference=reference, report=report, timer=timer, progress=progress,
                                            sample=sample)
@@ -172,7 +181,8 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
             _smoke_test(new, first, rewritten=rewritten)
         if chosen is None:
             with timer("validate"):
-                agreement = validate(src, new, val_src, scores=before["scores"], progress=progress, labels=labels)
+                agreement = validate(src, new, val_src, scores=before["scores"], progress=progress, labels=labels,
+                                     provider=config.provider)
     finally:
         if reference is not None:
             reference.close()
@@ -194,6 +204,15 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     if report.gate and not report.gate["passed"]:
         raise AgreementError(report.gate["message"] + " (output kept: --keep-failed)", report)
     return report
+
+
+def _cluster(config: Config, needed: bool):
+    """The Ray cluster calibration runs on (`--ray`), for a `with` block; None without --ray or
+    when nothing is to be calibrated. Ray is imported only here, and only then."""
+    if config.ray is None or not needed:
+        return nullcontext(None)
+    from .core.cluster import connect
+    return connect(config.ray, config.ray_workers)
 
 
 def _find(g: GraphIndex, methods: dict, config: Config) -> tuple[list, list]:

@@ -19,6 +19,7 @@ SIZE_RULES = ("keep", "tolerance", "flops_target", "params_target", "size_target
 SELECTIONS = ("id", "norm")
 SOLVERS = ("irls", "ellipsoid")
 QUANTIZE = ("int8", "int4")
+PROVIDERS = ("cpu", "cuda")  # ONNX Runtime execution providers (`runtime.PROVIDERS`)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +99,16 @@ class Config:
                      feedback against its input Gram in the rewritten model, from one more
                      calibration pass (`methods/quant/stage.py`). With `target`, every probe
                      is quantized before it is validated.
+    ray:             calibrate on a Ray cluster (the `ray` extra; docs/scale.md): "local" starts
+                     one on this machine, anything else is the address of a running cluster to
+                     join ("auto", "HOST:6379", "ray://HOST:10001"); None calibrates in this
+                     process. The statistics equal a single-process run's up to round-off.
+    ray_workers:     with `ray`, the number of shards (one worker task each) the calibration
+                     feeds are cut into, and for "local" the CPUs of the instance it starts;
+                     None: every CPU of the cluster.
+    provider:        ONNX Runtime execution provider of calibration and of the compressed model
+                     in validation: "cpu" or "cuda" (onnxruntime-gpu and a GPU); the original's
+                     reference outputs are always computed on the CPU.
     """
 
     method: str | None = None
@@ -136,6 +147,9 @@ class Config:
     latency_threads: int = 1
     benchmark: bool = False
     quantize: str | None = None
+    ray: str | None = None
+    ray_workers: int | None = None
+    provider: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.method is None:
@@ -190,6 +204,7 @@ class Config:
         if self.solver != "irls" and self.method != "lp":
             raise UsageError(f"{_named('solver')} {self.solver} applies to {_named('method')} lp only, not {self.method}")
         _check_speed(self)
+        _check_scale(self)
         if self.quantize is not None:
             if self.quantize not in QUANTIZE:
                 raise UsageError(f"{_named('quantize')} must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
@@ -222,14 +237,15 @@ class Config:
 
 
 _OPTIONAL = ("keep", "tolerance", "flops_target", "params_target", "size_target", "target", "min_agreement",
-             "exclude", "include", "smoothing", "quantize")
+             "exclude", "include", "smoothing", "quantize", "ray", "ray_workers")
 _KINDS = {"a number": (("keep", "tolerance", "flops_target", "params_target", "size_target", "min_keep", "holdout",
                         "ridge", "min_agreement", "p", "smoothing"), lambda v: isinstance(v, numbers.Real)),
-          "an integer": (("batch_size", "max_rows", "seed", "max_patch", "probe_feeds"),
+          "an integer": (("batch_size", "max_rows", "seed", "max_patch", "probe_feeds", "ray_workers"),
                          lambda v: isinstance(v, numbers.Integral)),
           "True or False": (("weighted", "intercept", "keep_failed", "force", "lp_weighted", "allow_nonfinite",
                              "sensitivity"), lambda v: True),
-          "a string": (("method", "select", "exclude", "include", "target", "minimize", "solver", "quantize"),
+          "a string": (("method", "select", "exclude", "include", "target", "minimize", "solver", "quantize", "ray",
+                        "provider"),
                        lambda v: isinstance(v, str))}
 
 
@@ -280,3 +296,18 @@ def _check_speed(config: Config) -> None:
     for name in ("latency_check", "benchmark"):
         if not isinstance(getattr(config, name), bool):
             raise UsageError(f"{_named(name)} must be True or False, got {getattr(config, name)!r}")
+
+
+def _check_scale(config: Config) -> None:
+    """`ray` a non-empty address, `ray_workers` a positive integer that needs `ray`, `provider`
+    one of PROVIDERS. Whether Ray is installed and the provider available is checked by
+    `compress` (`cluster.import_ray`, `runtime.check_provider`), not here: a Config is data."""
+    if config.ray is not None and not config.ray.strip():
+        raise UsageError(f"{_named('ray')} needs an address, or local to start Ray on this machine")
+    if config.ray_workers is not None:
+        if config.ray_workers < 1:
+            raise UsageError(f"{_named('ray_workers')} must be at least 1, got {config.ray_workers}")
+        if config.ray is None:
+            raise UsageError(f"{_named('ray_workers')} needs {_named('ray')}")
+    if config.provider not in PROVIDERS:
+        raise UsageError(f"{_named('provider')}: unknown provider {config.provider!r}; choose from {', '.join(PROVIDERS)}")

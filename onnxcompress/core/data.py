@@ -71,14 +71,20 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
 
 class FeedSource:
     """A re-iterable, checked stream of feeds. `len()` is the number of samples (axis 0 summed
-    over feeds) when known without reading everything, else None via `samples`."""
+    over feeds) when known without reading everything, else None via `samples`.
 
-    def __init__(self, name: str, make: Callable[[], Iterator[Feed]], specs: list[InputSpec],
+    `table`, when set, gives feed k by position (`FileFeeds`, `ArrayFeeds`, `ListFeeds`,
+    `Picked`), which is what lets `shards` hand each worker its own feeds."""
+
+    def __init__(self, name: str, make: Callable[[], Iterator[Feed]] | None, specs: list[InputSpec],
                  samples: int | None, feeds: int | None = None, arrays: Feed | None = None,
-                 batch_size: int = 1, allow_nonfinite: bool = False):
+                 batch_size: int = 1, allow_nonfinite: bool = False, table=None):
+        if make is None:
+            make = lambda: (table[k] for k in range(len(table)))  # noqa: E731
         self.name, self._make, self.specs, self.samples, self.feeds = name, make, specs, samples, feeds
         self.arrays, self.batch_size = arrays, batch_size  # set for array sources: split by sample
         self.allow_nonfinite = allow_nonfinite
+        self.table = table
         self._warned: set = set()  # inputs already warned about (a float cast), once per source
 
     def __iter__(self) -> Iterator[Feed]:
@@ -89,6 +95,112 @@ class FeedSource:
             count += 1
         if count == 0:
             raise DataError(f"data: {self.name} holds no samples")
+
+
+@dataclass(frozen=True)
+class FileFeeds:
+    """Feed k is the file `paths[k]` (a directory source), read when asked for: a worker given
+    some of the paths reads those files itself, at the same path."""
+    paths: tuple[Path, ...]
+    specs: tuple[InputSpec, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, k: int) -> Feed:
+        return _read_file(self.paths[k], list(self.specs))
+
+    def take(self, index) -> "FileFeeds":
+        return FileFeeds(tuple(self.paths[k] for k in index), self.specs)
+
+
+@dataclass(frozen=True, eq=False)
+class ListFeeds:
+    """Feeds held in memory (a list from Python, synthesized inputs, a one-shot stream kept)."""
+    feeds: tuple
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    def __getitem__(self, k: int) -> Feed:
+        return self.feeds[k]
+
+    def take(self, index) -> "ListFeeds":
+        return ListFeeds(tuple(self.feeds[k] for k in index))
+
+
+@dataclass(frozen=True, eq=False)
+class ArrayFeeds:
+    """Samples on axis 0 of in-memory arrays; feed k is samples [k * step, (k + 1) * step)."""
+    arrays: Feed
+    step: int
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, k: int) -> Feed:
+        if not 0 <= k < self.count:
+            raise IndexError(k)
+        return {name: v[k * self.step:(k + 1) * self.step] for name, v in self.arrays.items()}
+
+    def take(self, index) -> ListFeeds:
+        return ListFeeds(tuple(self[k] for k in index))  # only the samples of those feeds
+
+
+@dataclass(frozen=True)
+class Picked:
+    """Feed k is feed `index[k]` of `base` (one part of a `split`)."""
+    base: object
+    index: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k: int) -> Feed:
+        return self.base[self.index[k]]
+
+    def take(self, index):
+        return self.base.take([self.index[k] for k in index])
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Feeds `start`, `start + 1`, ... of a source, carried as `table` (file paths, or the arrays
+    of just these feeds) so it can be sent to another process. Iterating gives (k, feed) pairs,
+    k the feed's position in the whole source, each feed checked as the source checks it (not
+    at all without `specs`: feeds from Python given straight to `calibrate`)."""
+    name: str
+    start: int
+    table: object
+    specs: tuple[InputSpec, ...] | None
+    allow_nonfinite: bool = False
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __iter__(self) -> Iterator[tuple[int, Feed]]:
+        warned: set = set()
+        for j in range(len(self.table)):
+            k = self.start + j
+            if self.specs is None:
+                yield k, self.table[j]
+                continue
+            yield k, check_feed(self.table[j], list(self.specs), f"{self.name} feed {k}",
+                                allow_nonfinite=self.allow_nonfinite, warned=warned, source=self.name)
+
+
+def shards(source: FeedSource, count: int) -> list[Shard]:
+    """`source` cut into at most `count` contiguous runs of feeds of near-equal length, in order.
+    A directory's shards carry file paths, read where the shard is iterated; in-memory feeds are
+    carried as arrays. A source without a table (a one-shot iterable) is read here first."""
+    table = source.table if source.table is not None else ListFeeds(tuple(source))
+    n = len(table)
+    count = max(1, min(count, n))
+    bounds = [i * n // count for i in range(count + 1)]
+    specs = tuple(source.specs) if source.specs is not None else None
+    return [Shard(source.name, a, table.take(range(a, b)), specs, source.allow_nonfinite)
+            for a, b in zip(bounds, bounds[1:])]
 
 
 def open_source(spec, specs: list[InputSpec], *, batch_size: int, label: str = "calibration",
@@ -111,7 +223,7 @@ def _open(spec, specs: list[InputSpec], batch_size: int, label: str) -> FeedSour
         items = spec if isinstance(spec, (list, tuple)) else None
         if items is None:
             return _one_shot(f"{label} iterable", iter(spec), specs)
-        return FeedSource(f"{label} list", lambda: iter(items), specs, None, len(items))
+        return FeedSource(f"{label} list", None, specs, None, len(items), table=ListFeeds(tuple(items)))
     raise DataError(f"data: cannot read {label} data from a {type(spec).__name__}")
 
 
@@ -125,7 +237,7 @@ def _open_path(path: Path, specs: list[InputSpec], batch_size: int) -> FeedSourc
             raise DataError(f"data: {path}: cannot list the directory ({e.strerror or e})") from e
         if not found:
             raise DataError(f"data: {path}: the directory holds no .npz or .npy files")
-        return FeedSource(str(path), lambda: (_read_file(p, specs) for p in found), specs, None, len(found))
+        return FeedSource(str(path), None, specs, None, len(found), table=FileFeeds(tuple(found), tuple(specs)))
     arrays = _read_file(path, specs)
     return _from_arrays(str(path), arrays, specs, batch_size)
 
@@ -255,14 +367,11 @@ def _from_arrays(name: str, arrays: Feed, specs: list[InputSpec], batch_size: in
     static = {s.shape[0] for s in specs if s.shape and s.shape[0] is not None}
     step = static.pop() if len(static) == 1 else batch_size
 
-    def make():
-        for start in range(0, n - step + 1 if static_batch else n, step):
-            yield {k: v[start:start + step] for k, v in arrays.items()}
-
     static_batch = bool(specs and all(s.shape and s.shape[0] is not None for s in specs))
     if static_batch and n < step:
         raise DataError(f"data: {name}: {n} samples, fewer than the model's fixed batch size {step}")
-    return FeedSource(name, make, specs, n, -(-n // step), arrays=arrays, batch_size=batch_size)
+    table = ArrayFeeds(arrays, step, n // step if static_batch else -(-n // step))
+    return FeedSource(name, None, specs, n, -(-n // step), arrays=arrays, batch_size=batch_size, table=table)
 
 
 def _from_reader(reader, specs: list[InputSpec], label: str) -> FeedSource:
@@ -333,9 +442,13 @@ def split(source: FeedSource, holdout: float) -> tuple[FeedSource, FeedSource]:
 
     n_val = total // m
     allow = source.allow_nonfinite
+    table = source.table if source.table is not None else ListFeeds(tuple(feeds)) if feeds is not None else None
+    picked = [None, None] if table is None else [
+        Picked(table, tuple(k for k in range(total) if (k % m == m - 1) == held)) for held in (False, True)]
     return (FeedSource(source.name + " (calibration part)", part(False), source.specs, None, total - n_val,
-                       allow_nonfinite=allow),
-            FeedSource(source.name + " (held-out part)", part(True), source.specs, None, n_val, allow_nonfinite=allow))
+                       allow_nonfinite=allow, table=picked[0]),
+            FeedSource(source.name + " (held-out part)", part(True), source.specs, None, n_val, allow_nonfinite=allow,
+                       table=picked[1]))
 
 
 def _whole_arrays(arrays: Feed, specs: list[InputSpec], name: str) -> Feed:
@@ -447,4 +560,4 @@ def synthesize(specs: list[InputSpec], *, count: int, seed: int) -> FeedSource:
             else:
                 feed[s.name] = rng.integers(0, 100, size=shape).astype(s.dtype)
         feeds.append(feed)
-    return FeedSource("synthesized inputs", lambda: iter(feeds), specs, count, count)
+    return FeedSource("synthesized inputs", None, specs, count, count, table=ListFeeds(tuple(feeds)))

@@ -34,6 +34,11 @@ class RewriteError(OnnxCompressError):
     """The rewritten model failed a check (a bug in a handler; the output is not written)."""
 
 
+class ClusterError(OnnxCompressError):
+    """The Ray cluster (`--ray`) could not be started or reached, or a worker failed for a
+    reason of its own (a failure of the data or the model is raised as itself)."""
+
+
 class AgreementError(OnnxCompressError):
     """The compressed model does not meet `--min-agreement`. Carries the full report."""
 

@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from .errors import DataError, ModelError
+from .errors import DataError, ModelError, UsageError
 from .modelio import load_model, without_initializers
 from .normalize import unique_node_names
 
@@ -22,12 +22,28 @@ log = logging.getLogger(__name__)
 
 LARGE_MODEL = 2**28  # bytes of weights from which ONNX Runtime gets the model as a file
 
+# --provider: the execution providers of a session, in ONNX Runtime's order of preference (nodes
+# a provider cannot run fall back to the next one)
+PROVIDERS = {"cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider")}
+
+
+def check_provider(provider: str) -> None:
+    """A `UsageError` naming --provider unless this ONNX Runtime build offers `provider`'s
+    execution provider (CUDA needs the onnxruntime-gpu package and a GPU)."""
+    want = PROVIDERS[provider][0]
+    have = ort.get_available_providers()
+    if want not in have:
+        raise UsageError(f"--provider {provider}: ONNX Runtime {ort.__version__} has no {want} here "
+                         f"(available: {', '.join(have)}); install onnxruntime-gpu or use --provider cpu")
+
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, outputs: Iterable[str] = (),
-                 types: dict[str, int] | None = None) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session of `model` with `outputs` exposed in addition to the graph
-    outputs (types from `types`, float by default) and repeated node names made unique. The
-    argument is not modified.
+                 types: dict[str, int] | None = None, *, provider: str = "cpu",
+                 threads: int = 0) -> ort.InferenceSession:
+    """An ONNX Runtime session of `model` on `provider` (`PROVIDERS`; CPU by default) with
+    `outputs` exposed in addition to the graph outputs (types from `types`, float by default)
+    and repeated node names made unique; `threads` intra-op threads (0: ONNX Runtime's default).
+    The argument is not modified.
 
     `model` may be the path of an ONNX file: ONNX Runtime then reads it itself (a file it refuses,
     with repeated node names say, is loaded here and passed on). A model of more than
@@ -37,7 +53,8 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, outputs: Iterable[s
     """
     if isinstance(model, (str, os.PathLike)) and not list(outputs):
         try:
-            return _session(str(model), large=weights_bytes(onnx.load(str(model), load_external_data=False)) > LARGE_MODEL)
+            return _session(str(model), large=weights_bytes(onnx.load(str(model), load_external_data=False)) > LARGE_MODEL,
+                            provider=provider, threads=threads)
         except Exception:
             model = load_model(model)
     elif isinstance(model, (str, os.PathLike)):
@@ -52,22 +69,24 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, outputs: Iterable[s
     try:
         if weights_bytes(model) <= LARGE_MODEL:
             shell.graph.initializer.extend(model.graph.initializer)
-            return _session(shell.SerializeToString(), large=False)
+            return _session(shell.SerializeToString(), large=False, provider=provider, threads=threads)
         with tempfile.TemporaryDirectory(prefix="onnxcompress-session-") as tmp:
             path = Path(tmp) / "model.onnx"
             _write_external(model.graph.initializer, shell, path.with_name("model.onnx.data"))
             onnx.save(shell, str(path))
-            return _session(str(path), large=True)
+            return _session(str(path), large=True, provider=provider, threads=threads)
     except Exception as e:
         raise ModelError(f"run: ONNX Runtime cannot load the model ({str(e).splitlines()[0][:300]})") from e
 
 
-def _session(model: str | bytes, *, large: bool) -> ort.InferenceSession:
+def _session(model: str | bytes, *, large: bool, provider: str = "cpu", threads: int = 0) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
     if large:
         opts.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, opts, providers=list(PROVIDERS[provider]))
 
 
 def weights_bytes(model: onnx.ModelProto) -> int:

@@ -14,6 +14,11 @@ A request names a tensor and the statistic to accumulate over it:
 Grams are float64; rows are buffered up to a fixed budget and folded in with one symmetric rank-k
 update (BLAS `dsyrk`), so memory is bounded by the statistics and the buffer, never by the sample
 count. Feature maps with more positions than `max_rows` contribute a uniform random subset.
+
+Partial results merge by addition: the statistics of disjoint sets of rows Z_1, Z_2 are those of
+their union, G = Z_1^T Z_1 + Z_2^T Z_2, sums and row counts adding likewise (token counts too).
+So calibration can be split by feed and summed (`merge`); float addition is not associative,
+so a fixed order of the parts makes the sum reproducible.
 """
 from __future__ import annotations
 
@@ -60,6 +65,31 @@ class Stats:
     gram: np.ndarray
     sums: np.ndarray
     rows: int
+
+    def __add__(self, other: "Stats") -> "Stats":
+        """The statistics of both row sets together (G_1 + G_2, s_1 + s_2, n_1 + n_2)."""
+        if not isinstance(other, Stats):
+            return NotImplemented
+        if self.gram.shape != other.gram.shape:
+            raise ValueError(f"cannot merge statistics of {self.gram.shape[0]} and {other.gram.shape[0]} channels")
+        return Stats(gram=self.gram + other.gram, sums=self.sums + other.sums, rows=self.rows + other.rows)
+
+
+def merge(parts: list[dict]) -> dict:
+    """Per request, the sum of the partial statistics in `parts` (dicts request -> `Stats` or
+    counts vector, every dict over the same requests), added in list order: left to right, so
+    the same parts in the same order always give the same float64 result, equal to one pass over
+    all the feeds up to round-off."""
+    if not parts:
+        return {}
+    keys = set(parts[0])
+    if any(set(p) != keys for p in parts[1:]):
+        raise ValueError("partial statistics over different requests cannot be merged")
+    out = dict(parts[0])
+    for p in parts[1:]:
+        for r in out:
+            out[r] = out[r] + p[r]
+    return out
 
 
 class GramAccumulator:

@@ -174,11 +174,14 @@ class Reference:
     validation) without running the original again. Use as a context manager, or `close()`.
 
     The original's session is released before any candidate runs, so peak memory is one model's
-    weights, not two."""
+    weights, not two. The original always runs on the CPU, so the reference does not depend on
+    the device; candidates run on `provider` (`runtime.PROVIDERS`)."""
 
     def __init__(self, original: onnx.ModelProto | str | os.PathLike, feeds, names: list[str], *,
-                 scores: set[str], progress: Progress | None = None, labels: Labels | None = None):
+                 scores: set[str], progress: Progress | None = None, labels: Labels | None = None,
+                 provider: str = "cpu"):
         self.names, self.scores, self.feeds, self.labels = list(names), scores, feeds, labels
+        self.provider = provider
         self._tmp = tempfile.TemporaryDirectory(prefix="onnxcompress-validate-")
         self.count = 0
         total = getattr(feeds, "feeds", None)
@@ -198,7 +201,7 @@ class Reference:
         labels = labels if labels is not None else self.labels
         labelled = labelled_output(self.names, self.scores) if labels is not None else None
         accuracy = _Accuracy(labels) if labels is not None else None
-        session = make_session(compressed)
+        session = make_session(compressed, provider=self.provider)
         tallies = {n: _Tally() for n in self.names}
         integer = {}
         for k, feed in enumerate(self.feeds):
@@ -231,11 +234,12 @@ class Reference:
 
 def validate(original: onnx.ModelProto | str | os.PathLike, compressed: onnx.ModelProto, feeds, *,
              scores: set[str], progress: Progress | None = None,
-             labels: Labels | None = None) -> tuple[Agreement, ...]:
-    """Agreement of every graph output of `compressed` with `original` (a model, or the path of the
-    input file, which ONNX Runtime then reads itself) on `feeds` (see `Reference`)."""
+             labels: Labels | None = None, provider: str = "cpu") -> tuple[Agreement, ...]:
+    """Agreement of every graph output of `compressed` (run on `provider`) with `original` (a
+    model, or the path of the input file, which ONNX Runtime then reads itself; run on the CPU)
+    on `feeds` (see `Reference`)."""
     names = [vi.name for vi in compressed.graph.output]
-    with Reference(original, feeds, names, scores=scores) as ref:
+    with Reference(original, feeds, names, scores=scores, provider=provider) as ref:
         return ref.compare(compressed, progress=progress, labels=labels)
 
 

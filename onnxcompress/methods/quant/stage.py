@@ -73,7 +73,7 @@ def quantize_rest(model: onnx.ModelProto, name: str, calib_src, config: Config, 
         return model, [], [], list(skipped)
     requests = [r for s in sites for r in method.requests(s)]
     stats = calibrate(model, requests, calib_src, types=g.types, progress=progress,
-                      max_rows=config.max_rows, seed=config.seed)
+                      max_rows=config.max_rows, seed=config.seed, provider=config.provider)
     from . import entry, solve
     entries = [entry(s.target, solve(g, s.target, stats[s.target.request], [fmt], config)[0], after=True)
                for s in sites]
