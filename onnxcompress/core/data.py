@@ -79,6 +79,7 @@ class FeedSource:
         self.name, self._make, self.specs, self.samples, self.feeds = name, make, specs, samples, feeds
         self.arrays, self.batch_size = arrays, batch_size  # set for array sources: split by sample
         self.allow_nonfinite = allow_nonfinite
+        self.paths: list[Path] | None = None  # a folder's files, one feed each: split by file
         self._warned: set = set()  # inputs already warned about (a float cast), once per source
 
     def __iter__(self) -> Iterator[Feed]:
@@ -125,9 +126,16 @@ def _open_path(path: Path, specs: list[InputSpec], batch_size: int) -> FeedSourc
             raise DataError(f"data: {path}: cannot list the directory ({e.strerror or e})") from e
         if not found:
             raise DataError(f"data: {path}: the directory holds no .npz or .npy files")
-        return FeedSource(str(path), lambda: (_read_file(p, specs) for p in found), specs, None, len(found))
+        return _from_files(str(path), found, specs)
     arrays = _read_file(path, specs)
     return _from_arrays(str(path), arrays, specs, batch_size)
+
+
+def _from_files(name: str, paths: list[Path], specs: list[InputSpec]) -> FeedSource:
+    """One feed per file, read when the stream reaches it."""
+    source = FeedSource(name, lambda: (_read_file(p, specs) for p in paths), specs, None, len(paths))
+    source.paths = paths
+    return source
 
 
 _NPY_MAGIC, _ZIP_MAGICS = b"\x93NUMPY", (b"PK\x03\x04", b"PK\x05\x06")
@@ -314,6 +322,13 @@ def split(source: FeedSource, holdout: float) -> tuple[FeedSource, FeedSource]:
         parts = tuple(_from_arrays(f"{source.name} ({part})", {k: v[mask] for k, v in source.arrays.items()},
                                    source.specs, source.batch_size)
                       for part, mask in (("calibration part", ~held), ("held-out part", held)))
+        for p in parts:
+            p.allow_nonfinite = source.allow_nonfinite
+        return parts
+    if source.paths is not None and len(source.paths) >= 2:  # a folder: split the files, read only one's share
+        parts = tuple(_from_files(f"{source.name} ({part})", [p for k, p in enumerate(source.paths)
+                                                               if (k % m == m - 1) == held], source.specs)
+                      for part, held in (("calibration part", False), ("held-out part", True)))
         for p in parts:
             p.allow_nonfinite = source.allow_nonfinite
         return parts
