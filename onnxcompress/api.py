@@ -126,7 +126,8 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
             with timer("calibrate"):
                 requests = [r for s in sites for r in methods[s.method].requests(s)]
                 stats = calibrate(norm, requests, calib_src, types=g.types, progress=progress,
-                                  max_rows=config.max_rows, seed=config.seed)
+                                  max_rows=config.max_rows, seed=config.seed, batch=config.batch_size)
+                _note_padding(report, stats.padding)
             with timer("decide"):
                 tick = ticker(progress, "decide", len(sites))
                 curves = []
@@ -272,6 +273,16 @@ def _fill(report: Report, new, before: dict, methods: dict, sites: list, skipped
     if not plan.entries:
         what = "channel group" if plan.method == "id" else "layer to split" if plan.method != "auto" else "site"
         report.warn(f"no compressible {what} was found; the output computes the same function")
+
+
+def _note_padding(report: Report, padding: dict) -> None:
+    """The report's `data.padding`; a warning when padded positions entered some statistic."""
+    report.data["padding"] = padding
+    if padding["padded"] and padding["counted"]:
+        names = padding["counted"]
+        report.warn(f"calibrate: {padding['padded']} padded positions ({padding['mask']} = 0) were counted in the "
+                    f"statistics of {len(names)} tensor(s) whose shape does not match the mask (first: "
+                    f"{names[0]}); feed unpadded sequences (a folder of files) to leave them out")
 
 
 def _warn_few_rows(curves: list, config: Config) -> None:
