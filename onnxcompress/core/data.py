@@ -325,13 +325,8 @@ def split(source: FeedSource, holdout: float) -> tuple[FeedSource, FeedSource]:
         for p in parts:
             p.allow_nonfinite = source.allow_nonfinite
         return parts
-    if source.paths is not None and len(source.paths) >= 2:  # a folder: split the files, read only one's share
-        parts = tuple(_from_files(f"{source.name} ({part})", [p for k, p in enumerate(source.paths)
-                                                               if (k % m == m - 1) == held], source.specs)
-                      for part, held in (("calibration part", False), ("held-out part", True)))
-        for p in parts:
-            p.allow_nonfinite = source.allow_nonfinite
-        return parts
+    if source.paths is not None and len(source.paths) >= 2:
+        return _split_files(source, m)
     feeds = list(source) if source.feeds is None else None
     total = source.feeds if feeds is None else len(feeds)
     if total < 2:
@@ -350,6 +345,24 @@ def split(source: FeedSource, holdout: float) -> tuple[FeedSource, FeedSource]:
     allow = source.allow_nonfinite
     return (FeedSource(source.name + " (calibration part)", part(False), source.specs, None, total - n_val,
                        allow_nonfinite=allow),
+            FeedSource(source.name + " (held-out part)", part(True), source.specs, None, n_val, allow_nonfinite=allow))
+
+
+def _split_files(source: FeedSource, m: int) -> tuple[FeedSource, FeedSource]:
+    """`split` of a folder: each part reads only its own files (file k is held out when
+    k % m == m - 1), checked and named as in the whole folder (`NAME feed k`)."""
+    def part(held: bool):
+        def make():
+            for k, p in enumerate(source.paths):
+                if (k % m == m - 1) == held:
+                    yield check_feed(_read_file(p, source.specs), source.specs, f"{source.name} feed {k}",
+                                     allow_nonfinite=source.allow_nonfinite, warned=source._warned, source=source.name)
+        return make
+
+    n_val = len(source.paths) // m
+    allow = source.allow_nonfinite
+    return (FeedSource(source.name + " (calibration part)", part(False), source.specs, None,
+                       len(source.paths) - n_val, allow_nonfinite=allow),
             FeedSource(source.name + " (held-out part)", part(True), source.specs, None, n_val, allow_nonfinite=allow))
 
 
