@@ -15,7 +15,7 @@ import onnx
 from . import latency as latency_mod
 from .benchmark import benchmark as run_benchmark, one_sample
 from .core import data as data_mod
-from .core.calibrate import Progress, calibrate, ticker
+from .core.calibrate import Progress, calibrate, mask_input, ticker
 from .core.config import SIZE_RULES, Config, flag
 from .core.cost import count_params, node_flops
 from .core.errors import AgreementError, ModelError, RewriteError, UsageError
@@ -24,6 +24,7 @@ from .core.modelio import check_finite_weights, check_output_path, load_model, s
 from .core.normalize import normalize, static_shapes
 from .core.plan import Plan
 from .core.report import Report, StageTimer, op_counts
+from .core.threads import one_blas_thread
 from .core.runtime import make_session, observed_shapes, run
 from .core.validate import Reference, load_labels, output_error, score_outputs, validate
 from .decide import decide
@@ -114,6 +115,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
         sample = one_sample(first, specs)  # FLOPs and the latency model are per sample
         g = GraphIndex(norm, *shapes_at(norm, sample))
     flops = node_flops(g)
+    mask = mask_input(norm)
     before = {"params": count_params(norm), "flops": sum(flops.values()), "bytes": serialized_size(norm),
               "scores": score_outputs(g)}
     original = None  # validation reads the input file itself
@@ -123,12 +125,12 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     reference = chosen = None
     try:
         if plan is None:
-            with timer("calibrate"):
+            with timer("calibrate"), one_blas_thread():
                 requests = [r for s in sites for r in methods[s.method].requests(s)]
                 stats = calibrate(norm, requests, calib_src, types=g.types, progress=progress,
                                   max_rows=config.max_rows, seed=config.seed, batch=config.batch_size)
                 _note_padding(report, stats.padding)
-            with timer("decide"):
+            with timer("decide"), one_blas_thread():
                 tick = ticker(progress, "decide", len(sites))
                 curves = []
                 for s in sites:
@@ -141,9 +143,10 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
             if config.target is not None:
                 with timer("validate"):
                     reference = Reference(src, val_src, [vi.name for vi in norm.graph.output],
-                                          scores=before["scores"], progress=progress, labels=labels)
-            entries, left, chosen = decide(norm, g, methods, curves, config, before, calib_src=calib_src,
-                                           reference=reference, report=report, timer=timer, progress=progress)
+                                          scores=before["scores"], progress=progress, labels=labels, mask=mask)
+            with one_blas_thread():
+                entries, left, chosen = decide(norm, g, methods, curves, config, before, calib_src=calib_src,
+                                               reference=reference, report=report, timer=timer, progress=progress)
             plan = Plan(config.method, config.select, tuple(entries))
             skipped = skipped + left
         if chosen is not None:
@@ -156,10 +159,12 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
         # would otherwise be held twice through the smoke test and validation
         norm = g = None
         with timer("smoke_test"):
-            _smoke_test(new, first, rewritten=rewritten)
+            session = _smoke_test(new, first, rewritten=rewritten)
         if chosen is None:
             with timer("validate"):
-                agreement = validate(src, new, val_src, scores=before["scores"], progress=progress, labels=labels)
+                agreement = validate(src, new, val_src, scores=before["scores"], progress=progress, labels=labels,
+                                     session=session, mask=mask)
+        session = None
     finally:
         if reference is not None:
             reference.close()
@@ -240,12 +245,14 @@ def shapes_at(model: onnx.ModelProto, feed: dict) -> tuple[dict, dict]:
     return shapes, types
 
 
-def _smoke_test(model: onnx.ModelProto, feed: dict, *, rewritten: bool = True) -> None:
+def _smoke_test(model: onnx.ModelProto, feed: dict, *, rewritten: bool = True):
     """The rewritten model must load and run in ONNX Runtime before anything else is measured.
-    When nothing was rewritten, a failure is the input model's (`ModelError`), not the rewrite's."""
+    When nothing was rewritten, a failure is the input model's (`ModelError`), not the rewrite's.
+    Returns the session, which validation then uses (one session build per model)."""
     try:
         session = make_session(model)
         run(session, [o.name for o in model.graph.output], feed, "the first feed")
+        return session
     except Exception as e:
         if not rewritten:
             raise ModelError(f"run: ONNX Runtime cannot run the model ({str(e).splitlines()[0]})") from e

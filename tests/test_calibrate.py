@@ -95,6 +95,11 @@ def test_padded_npz_and_a_folder_of_sentences_keep_the_same_channels(tmp_path):
     assert reports[0].groups[0]["error"] == pytest.approx(reports[1].groups[0]["error"], rel=1e-4)
     assert reports[1].data["padding"]["padded"] > 0 and reports[1].data["padding"]["counted"] == []
     assert not [w for w in reports[1].warnings if "padded" in w]
+    # validation on the held-out fifth leaves the padded positions out too: the same agreement
+    folder_agreement, padded_agreement = (r.agreement[0] for r in reports)
+    assert padded_agreement["samples"] == folder_agreement["samples"] == 12
+    for key in ("rel_l2", "cosine", "max_abs"):
+        assert padded_agreement[key] == pytest.approx(folder_agreement[key], rel=1e-4), key
 
 
 def test_feeds_of_one_shape_run_together_with_the_same_statistics():
@@ -134,3 +139,16 @@ def test_merged_calls_are_fewer(monkeypatch):
     calibrate(model, [gram], feeds, batch=16)
     assert sum(seen) == 40 and len(seen) <= 3 + 40 // 16 + 1
     assert max(seen) > 1
+
+
+def test_sensitivity_probes_leave_padded_positions_out():
+    """A probe whose outputs differ from the original's only at padded positions has no error."""
+    from onnxcompress.sensitivity import output_error, reference_outputs
+    model = graphs.masked_encoder()
+    feed = graphs.padded(graphs.sentences(6))
+    names = [o.name for o in model.graph.output]
+    ref = reference_outputs(model, [feed], names)
+    moved = [[r.copy() for r in ref[0]]]
+    moved[0][0][feed["attention_mask"] == 0] += 5.0   # only where the mask is 0
+    assert output_error(model, [feed], names, moved, "attention_mask") == pytest.approx(0.0, abs=1e-12)
+    assert output_error(model, [feed], names, moved) > 1e-3
