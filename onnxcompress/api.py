@@ -159,12 +159,11 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
         # would otherwise be held twice through the smoke test and validation
         norm = g = None
         with timer("smoke_test"):
-            session = _smoke_test(new, first, rewritten=rewritten)
+            _smoke_test(new, first, rewritten=rewritten)
         if chosen is None:
             with timer("validate"):
                 agreement = validate(src, new, val_src, scores=before["scores"], progress=progress, labels=labels,
-                                     session=session, mask=mask)
-        session = None
+                                     mask=mask)
     finally:
         if reference is not None:
             reference.close()
@@ -245,14 +244,12 @@ def shapes_at(model: onnx.ModelProto, feed: dict) -> tuple[dict, dict]:
     return shapes, types
 
 
-def _smoke_test(model: onnx.ModelProto, feed: dict, *, rewritten: bool = True):
+def _smoke_test(model: onnx.ModelProto, feed: dict, *, rewritten: bool = True) -> None:
     """The rewritten model must load and run in ONNX Runtime before anything else is measured.
-    When nothing was rewritten, a failure is the input model's (`ModelError`), not the rewrite's.
-    Returns the session, which validation then uses (one session build per model)."""
+    When nothing was rewritten, a failure is the input model's (`ModelError`), not the rewrite's."""
     try:
         session = make_session(model)
         run(session, [o.name for o in model.graph.output], feed, "the first feed")
-        return session
     except Exception as e:
         if not rewritten:
             raise ModelError(f"run: ONNX Runtime cannot run the model ({str(e).splitlines()[0]})") from e

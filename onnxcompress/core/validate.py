@@ -209,14 +209,13 @@ class Reference:
         del session
 
     def compare(self, compressed: onnx.ModelProto, *, progress: Progress | None = None,
-                labels: Labels | None = None, session=None) -> tuple[Agreement, ...]:
+                labels: Labels | None = None) -> tuple[Agreement, ...]:
         """Agreement of every graph output of `compressed` with the original on the same feeds;
-        with `labels`, the accuracy of both models on the labelled output too. `session`: an ONNX
-        Runtime session of `compressed` already built (`runtime.make_session`), if any."""
+        with `labels`, the accuracy of both models on the labelled output too."""
         labels = labels if labels is not None else self.labels
         labelled = labelled_output(self.names, self.scores) if labels is not None else None
         accuracy = _Accuracy(labels) if labels is not None else None
-        session = make_session(compressed) if session is None else session
+        session = make_session(compressed)
         tallies = {n: _Tally() for n in self.names}
         integer = {}
         for k, feed in enumerate(self.feeds):
@@ -250,13 +249,13 @@ class Reference:
 
 def validate(original: onnx.ModelProto | str | os.PathLike, compressed: onnx.ModelProto, feeds, *,
              scores: set[str], progress: Progress | None = None,
-             labels: Labels | None = None, session=None, mask: str | None = None) -> tuple[Agreement, ...]:
+             labels: Labels | None = None, mask: str | None = None) -> tuple[Agreement, ...]:
     """Agreement of every graph output of `compressed` with `original` (a model, or the path of the
     input file, which ONNX Runtime then reads itself) on `feeds` (see `Reference`); `mask`: the
     attention-mask input, whose padded positions are left out."""
     names = [vi.name for vi in compressed.graph.output]
     with Reference(original, feeds, names, scores=scores, mask=mask) as ref:
-        return ref.compare(compressed, progress=progress, labels=labels, session=session)
+        return ref.compare(compressed, progress=progress, labels=labels)
 
 
 def output_error(agreement) -> float:
