@@ -16,7 +16,7 @@ import onnx
 from . import latency as latency_mod
 from .benchmark import benchmark as run_benchmark, one_sample
 from .core import data as data_mod
-from .core.calibrate import Progress, calibrate, ticker
+from .core.calibrate import Progress, calibrate, mask_input, ticker
 from .core.config import SIZE_RULES, Config, flag
 from .core.cost import count_params, node_flops
 from .core.errors import AgreementError, ModelError, RewriteError, UsageError
@@ -26,6 +26,7 @@ from .core.normalize import normalize, static_shapes
 from .core.plan import Plan
 from .core.report import Report, StageTimer, op_counts
 from .core.runtime import check_provider, make_session, observed_shapes, run
+from .core.threads import one_blas_thread
 from .core.validate import Reference, load_labels, output_error, score_outputs, validate
 from .decide import decide
 from .methods import for_method, for_plan
@@ -123,6 +124,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
         sample = one_sample(first, specs)  # FLOPs and the latency model are per sample
         g = GraphIndex(norm, *shapes_at(norm, sample))
     flops = node_flops(g)
+    mask = mask_input(norm)
     before = {"params": count_params(norm), "flops": sum(flops.values()), "bytes": serialized_size(norm),
               "scores": score_outputs(g)}
     original = None  # validation reads the input file itself
@@ -133,13 +135,14 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     reference = chosen = None
     try:
         if plan is None:
-            with timer("calibrate"):
+            with timer("calibrate"), one_blas_thread():
                 requests = [r for s in sites for r in methods[s.method].requests(s)]
                 with _cluster(config, bool(requests)) as cluster:
                     stats = calibrate(norm, requests, calib_src, types=g.types, progress=progress,
                                       max_rows=config.max_rows, seed=config.seed, provider=config.provider,
-                                      cluster=cluster)
-            with timer("decide"):
+                                      cluster=cluster, batch=config.batch_size)
+                _note_padding(report, stats.padding)
+            with timer("decide"), one_blas_thread():
                 tick = ticker(progress, "decide", len(sites))
                 curves = []
                 for s in sites:
@@ -153,10 +156,11 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
                 with timer("validate"):
                     reference = Reference(src, val_src, [vi.name for vi in norm.graph.output],
                                           scores=before["scores"], progress=progress, labels=labels,
-                                          provider=config.provider)
-            entries, left, chosen = decide(norm, g, methods, curves, config, before, calib_src=calib_src,
-                                           reference=reference, report=report, timer=timer, progress=progress,
-                                           sample=sample)
+                                          provider=config.provider, mask=mask)
+            with one_blas_thread():
+                entries, left, chosen = decide(norm, g, methods, curves, config, before, calib_src=calib_src,
+                                               reference=reference, report=report, timer=timer, progress=progress,
+                                               sample=sample)
             plan = Plan(config.method, config.select, tuple(entries))
             skipped = skipped + left
         late_sites = []
@@ -182,7 +186,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
         if chosen is None:
             with timer("validate"):
                 agreement = validate(src, new, val_src, scores=before["scores"], progress=progress, labels=labels,
-                                     provider=config.provider)
+                                     provider=config.provider, mask=mask)
     finally:
         if reference is not None:
             reference.close()
@@ -310,6 +314,16 @@ def _fill(report: Report, new, before: dict, methods: dict, sites: list, skipped
     if not plan.entries:
         what = "channel group" if plan.method == "id" else "layer to split" if plan.method != "auto" else "site"
         report.warn(f"no compressible {what} was found; the output computes the same function")
+
+
+def _note_padding(report: Report, padding: dict) -> None:
+    """The report's `data.padding`; a warning when padded positions entered some statistic."""
+    report.data["padding"] = padding
+    if padding["padded"] and padding["counted"]:
+        names = padding["counted"]
+        report.warn(f"calibrate: {padding['padded']} padded positions ({padding['mask']} = 0) were counted in the "
+                    f"statistics of {len(names)} tensor(s) whose shape does not match the mask (first: "
+                    f"{names[0]}); feed unpadded sequences (a folder of files) to leave them out")
 
 
 def _warn_few_rows(curves: list, config: Config) -> None:

@@ -122,7 +122,7 @@ SUBCOMMANDS = {"inspect": ".inspect", "sweep": ".sweep"}
 @click.option("--exclude", help="Regular expression: groups touching a node whose name matches are left alone.")
 @click.option("--min-agreement", type=float, help="Gate: every output must reach this (top-1 agreement for score outputs, cosine otherwise); exit 3 below it.")
 @click.option("--keep-failed", is_flag=True, help="Write the output even when the gate fails.")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per run for array inputs.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per run: array inputs are cut into batches of N; calibration merges feeds of equal shapes up to N.")
 @click.option("--max-rows", type=int, default=8192, show_default=True, help="Per feed and tensor, at most this many positions enter the statistics (0: all).")
 @click.option("--holdout", type=float, default=0.2, show_default=True, help="Share of --calib held out for validation when --val is not given.")
 @click.option("--save-plan", type=click.Path(), help="Write the decisions (kept channels, interpolation matrices) as JSON.")

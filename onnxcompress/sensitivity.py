@@ -9,6 +9,9 @@ relative output error energy
 
     E_s = mean over float outputs o of  sum_feeds ||y_o - y'_o||^2 / sum_feeds ||y_o||^2.
 
+Padded positions (attention mask 0, `calibrate.mask_input`) of token-major outputs
+([batch, sequence, ...]) are left out of both sums, as validation leaves them out.
+
 The site's weight is w_s = E_s / e_s(j_p), with e_s(j_p) the probe's local error on the
 calibration statistics; the allocator then estimates the model's error as sum_s w_s e_s(j_s).
 A site whose curve is flat at zero keeps w_s = 1.
@@ -19,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .core.calibrate import Progress
+from .core.calibrate import Progress, mask_input
 from .core.runtime import make_session, run
 from .methods.base import Curve
 
@@ -65,8 +68,10 @@ def reference_outputs(model, feeds: list[dict], names: list[str]) -> list[list[n
     return [run(session, names, feed, f"probe feed {k} (original model)") for k, feed in enumerate(feeds)]
 
 
-def output_error(model, feeds: list[dict], names: list[str], reference: list[list[np.ndarray]]) -> float:
-    """The relative output error energy of `model` against `reference` on `feeds` (float outputs)."""
+def output_error(model, feeds: list[dict], names: list[str], reference: list[list[np.ndarray]],
+                 mask: str | None = None) -> float:
+    """The relative output error energy of `model` against `reference` on `feeds` (float outputs;
+    `mask`: the attention-mask input, whose padded positions are left out)."""
     session = make_session(model)
     diff = np.zeros(len(names))
     norm = np.zeros(len(names))
@@ -77,6 +82,9 @@ def output_error(model, feeds: list[dict], names: list[str], reference: list[lis
             if r.dtype.kind == "f":
                 floats[o] = True
                 r64, c64 = r.astype(np.float64), c.astype(np.float64)
+                real = _real(feed, mask, r.shape)
+                if real is not None:
+                    r64, c64 = np.where(real, r64, 0.0), np.where(real, c64, 0.0)
                 diff[o] += float(np.sum((r64 - c64) ** 2))
                 norm[o] += float(np.sum(r64 * r64))
     rel = np.where(norm > 0, diff / np.maximum(norm, 1e-300), diff)
@@ -84,10 +92,21 @@ def output_error(model, feeds: list[dict], names: list[str], reference: list[lis
     return float(np.mean(rel[floats])) if floats.any() else 0.0
 
 
+def _real(feed: dict, mask: str | None, shape: tuple) -> np.ndarray | None:
+    """Where a token-major output of `shape` holds real positions (broadcast to `shape`), or
+    None when the mask does not apply."""
+    m = feed.get(mask) if mask is not None else None
+    if m is None or np.ndim(m) != 2 or len(shape) < 3 or tuple(shape[:2]) != np.shape(m):
+        return None
+    m = np.asarray(m) != 0
+    return None if m.all() else np.broadcast_to(m.reshape(m.shape + (1,) * (len(shape) - 2)), shape)
+
+
 def measure(model, g, methods: dict, curves: list[Curve], feeds: list[dict], config, *,
             progress: Progress | None = None) -> list[Sensitivity]:
     """One probe per curve (see the module docstring). `methods`: registry name -> method."""
     names = [vi.name for vi in model.graph.output]
+    mask = mask_input(model)
     reference = reference_outputs(model, feeds, names)
     out = []
     for k, curve in enumerate(curves):
@@ -98,7 +117,7 @@ def measure(model, g, methods: dict, curves: list[Curve], feeds: list[dict], con
             method = methods[curve.site.method]
             decision = method.realize(g, curve, j, config)
             probe = method.rewrite(model, g, [curve.site], [decision])
-            measured = output_error(probe, feeds, names, reference)
+            measured = output_error(probe, feeds, names, reference, mask)
             local = _local_error(decision, float(curve.error[j]))
             out.append(Sensitivity(curve.id, int(curve.sizes[j]), local, measured,
                                    measured / local if local > 0 else 1.0))

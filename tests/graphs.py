@@ -628,3 +628,57 @@ def attention(dup: bool = False, heads: int = 4, size: int = 4, mask: bool = Tru
         ctx = b.op("Reshape", [ctx, shape_of(c)])
     y = b.op("Add", [b.op("MatMul", [ctx, b.weight("wo", (c, c), None, 0.3)], name="attn.o"), b.const("bo", b.random((c,), None, 0.1))])
     return b.model(inputs, [b.op("Add", [y, "x"])])
+
+
+def masked_encoder(flat: bool = False, vocab: int = 40, width: int = 8, hidden: int = 24) -> onnx.ModelProto:
+    """A BERT-like block with an attention mask: input_ids[B,S] -> Gather (embedding) -> self
+    attention (scores X X^T / sqrt(width), -10000 where attention_mask[B,S] is 0, Softmax) -> +X
+    -> MatMul `hidden` + bias -> Relu -> MatMul `width` -> y[B,S,width]. Outputs at real positions
+    do not depend on the padding. With flat, the FFN runs on [B*S, width] (Reshape before it, as
+    some exports do), so its hidden activations no longer have the mask's [B, S] shape."""
+    b = Builder(37)
+    x = b.op("Gather", [b.weight("emb", (vocab, width), None, 1.0), "input_ids"], name="embed")
+    m = b.op("Cast", ["attention_mask"], to=TensorProto.FLOAT)
+    bias = b.op("Mul", [b.op("Sub", [b.const("one", np.float32(1)), m]), b.const("neg", np.float32(-10000))])
+    bias = b.op("Unsqueeze", [bias, b.const("ax1", np.array([1], dtype=np.int64))])   # [B,1,S]
+    s = b.op("Div", [b.op("MatMul", [x, b.op("Transpose", [x], perm=[0, 2, 1])]),
+                     b.const("scale", np.float32(np.sqrt(width)))])
+    ctx = b.op("MatMul", [b.op("Softmax", [b.op("Add", [s, bias])], axis=-1), x])
+    h = b.op("Add", [ctx, x])
+    if flat:
+        h = b.op("Reshape", [h, b.const("flat", np.array([-1, width], dtype=np.int64))])
+    h = b.op("Relu", [b.op("Add", [b.op("MatMul", [h, b.weight("w1", (width, hidden))], name="ffn.in"),
+                                   b.weight("b1", (hidden,), None, 0.3)])])
+    y = b.op("MatMul", [h, b.weight("w2", (hidden, width))], name="ffn.out")
+    ins = [helper.make_tensor_value_info(n, TensorProto.INT64, ["B", "S"]) for n in ("input_ids", "attention_mask")]
+    out = helper.make_tensor_value_info(y, TensorProto.FLOAT, None)
+    out.type.tensor_type.ClearField("shape")
+    graph = helper.make_graph(b.nodes, "masked", ins, [out], initializer=b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model = onnx.shape_inference.infer_shapes(model)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def sentences(count: int, vocab: int = 40, lengths=(2, 12), seed: int = 3) -> list[dict]:
+    """`count` feeds of one sentence each, [1, L] with L in `lengths` (mask all ones)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        n = int(rng.integers(*lengths))
+        out.append({"input_ids": rng.integers(1, vocab, size=(1, n)).astype(np.int64),
+                    "attention_mask": np.ones((1, n), dtype=np.int64)})
+    return out
+
+
+def padded(feeds: list[dict]) -> dict:
+    """The sentences of `feeds` as one array per input, padded to the longest with token 0 and
+    attention_mask 0 (what a tokenizer's padding=True gives)."""
+    longest = max(f["input_ids"].shape[1] for f in feeds)
+    ids = np.zeros((len(feeds), longest), dtype=np.int64)
+    mask = np.zeros((len(feeds), longest), dtype=np.int64)
+    for i, f in enumerate(feeds):
+        n = f["input_ids"].shape[1]
+        ids[i, :n], mask[i, :n] = f["input_ids"][0], 1
+    return {"input_ids": ids, "attention_mask": mask}

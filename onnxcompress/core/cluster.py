@@ -21,11 +21,10 @@ from typing import Iterator
 
 import onnx
 
-from .calibrate import accumulate
+from .calibrate import accumulate, merge_statistics
 from .data import shards
 from .errors import ClusterError, OnnxCompressError, UsageError
 from .runtime import weights_bytes
-from .stats import merge
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ class Cluster:
     workers: int
 
     def calibrate(self, model: onnx.ModelProto, reqs: list, feeds, *, types: dict[str, int] | None,
-                  progress, max_rows: int, seed: int, provider: str) -> dict:
+                  progress, max_rows: int, seed: int, provider: str, batch: int = 16) -> dict:
         """`calibrate.calibrate` over the cluster: per request, the merged statistics of every
         feed of `feeds` (a `data.FeedSource`, or any iterable of feeds, which is then read here)."""
         ray = import_ray()
@@ -63,7 +62,7 @@ class Cluster:
         types = {n: t for n, t in (types or {}).items() if n in names}
         blob = ray.put(model.SerializeToString())
         task = ray.remote(_calibrate_shard).options(num_cpus=1, num_gpus=1 if provider == "cuda" else 0)
-        refs = [task.remote(blob, reqs, s, types, max_rows, seed, provider) for s in parts]
+        refs = [task.remote(blob, reqs, s, types, max_rows, seed, provider, batch) for s in parts]
         log.info("calibrate: %d feeds in %d shards on Ray", sum(map(len, parts)), len(parts))
         try:
             _wait(ray, refs, [len(s) for s in parts], progress)
@@ -75,14 +74,15 @@ class Cluster:
             raise ClusterError(f"calibrate: a Ray worker failed ({_first_line(cause or e)})") from e
         except ray.exceptions.RayError as e:
             raise ClusterError(f"calibrate: the Ray cluster failed ({_first_line(e)})") from e
-        return merge(results)
+        return merge_statistics(results)
 
 
-def _calibrate_shard(blob: bytes, reqs: list, shard, types: dict, max_rows: int, seed: int, provider: str) -> dict:
+def _calibrate_shard(blob: bytes, reqs: list, shard, types: dict, max_rows: int, seed: int, provider: str,
+                     batch: int = 16) -> dict:
     """On a worker: the partial statistics of one shard."""
     model = onnx.load_from_string(blob)
     return accumulate(model, reqs, iter(shard), types=types, max_rows=max_rows, seed=seed, provider=provider,
-                      threads=1)
+                      threads=1, batch=batch)
 
 
 def _wait(ray, refs: list, sizes: list[int], progress) -> None:

@@ -63,7 +63,8 @@ class Config:
                      picks it from the data (`lowrank.token_weights`).
     max_patch:       Conv inputs use the Gram of their im2col patches up to this patch length,
                      their channel Gram (G ~ kron(G_c, I)) beyond.
-    batch_size:      samples per ONNX Runtime run when the data is one array per input.
+    batch_size:      samples per ONNX Runtime run: arrays are cut into batches of this many, and
+                     calibration merges feeds of equal shapes (a folder) up to this many.
     max_rows:        per feed and exit tensor, at most this many positions (rows of Z) enter the
                      Gram, sampled uniformly with `seed` (large feature maps); 0 takes all.
     holdout:         share of the calibration data held out for validation when no `val` is given.

@@ -85,6 +85,7 @@ class FeedSource:
         self.arrays, self.batch_size = arrays, batch_size  # set for array sources: split by sample
         self.allow_nonfinite = allow_nonfinite
         self.table = table
+        self.paths: list[Path] | None = None  # a folder's files, one feed each: split by file
         self._warned: set = set()  # inputs already warned about (a float cast), once per source
 
     def __iter__(self) -> Iterator[Feed]:
@@ -237,9 +238,16 @@ def _open_path(path: Path, specs: list[InputSpec], batch_size: int) -> FeedSourc
             raise DataError(f"data: {path}: cannot list the directory ({e.strerror or e})") from e
         if not found:
             raise DataError(f"data: {path}: the directory holds no .npz or .npy files")
-        return FeedSource(str(path), None, specs, None, len(found), table=FileFeeds(tuple(found), tuple(specs)))
+        return _from_files(str(path), found, specs)
     arrays = _read_file(path, specs)
     return _from_arrays(str(path), arrays, specs, batch_size)
+
+
+def _from_files(name: str, paths: list[Path], specs: list[InputSpec]) -> FeedSource:
+    """One feed per file, read when the stream reaches it."""
+    source = FeedSource(name, None, specs, None, len(paths), table=FileFeeds(tuple(paths), tuple(specs)))
+    source.paths = paths
+    return source
 
 
 _NPY_MAGIC, _ZIP_MAGICS = b"\x93NUMPY", (b"PK\x03\x04", b"PK\x05\x06")
@@ -426,6 +434,8 @@ def split(source: FeedSource, holdout: float) -> tuple[FeedSource, FeedSource]:
         for p in parts:
             p.allow_nonfinite = source.allow_nonfinite
         return parts
+    if source.paths is not None and len(source.paths) >= 2:
+        return _split_files(source, m)
     feeds = list(source) if source.feeds is None else None
     total = source.feeds if feeds is None else len(feeds)
     if total < 2:
@@ -447,6 +457,27 @@ def split(source: FeedSource, holdout: float) -> tuple[FeedSource, FeedSource]:
         Picked(table, tuple(k for k in range(total) if (k % m == m - 1) == held)) for held in (False, True)]
     return (FeedSource(source.name + " (calibration part)", part(False), source.specs, None, total - n_val,
                        allow_nonfinite=allow, table=picked[0]),
+            FeedSource(source.name + " (held-out part)", part(True), source.specs, None, n_val, allow_nonfinite=allow,
+                       table=picked[1]))
+
+
+def _split_files(source: FeedSource, m: int) -> tuple[FeedSource, FeedSource]:
+    """`split` of a folder: each part reads only its own files (file k is held out when
+    k % m == m - 1), checked and named as in the whole folder (`NAME feed k`)."""
+    def part(held: bool):
+        def make():
+            for k, p in enumerate(source.paths):
+                if (k % m == m - 1) == held:
+                    yield check_feed(_read_file(p, source.specs), source.specs, f"{source.name} feed {k}",
+                                     allow_nonfinite=source.allow_nonfinite, warned=source._warned, source=source.name)
+        return make
+
+    n_val = len(source.paths) // m
+    allow = source.allow_nonfinite
+    picked = [Picked(source.table, tuple(k for k in range(len(source.paths)) if (k % m == m - 1) == held))
+              for held in (False, True)]  # by position, for shards (`shards`)
+    return (FeedSource(source.name + " (calibration part)", part(False), source.specs, None,
+                       len(source.paths) - n_val, allow_nonfinite=allow, table=picked[0]),
             FeedSource(source.name + " (held-out part)", part(True), source.specs, None, n_val, allow_nonfinite=allow,
                        table=picked[1]))
 

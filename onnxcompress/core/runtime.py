@@ -79,11 +79,23 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, outputs: Iterable[s
         raise ModelError(f"run: ONNX Runtime cannot load the model ({str(e).splitlines()[0][:300]})") from e
 
 
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS reports one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def _session(model: str | bytes, *, large: bool, provider: str = "cpu", threads: int = 0) -> ort.InferenceSession:
+    """A throughput session (calibration, shape probes, sensitivity probes, validation): one
+    intra-op thread per core (or `threads`), and idle threads sleep instead of spinning between
+    runs, so NumPy's work on the outputs (Gram updates, comparisons) and other processes get the
+    cores. Latency measurements (`latency.py`, `benchmark.py`) build their own sessions."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = threads or cores()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if large:
         opts.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(model, opts, providers=list(PROVIDERS[provider]))

@@ -5,6 +5,11 @@ Per output: max |y - y'|, relative L2 error ||y - y'|| / ||y|| over all feeds, m
 samples (axis 0 of each feed, flattened), and, for outputs that look like scores, top-1 agreement
 (argmax over the last axis). Integer outputs (labels, indices) get exact-match agreement.
 
+Padding: with the model's attention-mask input (`calibrate.mask_input`), positions where the mask
+is 0 are left out of every figure for token-major outputs ([batch, sequence, ...], rank 3 or
+more, the mask's shape in front): both models' values there are set to 0 (no error, no norm, no
+part of a sample's cosine) and they are not counted for top-1 or exact-match agreement.
+
 With labels (`Labels`: one integer class per validation sample, in feed order), the labelled
 output's accuracy, argmax over its last axis against the labels, is measured for both models.
 """
@@ -119,19 +124,27 @@ class _Tally:
         self.cos_n = 0
         self.top_hits = self.top_n = 0
 
-    def add(self, ref: np.ndarray, new: np.ndarray, scores: bool) -> None:
+    def add(self, ref: np.ndarray, new: np.ndarray, scores: bool, mask: np.ndarray | None = None) -> None:
+        """One feed's outputs; `mask` ([batch, sequence] booleans, True = real) leaves padded
+        positions of a token-major output out (module docstring)."""
         if ref.shape != new.shape:
             raise ValueError(f"shape {new.shape} differs from the original {ref.shape}")
         self.n += ref.shape[0] if ref.ndim else 1
+        real = None
+        if mask is not None and ref.ndim >= 3 and ref.shape[:2] == mask.shape and not mask.all():
+            real = np.broadcast_to(mask.reshape(mask.shape + (1,) * (ref.ndim - 2)), ref.shape)
         if ref.dtype.kind in "iub":
-            self.top_hits += int(np.sum(ref == new))
-            self.top_n += ref.size
+            same = ref == new
+            self.top_hits += int(np.sum(same if real is None else same & real))
+            self.top_n += ref.size if real is None else int(np.count_nonzero(real))
             return
         r, c = ref.astype(np.float64), new.astype(np.float64)
+        if real is not None:
+            r, c = np.where(real, r, 0.0), np.where(real, c, 0.0)
         with np.errstate(all="ignore"):  # NaN/Inf outputs (allow_nonfinite) must not print warnings
-            self._add_floats(r, c, scores)
+            self._add_floats(r, c, scores, None if real is None else real[..., 0])
 
-    def _add_floats(self, r: np.ndarray, c: np.ndarray, scores: bool) -> None:
+    def _add_floats(self, r: np.ndarray, c: np.ndarray, scores: bool, positions: np.ndarray | None = None) -> None:
         """NaN anywhere, or an Inf the other side does not match, is a disagreement: its row gets
         cosine 0 and misses top-1, and max abs and the L2 error become inf."""
         nonfinite = ~(np.isfinite(r) & np.isfinite(c))
@@ -156,8 +169,10 @@ class _Tally:
             hits = np.argmax(r, axis=-1) == np.argmax(c, axis=-1)
             if bad is not None:
                 hits = hits & ~bad.any(axis=-1)
+            if positions is not None:  # real positions only
+                hits = hits & positions
             self.top_hits += int(np.sum(hits))
-            self.top_n += int(np.prod(r.shape[:-1], dtype=np.int64))
+            self.top_n += int(np.prod(r.shape[:-1], dtype=np.int64)) if positions is None else int(np.count_nonzero(positions))
 
     def result(self, name: str, integer: bool) -> Agreement:
         top1 = self.top_hits / self.top_n if self.top_n else None
@@ -179,9 +194,10 @@ class Reference:
 
     def __init__(self, original: onnx.ModelProto | str | os.PathLike, feeds, names: list[str], *,
                  scores: set[str], progress: Progress | None = None, labels: Labels | None = None,
-                 provider: str = "cpu"):
+                 provider: str = "cpu", mask: str | None = None):
         self.names, self.scores, self.feeds, self.labels = list(names), scores, feeds, labels
         self.provider = provider
+        self.mask = mask  # the attention-mask input: its padded positions are left out
         self._tmp = tempfile.TemporaryDirectory(prefix="onnxcompress-validate-")
         self.count = 0
         total = getattr(feeds, "feeds", None)
@@ -208,11 +224,12 @@ class Reference:
             if k >= self.count:
                 break
             new = run(session, self.names, feed, f"validation feed {k} (compressed model)")
+            real = np.asarray(feed[self.mask]) != 0 if self.mask in feed and np.ndim(feed[self.mask]) == 2 else None
             with np.load(Path(self._tmp.name) / f"{k}.npz", allow_pickle=False) as z:
                 ref = [z[f"arr_{j}"] for j in range(len(self.names))]
             for name, r, c in zip(self.names, ref, new):
                 integer[name] = r.dtype.kind in "iub"
-                tallies[name].add(np.asarray(r), np.asarray(c), name in self.scores)
+                tallies[name].add(np.asarray(r), np.asarray(c), name in self.scores, real)
                 if name == labelled:
                     accuracy.add(np.asarray(r), np.asarray(c))
             if progress:
@@ -234,12 +251,13 @@ class Reference:
 
 def validate(original: onnx.ModelProto | str | os.PathLike, compressed: onnx.ModelProto, feeds, *,
              scores: set[str], progress: Progress | None = None,
-             labels: Labels | None = None, provider: str = "cpu") -> tuple[Agreement, ...]:
+             labels: Labels | None = None, provider: str = "cpu", mask: str | None = None) -> tuple[Agreement, ...]:
     """Agreement of every graph output of `compressed` (run on `provider`) with `original` (a
     model, or the path of the input file, which ONNX Runtime then reads itself; run on the CPU)
-    on `feeds` (see `Reference`)."""
+    on `feeds` (see `Reference`); `mask`: the attention-mask input, whose padded positions are
+    left out."""
     names = [vi.name for vi in compressed.graph.output]
-    with Reference(original, feeds, names, scores=scores, provider=provider) as ref:
+    with Reference(original, feeds, names, scores=scores, provider=provider, mask=mask) as ref:
         return ref.compare(compressed, progress=progress, labels=labels)
 
 

@@ -19,7 +19,7 @@ from ...ops.edits import Mix, SetAttr, Shift, Slice
 from ..base import Cost, Curve, Site
 from .. import rounding
 from .groups import Analysis, exit_request, find_groups
-from .interpolate import best_residual, interpolation_matrix, selection_matrix
+from .interpolate import interpolation_matrix, selection_matrix
 from .rewrite import rewrite as rewrite_groups
 from .select import group_curve, norm_order, selection_error
 
@@ -77,7 +77,7 @@ class IdMethod:
                 mu = state.means[e.tensor]
                 intercept[e.tensor] = mu - mu[keep] @ interp[e.tensor]
         err = selection_error(state, keep, interp)
-        best = best_residual(state.gram)
+        best = state.best
         best_err = math.sqrt(max(best[len(keep)], 0.0) / best[0]) if best[0] > 0 else 0.0
         return GroupPlan(grp.id, grp.channels, tuple(int(c) for c in keep), interp, err, best_err, intercept)
 

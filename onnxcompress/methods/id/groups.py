@@ -391,7 +391,7 @@ def _at_stake(g: GraphIndex, d: _Draft, what_if: list[_Draft]) -> str:
     edits = set().union(*(w.edits for w in wider))
     tensors = {e.tensor for e in edits if isinstance(e, (Slice, Mix))}
     exits = {e.node for e in edits if isinstance(e, Mix)}
-    params = sum(int(g.const(t).size) for t in tensors if g.const(t) is not None)
+    params = sum(int(np.prod(g.initializers[t].dims, dtype=np.int64)) for t in tensors if t in g.initializers)
     flops = node_flops(g)
     f = sum(flops.get(i, 0.0) for i in producers | exits)
     return (f" (at stake: {params} parameters and {f:.3g} FLOPs of {len(producers)} producer(s) and "

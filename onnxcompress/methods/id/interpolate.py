@@ -120,23 +120,22 @@ def block_pivot_order(gram: np.ndarray, block: int) -> tuple[np.ndarray, np.ndar
     n = c // block
     left, order, energy = list(range(n)), [], [float(np.trace(g))]
     for _ in range(n):
-        best, best_gain, best_update = None, -1.0, None
-        for b in left:
-            idx = slice(b * block, (b + 1) * block)
-            w, v = np.linalg.eigh(g[idx, idx])
-            tol = max(float(w[-1]), 0.0) * block * np.finfo(np.float64).eps * 16
-            use = w > tol
-            if not np.any(use):
-                gain, update = 0.0, None
-            else:
-                proj = g[:, idx] @ v[:, use] / np.sqrt(w[use])   # R[:, B] R[B, B]^{-1/2}
-                gain, update = float(np.einsum("ij,ij->", proj, proj)), proj
-            if gain > best_gain:
-                best, best_gain, best_update = b, gain, update
-        left.remove(best)
+        # every remaining block at once: eigh of the (len(left), block, block) diagonal blocks,
+        # then R[:, B] V_B W_B^{-1/2} with the numerically null directions of R[B, B] dropped
+        g4 = g.reshape(n, block, n, block)
+        idx = np.asarray(left)
+        w, v = np.linalg.eigh(g4[idx, :, idx, :])
+        tol = np.maximum(w[:, -1:], 0.0) * block * np.finfo(np.float64).eps * 16
+        use = w > tol
+        cols = np.moveaxis(g4[:, :, idx, :].reshape(c, len(left), block), 1, 0)   # R[:, B] per block
+        proj = (cols @ v) / np.sqrt(np.where(use, w, 1.0))[:, None, :] * use[:, None, :]
+        gains = np.einsum("bij,bij->b", proj, proj)
+        pick = int(np.argmax(gains))   # the first of equal gains, in `left` order
+        best = left.pop(pick)
         order.extend(range(best * block, (best + 1) * block))
-        if best_update is not None:
-            g -= best_update @ best_update.T
+        if use[pick].any():
+            update = proj[pick][:, use[pick]]
+            g -= update @ update.T
         energy.append(max(float(np.trace(g)), 0.0))
     energy[-1] = 0.0
     blocks = -(-np.arange(c + 1) // block)   # ceil(k / block)

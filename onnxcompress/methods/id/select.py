@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from ...core.config import Config
 from ...core.graph import GraphIndex
 from .groups import Group, embed_stats
-from .interpolate import block_pivot_order
+from .interpolate import best_residual, block_pivot_order
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,13 @@ class GroupStats:
     order: np.ndarray
     residual: np.ndarray      # residual[k] / residual[0], k = 0..C
     rows: int = 0             # the fewest calibration rows behind any exit's Gram
+
+    @cached_property
+    def best(self) -> np.ndarray:
+        """Best rank-k residual energy of the selection Gram for k = 0..C (its eigenvalue
+        tails, `interpolate.best_residual`): one eigendecomposition per group, computed when a
+        size is first realized and reused by every later one (probes, the target search)."""
+        return best_residual(self.gram)
 
 
 def consumer_norms(g: GraphIndex, group: Group, source: str) -> np.ndarray:
