@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import onnx
 
-from . import latency as latency_mod
+from . import blocks as blocks_mod, latency as latency_mod
 from .benchmark import benchmark as run_benchmark, one_sample
-from .core import data as data_mod
+from .core import data as data_mod, files
 from .core.calibrate import Progress, calibrate, ticker
 from .core.config import SIZE_RULES, Config, flag
 from .core.cost import count_params, node_flops
@@ -120,9 +121,16 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     methods = {m.name: m for m in (for_plan(plan) if plan is not None else for_method(config.method))}
     with timer("find"):
         sites, skipped = _find(g, methods, config)
-    reference = chosen = None
+    reference = chosen = new = scratch = None
+    blocks = _blocks(sites, methods, config) if plan is None else None
     try:
-        if plan is None:
+        if blocks is not None:
+            scratch = tempfile.TemporaryDirectory(prefix=files.SYSTEM_PREFIX + "blocks-")
+            new, entries, left = _in_blocks(norm, g, methods, blocks, config, before, flops, calib_src,
+                                            report, timer, progress, Path(scratch.name))
+            plan = Plan(config.method, config.select, tuple(entries))
+            skipped = skipped + left
+        elif plan is None:
             with timer("calibrate"):
                 requests = [r for s in sites for r in methods[s.method].requests(s)]
                 stats = calibrate(norm, requests, calib_src, types=g.types, progress=progress,
@@ -147,7 +155,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
             skipped = skipped + left
         if chosen is not None:
             new, agreement = chosen
-        else:
+        elif new is None:
             with timer("rewrite"):
                 new = _rewrite(norm, g, methods, sites, plan)
         rewritten = new is not norm
@@ -159,27 +167,67 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
         if chosen is None:
             with timer("validate"):
                 agreement = validate(src, new, val_src, scores=before["scores"], progress=progress, labels=labels)
+        _warn_low_agreement(report, agreement, config)
+        _fill(report, new, before, methods, sites, skipped, plan, agreement, sample)
+        if config.benchmark:
+            with timer("benchmark"):
+                report.latency = run_benchmark(src, new, next(iter(val_src)), specs)
+        report.seconds = timer.seconds
+        report.plan = plan
+        _gate(report, agreement, config)
+        if report.gate and not report.gate["passed"] and not config.keep_failed:
+            raise AgreementError(report.gate["message"], report)
+        with timer("save"):
+            written = save_model(new, out, force=config.force, inputs=[src, *inputs], source=src)
     finally:
         if reference is not None:
             reference.close()
-    _warn_low_agreement(report, agreement, config)
-    _fill(report, new, before, methods, sites, skipped, plan, agreement, sample)
-    if config.benchmark:
-        with timer("benchmark"):
-            report.latency = run_benchmark(src, new, next(iter(val_src)), specs)
-    report.seconds = timer.seconds
-    report.plan = plan
-    _gate(report, agreement, config)
-    if report.gate and not report.gate["passed"] and not config.keep_failed:
-        raise AgreementError(report.gate["message"], report)
-    with timer("save"):
-        written = save_model(new, out, force=config.force, inputs=[src, *inputs], source=src)
+        if scratch is not None:  # the weights made block by block are in the output now
+            scratch.cleanup()
     report.output = str(out)
     report.file_size["after"] = sum(p.stat().st_size for p in written)
     report.seconds = timer.seconds
     if report.gate and not report.gate["passed"]:
         raise AgreementError(report.gate["message"] + " (output kept: --keep-failed)", report)
     return report
+
+
+def _blocks(sites: list, methods: dict, config: Config) -> list | None:
+    """The blocks of sites to calibrate one pass each (`blocks.py`), or None when one pass over
+    every site fits the statistics budget or the size rule needs every curve at once."""
+    if not blocks_mod.applies(config):
+        return None
+    found = blocks_mod.partition(sites, methods, blocks_mod.budget(config))
+    return found if len(found) > 1 else None
+
+
+def _in_blocks(norm, g, methods, blocks, config, before, flops, calib_src, report, timer, progress, scratch):
+    """Calibrate, decide and rewrite block by block (`blocks.run`); returns (model, entries, left)."""
+    few = []
+
+    def curve(site, stats):
+        c = methods[site.method].curve(g, site, stats, config, flops)
+        if 0 < c.state.rows < site.target.channels:
+            few.append((site.key, c.state.rows, site.target.channels))
+        return c
+
+    def choose(curves):
+        entries, left, _ = decide(norm, g, methods, curves, config, before, calib_src=calib_src, reference=None,
+                                  report=report, timer=timer, progress=progress)
+        return entries, left
+
+    def rewrite(model, block, plan):
+        return _rewrite(model, g, methods, block, plan)
+
+    report.data["calibration_passes"] = len(blocks)
+    found = blocks_mod.run(norm, g, methods, blocks, config, calib_src=calib_src, curve=curve, decide=choose,
+                           rewrite=rewrite, scratch=scratch, timer=timer, progress=progress)
+    if few and config.select == "id":
+        key, rows, channels = few[0]
+        log.warning("decide: %d of %d channel groups have fewer calibration rows than channels (%s: %d rows, "
+                    "%d channels); their interpolation fits the calibration data and may miss held-out "
+                    "data: give more calibration data", len(few), sum(map(len, blocks)), key, rows, channels)
+    return found
 
 
 def _find(g: GraphIndex, methods: dict, config: Config) -> tuple[list, list]:
