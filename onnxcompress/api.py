@@ -15,7 +15,7 @@ import onnx
 
 from . import blocks as blocks_mod, latency as latency_mod
 from .benchmark import benchmark as run_benchmark, one_sample
-from .core import data as data_mod, files
+from .core import data as data_mod, files, weights
 from .core.calibrate import Progress, calibrate, ticker
 from .core.config import SIZE_RULES, Config, flag
 from .core.cost import count_params, node_flops
@@ -122,7 +122,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     with timer("find"):
         sites, skipped = _find(g, methods, config)
     reference = chosen = new = scratch = None
-    blocks = _blocks(sites, methods, config) if plan is None else None
+    blocks = _blocks(sites, methods, config, norm) if plan is None else None
     try:
         if blocks is not None:
             scratch = tempfile.TemporaryDirectory(prefix=files.SYSTEM_PREFIX + "blocks-")
@@ -192,23 +192,27 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     return report
 
 
-def _blocks(sites: list, methods: dict, config: Config) -> list | None:
-    """The blocks of sites to calibrate one pass each (`blocks.py`), or None when one pass over
-    every site fits the statistics budget or the size rule needs every curve at once."""
-    if not blocks_mod.applies(config):
+def _blocks(sites: list, methods: dict, config: Config, model) -> list | None:
+    """The blocks of sites to calibrate one pass each (`blocks.py`), or None (one pass, one
+    rewrite) when the size rule needs every curve at once, or when every site's statistics fit
+    one pass and the weights are in memory anyway (no external data)."""
+    if not blocks_mod.applies(config) or not sites:
         return None
     found = blocks_mod.partition(sites, methods, blocks_mod.budget(config))
-    return found if len(found) > 1 else None
+    return found if len(found) > 1 or weights.has_external(model) else None
 
 
 def _in_blocks(norm, g, methods, blocks, config, before, flops, calib_src, report, timer, progress, scratch):
     """Calibrate, decide and rewrite block by block (`blocks.run`); returns (model, entries, left)."""
-    few = []
+    few, done, total = [], [], sum(len(c) for b in blocks for c in b)
 
     def curve(site, stats):
         c = methods[site.method].curve(g, site, stats, config, flops)
         if 0 < c.state.rows < site.target.channels:
             few.append((site.key, c.state.rows, site.target.channels))
+        if progress:
+            progress("decide", len(done) + 1, total)
+        done.append(site.key)
         return c
 
     def choose(curves):
@@ -226,7 +230,7 @@ def _in_blocks(norm, g, methods, blocks, config, before, flops, calib_src, repor
         key, rows, channels = few[0]
         log.warning("decide: %d of %d channel groups have fewer calibration rows than channels (%s: %d rows, "
                     "%d channels); their interpolation fits the calibration data and may miss held-out "
-                    "data: give more calibration data", len(few), sum(map(len, blocks)), key, rows, channels)
+                    "data: give more calibration data", len(few), total, key, rows, channels)
     return found
 
 

@@ -49,9 +49,10 @@ def need(site, methods) -> int:
     return sum(gram_bytes(r.width) if hasattr(r, "width") else 8 * r.size for r in methods[site.method].requests(site))
 
 
-def partition(sites: list, methods: dict, limit: int) -> list[list]:
-    """Sites in blocks of at most `limit` bytes of statistics (a larger site alone), in order;
-    sites that claim a common initializer always share a block."""
+def partition(sites: list, methods: dict, limit: int) -> list[list[list]]:
+    """Sites in blocks of at most `limit` bytes of statistics (a larger cluster alone), in order.
+    A block is a list of clusters: sites that claim a common initializer form one cluster (they
+    are decided in one block and rewritten together)."""
     parent = list(range(len(sites)))
 
     def root(i: int) -> int:
@@ -76,23 +77,26 @@ def partition(sites: list, methods: dict, limit: int) -> list[list]:
         if current and used + size > limit:
             out.append(current)
             current, used = [], 0
-        current += [sites[i] for i in members]
+        current.append([sites[i] for i in members])
         used += size
     if current:
         out.append(current)
     return out
 
 
-def run(norm, g, methods: dict, blocks: list[list], config, *, calib_src, curve, decide, rewrite,
+def run(norm, g, methods: dict, blocks: list[list[list]], config, *, calib_src, curve, decide, rewrite,
         scratch: Path, timer, progress=None) -> tuple:
     """Calibrate, decide and rewrite each block in turn on `norm` (not changed). `curve(site,
     stats)` makes a site's curve, `decide(curves)` returns (entries, left) for a block, and
-    `rewrite(model, sites, plan)` applies a block's plan. Returns (model, entries, left): the
-    rewritten model (large weights it made spilled to `scratch`), every entry (matrices mapped
-    from `scratch`), and the sites left whole with their reasons."""
+    `rewrite(model, sites, plan)` applies a plan to those sites. The rewrite goes a cluster at a
+    time and its new weights are spilled at once, so only one cluster's new weights are ever in
+    memory. Returns (model, entries, left): the rewritten model (weights it made in
+    `scratch`), every entry (matrices mapped from `scratch`), and the sites left whole with
+    their reasons."""
     data = scratch / "weights.data"
     model, entries, left = norm, [], []
-    for b, block in enumerate(blocks):
+    for b, clusters in enumerate(blocks):
+        block = [s for cluster in clusters for s in cluster]
         requests = [r for s in block for r in methods[s.method].requests(s)]
         log.info("calibrate: block %d of %d, %d sites, %.0f MiB of statistics", b + 1, len(blocks), len(block),
                  sum(need(s, methods) for s in block) / 2**20)
@@ -105,8 +109,12 @@ def run(norm, g, methods: dict, blocks: list[list], config, *, calib_src, curve,
         found, why = decide(curves)
         del curves
         with timer("rewrite"):
-            model = rewrite(model, block, Plan(config.method, config.select, tuple(found)))
-            weights.spill(model, data)
+            for cluster in clusters:
+                keys = {(s.method, s.key) for s in cluster}
+                mine = tuple(e for e in found if (e.method, e.site) in keys)
+                if mine:
+                    model = rewrite(model, cluster, Plan(config.method, config.select, mine))
+                    weights.spill(model, data)
         entries += [_mapped(e, scratch, len(entries) + k) for k, e in enumerate(found)]
         left += why
     return model, entries, left

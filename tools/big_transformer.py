@@ -5,7 +5,7 @@
 
 Builds a decoder-style transformer with random float32 weights as `transformer.onnx` +
 `transformer.onnx.data`, streaming one tensor at a time (a block of rows at a time) into the data
-file, so the builder never holds the weights. input_ids [batch, SEQ] (int64) -> Gather embedding
+file, so the builder never holds the weights. input_ids [batch, --seq] (int64) -> Gather embedding
 (vocab 32000) -> `--layers` x [LayerNormalization, causal multi-head self-attention written out
 with MatMul / Reshape / Transpose / Mul / Add (mask) / Softmax, residual Add; LayerNormalization,
 gated feed-forward down(silu(gate(h)) * up(h)) with Sigmoid / Mul, residual Add] ->
@@ -37,7 +37,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
-SEQ, VOCAB, HEAD = 64, 32000, 128
+VOCAB, HEAD = 32000, 128
 
 _spec = importlib.util.spec_from_file_location("big_model", Path(__file__).with_name("big_model.py"))
 big_model = importlib.util.module_from_spec(_spec)
@@ -153,7 +153,7 @@ def layer(b: Builder, x: str, i: int, width: int, ffn: int, heads: int) -> str:
     return b.node("Add", [x, down], p + "res2")
 
 
-def build(directory: Path, layers: int, width: int, ffn: int, seed: int = 0) -> tuple[Path, int, int]:
+def build(directory: Path, layers: int, width: int, ffn: int, seq: int = 32, seed: int = 0) -> tuple[Path, int, int]:
     """Write transformer.onnx + transformer.onnx.data; return (path, bytes of weights, parameters).
 
     Every weight matrix is stored (in, out) as MatMul reads it, so ONNX Runtime uses the mapped
@@ -163,7 +163,7 @@ def build(directory: Path, layers: int, width: int, ffn: int, seed: int = 0) -> 
     with open(directory / data_name, "wb") as f:
         b = Builder(f, data_name, seed)
         b.const("scale", np.array(1 / np.sqrt(HEAD), np.float32))
-        b.inits.append(numpy_helper.from_array(np.triu(np.full((1, 1, SEQ, SEQ), -1e4, np.float32), 1), "mask"))
+        b.inits.append(numpy_helper.from_array(np.triu(np.full((1, 1, seq, seq), -1e4, np.float32), 1), "mask"))
         x = b.node("Gather", [b.weight("embed.weight", VOCAB, width), "input_ids"], "embed", axis=0)
         for i in range(layers):
             x = layer(b, x, i, width, ffn, heads)
@@ -171,19 +171,19 @@ def build(directory: Path, layers: int, width: int, ffn: int, seed: int = 0) -> 
         h = b.node("LayerNormalization", [x, b.const("ln_f.scale", ones), b.const("ln_f.bias", zeros)], "ln_f", axis=-1)
         b.node("MatMul", [h, b.weight("lm_head.weight", width, VOCAB)], "logits")
     graph = helper.make_graph(
-        b.nodes, "decoder", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", SEQ])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", SEQ, VOCAB])], b.inits)
+        b.nodes, "decoder", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", seq])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", seq, VOCAB])], b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))  # the weights already point at the data file
     return path, b.weight_bytes, b.params
 
 
-def write_feeds(directory: Path, calib: int, val: int) -> tuple[Path, Path]:
+def write_feeds(directory: Path, calib: int, val: int, seq: int = 32) -> tuple[Path, Path]:
     rng = np.random.default_rng(1)
     paths = directory / "calib.npz", directory / "val.npz"
     for p, n in zip(paths, (calib, val)):
-        np.savez(p, input_ids=rng.integers(0, VOCAB, (n, SEQ), dtype=np.int64))
+        np.savez(p, input_ids=rng.integers(0, VOCAB, (n, seq), dtype=np.int64))
     return paths
 
 
@@ -194,8 +194,9 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--ffn", type=int, default=1024)
     p.add_argument("--keep", type=float, default=0.75)
-    p.add_argument("--calib", type=int, default=8, help="calibration sequences (of 64 tokens)")
-    p.add_argument("--val", type=int, default=2, help="validation sequences")
+    p.add_argument("--seq", type=int, default=32, help="tokens per sequence (fixed: the causal mask is a constant)")
+    p.add_argument("--calib", type=int, default=4, help="calibration sequences")
+    p.add_argument("--val", type=int, default=1, help="validation sequences")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--stats-memory", type=int, default=None, help="MiB of statistics per calibration pass "
                    "(default: the package's 256 MiB)")
@@ -206,8 +207,8 @@ def main(argv=None) -> int:
     args.dir.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    model, weights, params = build(args.dir, args.layers, args.width, args.ffn)
-    calib, val = write_feeds(args.dir, args.calib, args.val)
+    model, weights, params = build(args.dir, args.layers, args.width, args.ffn, args.seq)
+    calib, val = write_feeds(args.dir, args.calib, args.val, args.seq)
     build_s = time.perf_counter() - t0
 
     out, result = args.dir / "transformer.compressed.onnx", args.dir / "result.json"
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
         data = out.with_name(out.name + ".data")
         line.update({
             "output_bytes": out.stat().st_size + (data.stat().st_size if data.exists() else 0),
-            "params_after": r["params"].get("after"), "groups": r["groups"], "kept": r["kept"],
+            "params_after": r["params"].get("after"), "groups": r["groups"], "kept": r["kept"], "calibration_passes": r["passes"],
             "skipped": r["skipped"], "cosine": [a["cosine"] for a in r["agreement"]],
             "top1": [a["top1"] for a in r["agreement"]],
             "stage_peak_bytes": r["stage_peaks"], "stage_seconds": {k: round(v, 1) for k, v in r["seconds"].items()}})
