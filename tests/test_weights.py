@@ -166,3 +166,14 @@ def test_partition_packs_to_the_budget_and_keeps_sharing_sites_together():
     assert [[s.key for s in c] for c in blocks.partition(sites, {"m": _Method()}, 10**9)[0]] == \
         [["a", "c"], ["b"], ["d"], ["big"]]
 
+
+
+def test_unsorted_model_with_external_data_is_checked_sorted_and_loads(tmp_path):
+    model = graphs.mlp()
+    nodes = list(model.graph.node)[::-1]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    path = external_copy(model, tmp_path)
+    loaded = load_model(path)
+    assert [n.name for n in loaded.graph.node] == [n.name for n in nodes]  # normalize sorts them later
+    assert all(weights.is_external(t) for t in loaded.graph.initializer)

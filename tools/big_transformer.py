@@ -213,7 +213,7 @@ def write_feeds(directory: Path, calib: int, val: int, seq: int = 32) -> tuple[P
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", type=Path, default=ROOT / "build" / "transformer")
-    p.add_argument("--layers", type=int, default=38)
+    p.add_argument("--layers", type=int, default=35)
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--ffn", type=int, default=1024)
     p.add_argument("--keep", type=float, default=0.75)
