@@ -1,19 +1,21 @@
 """A decoder transformer of a few billion parameters, end to end: build, compress, check, measure.
 
-    python tools/big_transformer.py [--dir build/transformer] [--layers 26] [--width 3072]
-        [--ffn 8192] [--keep 0.75] [--stats-memory 2048] [--keep-files]
+    python tools/big_transformer.py [--dir build/transformer] [--layers 35] [--width 4096]
+        [--ffn 1024] [--seq 32] [--keep 0.75] [--include gate] [--stats-memory MIB] [--keep-files]
 
 Builds a decoder-style transformer with random float32 weights as `transformer.onnx` +
-`transformer.onnx.data`, streaming one tensor at a time (a block of rows at a time) into the data
-file, so the builder never holds the weights. input_ids [batch, --seq] (int64) -> Gather embedding
+`transformer.onnx.data`, streaming one block of rows at a time into the data file, so the builder
+never holds the weights. input_ids [batch, --seq] (int64) -> Gather embedding
 (vocab 32000) -> `--layers` x [LayerNormalization, causal multi-head self-attention written out
 with MatMul / Reshape / Transpose / Mul / Add (mask) / Softmax, residual Add; LayerNormalization,
 gated feed-forward down(silu(gate(h)) * up(h)) with Sigmoid / Mul, residual Add] ->
-LayerNormalization -> MatMul to the vocabulary (logits). With the defaults: 3.14e9 parameters,
-12.6 GB of weights. Weights are N(0, 1/fan_in), so activations stay finite.
+LayerNormalization -> MatMul to the vocabulary (logits). With the defaults (35 layers, width
+4096, 32 heads of 128, feed-forward width 1024): 3.05e9 parameters, 12.2 GB of weights. Weights
+are N(0, 1/fan_in), so activations stay finite.
 
-Then, in a fresh process, `onnxcompress.compress(...)` at `--keep` (ID on the channel groups it
-finds) with `--stats-memory` MiB of statistics per calibration pass. The process's peak resident
+Then, in a fresh process, `onnxcompress.compress(...)` at `--keep`: ID on the channel groups whose
+producer matches `--include` (default: the feed-forward groups, `gate`), calibrated a block of
+groups at a time within `--stats-memory` MiB of statistics per pass. The process's peak resident
 memory (ru_maxrss from wait4: anonymous memory plus the pages of memory-mapped weight files that
 were resident at the time) is compared with the weights' size, and VmRSS sampled every 10 ms per
 stage says where it goes. Then, in another process, the output passes the full ONNX checker (from
