@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import nullcontext
+import tempfile
 from pathlib import Path
 
 import onnx
 
-from . import latency as latency_mod
+from . import blocks as blocks_mod, latency as latency_mod
 from .benchmark import benchmark as run_benchmark, one_sample
-from .core import data as data_mod
+from .core import data as data_mod, files, weights
 from .core.calibrate import Progress, calibrate, mask_input, ticker
 from .core.config import SIZE_RULES, Config, flag
 from .core.cost import count_params, node_flops
@@ -132,9 +133,16 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
                if not (config.quantize and plan is None and m.name == "quant")}  # --quantize quantizes last
     with timer("find"):
         sites, skipped = _find(g, methods, config)
-    reference = chosen = None
+    reference = chosen = new = scratch = None
+    blocks = _blocks(sites, methods, config, norm) if plan is None else None
     try:
-        if plan is None:
+        if blocks is not None:
+            scratch = tempfile.TemporaryDirectory(prefix=files.SYSTEM_PREFIX + "blocks-")
+            new, entries, left = _in_blocks(norm, g, methods, blocks, config, before, flops, calib_src,
+                                            report, timer, progress, Path(scratch.name), sample)
+            plan = Plan(config.method, config.select, tuple(entries))
+            skipped = skipped + left
+        elif plan is None:
             with timer("calibrate"), one_blas_thread():
                 requests = [r for s in sites for r in methods[s.method].requests(s)]
                 with _cluster(config, bool(requests)) as cluster:
@@ -167,8 +175,9 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
         if chosen is not None:
             new, agreement, late_sites = chosen
         else:
-            with timer("rewrite"):
-                new, late_sites = _rewrite(norm, g, methods, sites, plan, sample)
+            if new is None:  # (the block path has rewritten already)
+                with timer("rewrite"):
+                    new, late_sites = _rewrite(norm, g, methods, sites, plan, sample)
             if config.quantize and not late_sites:
                 found = []
                 with timer("quantize"):
@@ -187,21 +196,23 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
             with timer("validate"):
                 agreement = validate(src, new, val_src, scores=before["scores"], progress=progress, labels=labels,
                                      provider=config.provider, mask=mask)
+        _warn_low_agreement(report, agreement, config)
+        _fill(report, new, before, methods, sites, skipped, plan, agreement, sample, late_sites=late_sites)
+        if config.benchmark:
+            with timer("benchmark"):
+                report.latency = run_benchmark(src, new, next(iter(val_src)), specs)
+        report.seconds = timer.seconds
+        report.plan = plan
+        _gate(report, agreement, config)
+        if report.gate and not report.gate["passed"] and not config.keep_failed:
+            raise AgreementError(report.gate["message"], report)
+        with timer("save"):
+            written = save_model(new, out, force=config.force, inputs=[src, *inputs], source=src)
     finally:
         if reference is not None:
             reference.close()
-    _warn_low_agreement(report, agreement, config)
-    _fill(report, new, before, methods, sites, skipped, plan, agreement, sample, late_sites=late_sites)
-    if config.benchmark:
-        with timer("benchmark"):
-            report.latency = run_benchmark(src, new, next(iter(val_src)), specs)
-    report.seconds = timer.seconds
-    report.plan = plan
-    _gate(report, agreement, config)
-    if report.gate and not report.gate["passed"] and not config.keep_failed:
-        raise AgreementError(report.gate["message"], report)
-    with timer("save"):
-        written = save_model(new, out, force=config.force, inputs=[src, *inputs], source=src)
+        if scratch is not None:  # the weights made block by block are in the output now
+            scratch.cleanup()
     report.output = str(out)
     report.file_size["after"] = sum(p.stat().st_size for p in written)
     report.seconds = timer.seconds
@@ -217,6 +228,48 @@ def _cluster(config: Config, needed: bool):
         return nullcontext(None)
     from .core.cluster import connect
     return connect(config.ray, config.ray_workers)
+
+
+def _blocks(sites: list, methods: dict, config: Config, model) -> list | None:
+    """The blocks of sites to calibrate one pass each (`blocks.py`), or None (one pass, one
+    rewrite) when the size rule needs every curve at once, or when every site's statistics fit
+    one pass and the weights are in memory anyway (no external data)."""
+    if not blocks_mod.applies(config) or not sites:
+        return None
+    found = blocks_mod.partition(sites, methods, blocks_mod.budget(config))
+    return found if len(found) > 1 or weights.has_external(model) else None
+
+
+def _in_blocks(norm, g, methods, blocks, config, before, flops, calib_src, report, timer, progress, scratch, sample):
+    """Calibrate, decide and rewrite block by block (`blocks.run`); returns (model, entries, left)."""
+    few, done, total = [], [], sum(len(c) for b in blocks for c in b)
+
+    def curve(site, stats):
+        c = methods[site.method].curve(g, site, stats, config, flops)
+        if 0 < c.state.rows < site.target.channels:
+            few.append((site.key, c.state.rows, site.target.channels))
+        if progress:
+            progress("decide", len(done) + 1, total)
+        done.append(site.key)
+        return c
+
+    def choose(curves):
+        entries, left, _ = decide(norm, g, methods, curves, config, before, calib_src=calib_src, reference=None,
+                                  report=report, timer=timer, progress=progress)
+        return entries, left
+
+    def rewrite(model, block, plan):
+        return _rewrite(model, g, methods, block, plan, sample)[0]
+
+    report.data["calibration_passes"] = len(blocks)
+    found = blocks_mod.run(norm, g, methods, blocks, config, calib_src=calib_src, curve=curve, decide=choose,
+                           rewrite=rewrite, scratch=scratch, timer=timer, progress=progress)
+    if few and config.select == "id":
+        key, rows, channels = few[0]
+        log.warning("decide: %d of %d channel groups have fewer calibration rows than channels (%s: %d rows, "
+                    "%d channels); their interpolation fits the calibration data and may miss held-out "
+                    "data: give more calibration data", len(few), total, key, rows, channels)
+    return found
 
 
 def _find(g: GraphIndex, methods: dict, config: Config) -> tuple[list, list]:

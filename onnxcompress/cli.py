@@ -124,6 +124,7 @@ SUBCOMMANDS = {"inspect": ".inspect", "sweep": ".sweep"}
 @click.option("--keep-failed", is_flag=True, help="Write the output even when the gate fails.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per run: array inputs are cut into batches of N; calibration merges feeds of equal shapes up to N.")
 @click.option("--max-rows", type=int, default=8192, show_default=True, help="Per feed and tensor, at most this many positions enter the statistics (0: all).")
+@click.option("--stats-memory", type=int, help="MiB of statistics one calibration pass may hold (default 256). ID with --keep/--tolerance takes the groups a block at a time within it, one pass per block.")
 @click.option("--holdout", type=float, default=0.2, show_default=True, help="Share of --calib held out for validation when --val is not given.")
 @click.option("--save-plan", type=click.Path(), help="Write the decisions (kept channels, interpolation matrices) as JSON.")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, exists=True), help="Apply a plan saved with --save-plan instead of calibrating.")
@@ -146,7 +147,7 @@ SUBCOMMANDS = {"inspect": ".inspect", "sweep": ".sweep"}
 @click.version_option(package_name="onnxcompress")
 def main(model, output, calib, val, report_path, keep, tolerance, flops_target, params_target, size_target, target,
          minimize, sensitivity, probe_feeds, min_keep,
-         select, method, include, p, lp_weighted, smoothing, max_patch, intercept, exclude, min_agreement, keep_failed, batch_size, max_rows, holdout, save_plan, plan_path,
+         select, method, include, p, lp_weighted, smoothing, max_patch, intercept, exclude, min_agreement, keep_failed, batch_size, max_rows, stats_memory, holdout, save_plan, plan_path,
          force, quiet, verbose, allow_nonfinite, solver, seed, val_labels, round_, latency_target, latency_check,
          latency_threads, benchmark, quantize, ray, ray_workers, provider):
     """Compress MODEL.onnx into OUTPUT (default: MODEL.compressed.onnx beside it)."""
@@ -161,6 +162,7 @@ def main(model, output, calib, val, report_path, keep, tolerance, flops_target, 
                             probe_feeds=probe_feeds, min_keep=min_keep, select=select, method=method, intercept=intercept, exclude=exclude,
                             include=include, p=p, lp_weighted=lp_weighted, smoothing=smoothing, max_patch=max_patch,
                             min_agreement=min_agreement, keep_failed=keep_failed, batch_size=batch_size, max_rows=max_rows,
+                            stats_memory=stats_memory,
                             holdout=holdout, force=force, allow_nonfinite=allow_nonfinite, solver=solver,
                             seed=seed, round=round_, latency_target=latency_target, latency_check=latency_check,
                             latency_threads=latency_threads, benchmark=benchmark, quantize=quantize, ray=ray,

@@ -530,19 +530,30 @@ def test_very_wide_layer_is_left_alone_within_2_gib(big, method):
     assert any("30000 columns" in x and "GiB, over the" in x for x in reasons), reasons
 
 
-@pytest.mark.parametrize("method", ["id", "aasvd"])
-def test_many_layers_stay_within_the_statistics_budget(work, monkeypatch, method):
+@pytest.mark.parametrize("method, rule", [("id", "flops_target"), ("aasvd", "keep")])
+def test_many_layers_stay_within_the_statistics_budget(work, monkeypatch, method, rule):
     """The budget over all statistics (patched small here: 12 groups of 64 channels, 32 KiB of
-    Gram each, against 100 KiB): the first layers are compressed, the rest left alone, saying why.
-    Low rank also counts the 2 KiB statistic of each 16-wide input, so two 64-wide ones fit."""
+    Gram each, against 100 KiB): where the size rule needs every curve at once (and for low
+    rank), the first layers are compressed, the rest left alone, saying why. Low rank also counts
+    the 2 KiB statistic of each 16-wide input, so two 64-wide ones fit."""
     monkeypatch.setattr(stats, "STATS_BUDGET", 100 * 2**10)
     onnx.save(graphs.parallel_mlps(12, 64), str(work.inp / "many.onnx"))
     report = compress(work.inp / "many.onnx", work.output, calib={"x": work.x},
-                      config=Config(method=method, keep=0.5))
+                      config=Config(method=method, **{rule: 0.5}, sensitivity=False))
     over = [s for s in report.skipped if "budget for all statistics" in s["reason"]]
     done = report.groups if method == "id" else [x for x in report.layers if x["shape"][1] == 64]
     fit = 3 if method == "id" else 2
     assert len(done) == fit and len(over) == 12 - fit
+
+
+def test_many_groups_are_calibrated_a_block_at_a_time_within_the_budget(work, monkeypatch):
+    """With a per-group rule (keep), ID takes the groups a budget's worth at a time: 3 groups
+    (96 KiB of Grams) per calibration pass, 4 passes, every group compressed."""
+    monkeypatch.setattr(stats, "STATS_BUDGET", 100 * 2**10)
+    onnx.save(graphs.parallel_mlps(12, 64), str(work.inp / "many.onnx"))
+    report = compress(work.inp / "many.onnx", work.output, calib={"x": work.x}, config=Config(keep=0.5))
+    assert report.data["calibration_passes"] == 4
+    assert len(report.groups) == 12 and not [s for s in report.skipped if "budget" in s["reason"]]
 
 
 @pytest.mark.parametrize("bits, what", [(0x1, "encrypted"), (None, "compression method 12")])

@@ -43,7 +43,8 @@ def flatten(value, prefix: str, wild: set[str]) -> set[str]:
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> list[dict]:
-    """Real reports covering every field: ID with a gate and labels, low rank on a CNN."""
+    """Real reports covering every field: ID with a gate and labels, low rank on a CNN, a target,
+    ID on a model with external data (block by block)."""
     tmp = tmp_path_factory.mktemp("reports")
     a = compress(MODELS / "digits_mlp.onnx", tmp / "a.onnx", config=Config(min_agreement=0.5),
                  calib=MODELS / "digits_calib.npz", val=MODELS / "digits_val.npz",
@@ -52,11 +53,16 @@ def reports(tmp_path_factory) -> list[dict]:
                  calib=MODELS / "digits_cnn_calib.npz")
     c = compress(MODELS / "digits_cnn.onnx", tmp / "c.onnx", config=Config(target="top1>=0.98", probe_feeds=4),
                  calib=MODELS / "digits_cnn_calib.npz", val=MODELS / "digits_cnn_val.npz")
-    d = compress(MODELS / "digits_mlp.onnx", tmp / "d.onnx", config=Config(keep=0.6, quantize="int8"),
+    ext = tmp / "ext" / "mlp.onnx"  # external data: calibrated a block at a time (calibration_passes)
+    ext.parent.mkdir()
+    onnx.save(onnx.load(str(MODELS / "digits_mlp.onnx")), str(ext), save_as_external_data=True,
+              location="mlp.onnx.data", size_threshold=0)
+    d = compress(ext, tmp / "d.onnx", config=Config(keep=0.5, stats_memory=1), calib=MODELS / "digits_calib.npz")
+    e = compress(MODELS / "digits_mlp.onnx", tmp / "e.onnx", config=Config(keep=0.6, quantize="int8"),
                  calib=MODELS / "digits_calib.npz")
     for r in (a, b, c):  # what --report writes
         r.save(tmp / "r.json")
-    return [a.to_dict(), b.to_dict(), c.to_dict(), json.loads((tmp / "r.json").read_text()), d.to_dict()]
+    return [a.to_dict(), b.to_dict(), c.to_dict(), json.loads((tmp / "r.json").read_text()), d.to_dict(), e.to_dict()]
 
 
 def test_every_key_is_documented_and_every_documented_key_present(reports):

@@ -142,7 +142,7 @@ def accumulate(model: onnx.ModelProto, reqs: list[Request], feeds: Iterable[tupl
     feeds; `threads`: ONNX Runtime intra-op threads (0: one per core)."""
     mask = mask_input(model)
     names = sorted({r.tensor for r in reqs})
-    session = make_session(model, names, types, provider=provider, threads=threads)
+    session = make_session(model, names, types, provider=provider, threads=threads, only=True)  # only the layers these tensors need
     acc = {r: r.accumulator() for r in reqs}
     pad = {**_padding_record(mask), "excluded": set(), "counted": set()}
     specs = input_specs(model)

@@ -67,6 +67,11 @@ class Config:
                      calibration merges feeds of equal shapes (a folder) up to this many.
     max_rows:        per feed and exit tensor, at most this many positions (rows of Z) enter the
                      Gram, sampled uniformly with `seed` (large feature maps); 0 takes all.
+    stats_memory:    MiB of statistics one calibration pass may accumulate (default: the
+                     256 MiB budget of `core/stats.py`). With `method="id"` and `keep` or
+                     `tolerance`, groups whose statistics do not fit together are calibrated,
+                     decided and rewritten a block at a time (one pass per block); with other
+                     rules, groups past the budget are left alone, with the reason.
     holdout:         share of the calibration data held out for validation when no `val` is given.
     ridge:           relative ridge added to G[S,S] before solving for the interpolation matrix.
     weighted:        weight Gram columns by the consumers' input-column norms before pivoting.
@@ -132,6 +137,7 @@ class Config:
     max_patch: int = 4096
     batch_size: int = 16
     max_rows: int = 8192
+    stats_memory: int | None = None
     holdout: float = 0.2
     ridge: float = 1e-9
     weighted: bool = True
@@ -173,6 +179,8 @@ class Config:
             raise UsageError(f"{_named('holdout')} must be in [0, 1), got {self.holdout}")
         if self.max_rows < 0:
             raise UsageError(f"{_named('max_rows')} must be non-negative, got {self.max_rows}")
+        if self.stats_memory is not None and self.stats_memory < 1:
+            raise UsageError(f"{_named('stats_memory')} must be at least 1 (MiB), got {self.stats_memory}")
         if self.batch_size < 1:
             raise UsageError(f"{_named('batch_size')} must be at least 1, got {self.batch_size}")
         if not self.ridge >= 0:  # also refuses NaN
@@ -238,10 +246,12 @@ class Config:
 
 
 _OPTIONAL = ("keep", "tolerance", "flops_target", "params_target", "size_target", "target", "min_agreement",
-             "exclude", "include", "smoothing", "quantize", "ray", "ray_workers")
+             "exclude", "include", "smoothing", "quantize", "ray", "ray_workers",
+             "stats_memory")
 _KINDS = {"a number": (("keep", "tolerance", "flops_target", "params_target", "size_target", "min_keep", "holdout",
                         "ridge", "min_agreement", "p", "smoothing"), lambda v: isinstance(v, numbers.Real)),
-          "an integer": (("batch_size", "max_rows", "seed", "max_patch", "probe_feeds", "ray_workers"),
+          "an integer": (("batch_size", "max_rows", "seed", "max_patch", "probe_feeds", "ray_workers",
+                         "stats_memory"),
                          lambda v: isinstance(v, numbers.Integral)),
           "True or False": (("weighted", "intercept", "keep_failed", "force", "lp_weighted", "allow_nonfinite",
                              "sensitivity"), lambda v: True),

@@ -8,7 +8,9 @@ from functools import cached_property
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
+
+from . import weights
 
 CACHE_BYTES = 16 * 2**20
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
@@ -61,13 +63,14 @@ class GraphIndex:
     def const(self, name: str) -> np.ndarray | None:
         """The value of initializer `name`, or None if the tensor is not a constant. Values up to
         CACHE_BYTES are kept; larger ones are read again on each call, so the index never holds
-        a second copy of a model's big weights."""
+        a second copy of a model's big weights; an external-data weight is a read-only memory
+        map of its bytes (`weights.array`)."""
         if name not in self.initializers:
             return None
         value = self._consts.get(name)
         if value is None:
-            value = numpy_helper.to_array(self.initializers[name])
-            if value.nbytes <= CACHE_BYTES:
+            value = weights.array(self.initializers[name])
+            if value.nbytes <= CACHE_BYTES and not isinstance(value, np.memmap):  # maps are cheap to redo
                 self._consts[name] = value
         return value
 

@@ -18,9 +18,9 @@ from typing import Iterable
 
 import numpy as np
 import onnx
-from onnx import external_data_helper, helper, numpy_helper
+from onnx import external_data_helper, helper
 
-from . import files
+from . import files, weights
 from .errors import ModelError, OutputError, RewriteError
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,11 @@ _EXTERNAL_MARGIN = 64 * 2**20  # leave room for the graph itself below the proto
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read an ONNX model and its external data; raise `ModelError` naming the file on failure.
+    """Read an ONNX model; raise `ModelError` naming the file on failure.
+
+    External data is checked but not read: each external tensor keeps its reference, with the
+    location made absolute (`weights.locate`), and stages read one tensor at a time through a
+    memory map (`weights.array`), so a model of any size costs the process only its graph.
 
     The model must pass the ONNX checker (structure, operator schemas, opset imports; not the
     strict shape inference of `full_check`). A graph whose only fault is node order is accepted:
@@ -57,12 +61,9 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelError(f"load: {path}: not an ONNX model (no graph)")
     _check_external(model, path.parent, path)
     unsorted = _check_input(path)
-    try:
-        external_data_helper.load_external_data_for_model(model, str(path.parent))
-    except Exception as e:
-        raise ModelError(f"load: {path}: cannot read external data ({_first_line(e)})") from e
     if unsorted:
         _check_sorted_copy(model, path)
+    weights.locate(model, path.parent)
     return model
 
 
@@ -153,9 +154,22 @@ def _check_sorted_copy(model: onnx.ModelProto, path: Path) -> None:
     copy.CopyFrom(model)
     try:
         topological_sort(copy.graph)
+        _external_as_inputs(copy.graph)  # the order is in question, not the weights' bytes
         onnx.checker.check_model(copy)
     except Exception as e:
         raise ModelError(f"load: {path}: not a valid ONNX model: {_one_line(e)}") from e
+
+
+def _external_as_inputs(graph: onnx.GraphProto) -> None:
+    """Turn the external-data initializers of `graph` into graph inputs of the same type and
+    shape (a structural check then reads no weight file)."""
+    keep = [t for t in graph.initializer if not weights.is_external(t)]
+    listed = {vi.name for vi in graph.input}  # IR < 4 lists initializers as inputs too
+    for t in graph.initializer:
+        if weights.is_external(t) and t.name not in listed:
+            graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
 
 
 def check_finite_weights(model: onnx.ModelProto, path, *, allow: bool, warnings: list | None = None) -> None:
@@ -167,9 +181,9 @@ def check_finite_weights(model: onnx.ModelProto, path, *, allow: bool, warnings:
     for t in model.graph.initializer:
         if t.data_type not in _FLOAT_TYPES:
             continue
-        a = numpy_helper.to_array(t)
-        if not np.all(np.isfinite(a)):
-            bad.append((t.name, "NaN" if np.isnan(a).any() else "Inf"))
+        what = _nonfinite(weights.array(t))
+        if what:
+            bad.append((t.name, what))
     if not bad:
         return
     name, what = bad[0]
@@ -183,6 +197,17 @@ def check_finite_weights(model: onnx.ModelProto, path, *, allow: bool, warnings:
         warnings.append(msg)
 
 
+def _nonfinite(a: np.ndarray, block: int = 2**24) -> str | None:
+    """"NaN" or "Inf" if `a` holds such a value (read a block of elements at a time, so a mapped
+    weight is never copied whole), else None."""
+    flat = a.reshape(-1)
+    for start in range(0, flat.size, block):
+        part = np.asarray(flat[start:start + block])
+        if not np.all(np.isfinite(part)):
+            return "NaN" if np.isnan(part).any() else "Inf"
+    return None
+
+
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                 onnx.TensorProto.BFLOAT16}
 
@@ -194,6 +219,9 @@ def serialized_size(model: onnx.ModelProto) -> int:
     element count)."""
     total = without_initializers(model).ByteSize()
     for t in model.graph.initializer:
+        if weights.is_external(t):
+            total += weights.nbytes(t) + 16 * len(t.dims) + len(t.name) + 8
+            continue
         try:
             total += t.ByteSize()
         except Exception:  # one tensor over 2 GB
@@ -225,12 +253,12 @@ def _copy_fields(src, dst, skip: str) -> None:
 def check_model(model: onnx.ModelProto, where: str) -> None:
     """Run onnx's full checker (with shape inference); raise `ModelError` naming `where`."""
     try:
-        if serialized_size(model) < PROTOBUF_LIMIT:
+        if serialized_size(model) < PROTOBUF_LIMIT and not weights.has_external(model):
             onnx.checker.check_model(model, full_check=True)
         else:
             with tempfile.TemporaryDirectory(prefix="onnxcompress-check-") as tmp:
                 p = Path(tmp) / "model.onnx"
-                onnx.save(model, str(p), save_as_external_data=True, location="model.onnx.data")
+                weights.save(model, p, "model.onnx.data")
                 onnx.checker.check_model(str(p), full_check=True)
     except Exception as e:
         raise ModelError(f"check: {where}: the model fails the ONNX checker ({_first_line(e)})") from e
@@ -253,6 +281,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool =
     check_output_path(path, force=force, inputs=inputs, source=source)
     files.remove_stale([path.parent])
     external = serialized_size(model) > PROTOBUF_LIMIT - _EXTERNAL_MARGIN
+    if not external and weights.has_external(model):
+        model = weights.materialize(model)  # small enough for one file, as it was written before
     data_name = path.name + ".data"
     data_path = path.parent / data_name
     if external:
@@ -261,9 +291,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool =
     try:
         tmp = Path(tempfile.mkdtemp(prefix=".onnxcompress-", dir=path.parent))
         staged = tmp / path.name
-        if external:
-            onnx.save(model, str(staged), format="protobuf", save_as_external_data=True,
-                      all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        if external:  # one tensor at a time, from memory or from the files it is mapped from
+            weights.save(model, staged, data_name)
         else:
             onnx.save(model, str(staged), format="protobuf")
         try:

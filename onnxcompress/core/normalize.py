@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import weights
 from .errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def fold_constants(graph: onnx.GraphProto, opset: int) -> int:
             keep.append(node)
             continue
         try:
-            feed = {n: numpy_helper.to_array(values[n]) for n in inputs}
+            feed = {n: np.array(weights.array(values[n])) for n in inputs}
             results = [np.asarray(v) for v in ReferenceEvaluator(node, opsets={"": opset}).run(None, feed)]
         except Exception:  # an op the reference cannot evaluate stays as it is
             keep.append(node)

@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from . import files, weights
 from .errors import DataError, ModelError, UsageError
 from .modelio import load_model, without_initializers
 from .normalize import unique_node_names
@@ -38,20 +39,25 @@ def check_provider(provider: str) -> None:
 
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, outputs: Iterable[str] = (),
-                 types: dict[str, int] | None = None, *, provider: str = "cpu",
-                 threads: int = 0) -> ort.InferenceSession:
+                 types: dict[str, int] | None = None, *, provider: str = "cpu", threads: int = 0,
+                 only: bool = False) -> ort.InferenceSession:
     """An ONNX Runtime session of `model` on `provider` (`PROVIDERS`; CPU by default) with
     `outputs` exposed in addition to the graph outputs (types from `types`, float by default)
-    and repeated node names made unique; `threads` intra-op threads (0: ONNX Runtime's default).
-    The argument is not modified.
+    and repeated node names made unique; `threads` intra-op threads (0: one per core). With
+    `only`, `outputs` replace the graph outputs and the graph keeps only the nodes they depend on
+    (a calibration pass over the first layers then runs, and maps, only those layers). The
+    argument is not modified.
 
     `model` may be the path of an ONNX file: ONNX Runtime then reads it itself (a file it refuses,
-    with repeated node names say, is loaded here and passed on). A model of more than
-    LARGE_MODEL bytes of weights reaches ONNX Runtime as a temporary file whose weights are
-    page-aligned external data, written one tensor at a time, and is not pre-packed: ONNX Runtime
-    maps the weights instead of holding its own copy, and no copy of the whole model is made.
+    with repeated node names say, is loaded here and passed on). A model with external-data
+    weights (`weights`), or with more than LARGE_MODEL bytes of weights, reaches ONNX Runtime as
+    a temporary file whose external data are hard links to the files the weights are in (weights
+    held in memory are written there first, page-aligned, one tensor at a time), and is not
+    pre-packed: ONNX Runtime maps the weights instead of holding its own copy, and no copy of the
+    whole model is made.
     """
-    if isinstance(model, (str, os.PathLike)) and not list(outputs):
+    outputs = list(outputs)
+    if isinstance(model, (str, os.PathLike)) and not outputs:
         try:
             return _session(str(model), large=weights_bytes(onnx.load(str(model), load_external_data=False)) > LARGE_MODEL,
                             provider=provider, threads=threads)
@@ -62,21 +68,54 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, outputs: Iterable[s
     shell = without_initializers(model)
     unique_node_names(shell.graph)  # ONNX Runtime refuses repeated node names
     known = {vi.name for vi in model.graph.output}
+    if only:
+        del shell.graph.output[:]
+        known = set()
     for name in outputs:
         if name not in known:
             elem = (types or {}).get(name, onnx.TensorProto.FLOAT)
             shell.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+    needed = _prune(shell.graph) if only else None
+    inits = [t for t in model.graph.initializer if needed is None or t.name in needed]
     try:
-        if weights_bytes(model) <= LARGE_MODEL:
-            shell.graph.initializer.extend(model.graph.initializer)
+        if weights_bytes(model) <= LARGE_MODEL and not any(weights.is_external(t) for t in inits):
+            shell.graph.initializer.extend(inits)
             return _session(shell.SerializeToString(), large=False, provider=provider, threads=threads)
-        with tempfile.TemporaryDirectory(prefix="onnxcompress-session-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=files.SYSTEM_PREFIX + "session-") as tmp:
             path = Path(tmp) / "model.onnx"
-            _write_external(model.graph.initializer, shell, path.with_name("model.onnx.data"))
-            onnx.save(shell, str(path))
+            _write_external(inits, shell, path.with_name("model.onnx.data"))
+            onnx.save(weights.link(shell, Path(tmp)), str(path))
             return _session(str(path), large=True, provider=provider, threads=threads)
     except Exception as e:
         raise ModelError(f"run: ONNX Runtime cannot load the model ({str(e).splitlines()[0][:300]})") from e
+
+
+def _prune(graph: onnx.GraphProto) -> set[str]:
+    """Keep only the nodes the graph outputs depend on (in their order); return every tensor name
+    they read, subgraph reads included. Graph inputs stay, so every feed still applies."""
+    producer = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
+    want, stack = set(), [vi.name for vi in graph.output]
+    while stack:
+        i = producer.get(stack.pop())
+        if i is None or i in want:
+            continue
+        want.add(i)
+        node = graph.node[i]
+        stack.extend(n for sub in _with_subgraphs(node) for n in sub.input if n)
+    keep = [n for i, n in enumerate(graph.node) if i in want]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return {n for node in keep for sub in _with_subgraphs(node) for n in sub.input}
+
+
+def _with_subgraphs(node: onnx.NodeProto):
+    """The node and every node of its subgraphs (If/Loop/Scan bodies read outer tensors)."""
+    yield node
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for inner in g.node:
+                yield from _with_subgraphs(inner)
+
 
 
 def cores() -> int:
@@ -106,17 +145,13 @@ def weights_bytes(model: onnx.ModelProto) -> int:
     return sum(_tensor_bytes(t) for t in model.graph.initializer)
 
 
-def _tensor_bytes(t: onnx.TensorProto) -> int:
-    try:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    except Exception:  # string tensors and the like
-        itemsize = 1
-    return int(np.prod(t.dims, dtype=np.int64)) * itemsize
+_tensor_bytes = weights.nbytes
 
 
 def _write_external(initializers, shell: onnx.ModelProto, data: Path, threshold: int = 1024) -> None:
-    """Write the initializers of more than `threshold` bytes to `data` at page-aligned offsets and
-    add them to `shell` as external tensors; smaller ones are copied into `shell` as they are."""
+    """Write the in-memory initializers of more than `threshold` bytes to `data` at page-aligned
+    offsets and add them to `shell` as external tensors; smaller ones, and external ones (still
+    naming their own files), are copied into `shell` as they are."""
     with open(data, "wb") as f:
         for t in initializers:
             if t.data_location == onnx.TensorProto.EXTERNAL or _tensor_bytes(t) <= threshold:
@@ -130,7 +165,7 @@ def _write_external(initializers, shell: onnx.ModelProto, data: Path, threshold:
             ext.name, ext.data_type = t.name, t.data_type
             ext.dims.extend(t.dims)
             ext.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
+            for key, value in (("location", str(data)), ("offset", str(offset)), ("length", str(len(raw)))):
                 entry = ext.external_data.add()
                 entry.key, entry.value = key, value
             del raw

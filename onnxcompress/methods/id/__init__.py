@@ -31,7 +31,9 @@ class IdMethod:
     entry_at_full = True   # a group kept whole is still an entry (its kept channels are all)
 
     def sites(self, g: GraphIndex, config: Config):
-        analysis = find_groups(g, exclude=config.exclude, include=config.include)
+        # per-site rules calibrate in blocks (`blocks.py`): no budget over all groups at once
+        per_site = config.size_rule[0] in ("keep", "tolerance")
+        analysis = find_groups(g, exclude=config.exclude, include=config.include, total_budget=not per_site)
         sites = [Site(self.name, grp.id, "group", _claims(grp), grp) for grp in analysis.groups]
         return sites, list(analysis.skipped)
 

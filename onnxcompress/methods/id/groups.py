@@ -150,10 +150,14 @@ class _Draft:
             self.reasons.append(reason)
 
 
-def find_groups(g: GraphIndex, *, exclude: str | None = None, include: str | None = None) -> Analysis:
+def find_groups(g: GraphIndex, *, exclude: str | None = None, include: str | None = None,
+                total_budget: bool = True) -> Analysis:
     """Trace every producer's channels and return the groups that can be compressed, plus a
     reason for every linear node that is left alone. With `include`, only groups with a producer
-    whose node name matches are kept (the others are skipped, with that reason)."""
+    whose node name matches are kept (the others are skipped, with that reason). With
+    `total_budget`, groups whose Grams would pass the budget for all statistics together
+    (`stats.STATS_BUDGET`) are skipped; without it, only a single group over `GRAM_BUDGET` is
+    (the caller calibrates in blocks)."""
     skipped: list[Skipped] = []
     merged = _drafts(g, HANDLERS, skipped)
     subgraph_names = g.subgraph_uses()
@@ -166,7 +170,7 @@ def find_groups(g: GraphIndex, *, exclude: str | None = None, include: str | Non
         _check_size_and_values(g, d)
         if wanted and not any(wanted.search(g.nodes[p].name) for p in d.producers):
             d.reasons.append(f"no producer matches --include {include!r}")
-        if not d.reasons:
+        if not d.reasons and total_budget:
             need = len(d.exits) * gram_bytes(d.channels)
             reason = over_total(need, used)
             if reason:
