@@ -159,3 +159,13 @@ def test_grid_has_four_bits_only_where_onnx_has_int4():
     grid = method.formats(64, 24, 21)
     assert {f.z_bits for f in grid} == {8, 4} and {f.rank for f in grid} == {12, 6, 3}
     assert all(1 <= f.nnz <= f.rank for f in grid)
+
+
+def test_table_shows_the_error_next_to_low_rank(result):
+    _, _, report, _ = result
+    lines = report.table().splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("sparse quantized factors"))
+    assert "low rank" in lines[head]
+    for row, line in zip(report.sections["sqf"], lines[head + 1:head + 3]):
+        assert line.split()[:2] == [row["layer"], row["format"]]
+        assert float(line.split()[-1]) == pytest.approx(row["lowrank_error"], abs=1e-4)
