@@ -169,3 +169,21 @@ def test_table_shows_the_error_next_to_low_rank(result):
     for row, line in zip(report.sections["sqf"], lines[head + 1:head + 3]):
         assert line.split()[:2] == [row["layer"], row["format"]]
         assert float(line.split()[-1]) == pytest.approx(row["lowrank_error"], abs=1e-4)
+
+
+def test_half_weights_below_opset_19_are_left_alone_with_the_reason(tmp_path):
+    """DequantizeLinear takes float16 scales from opset 19 only: at 17 every layer is skipped
+    and the model is written unchanged; at 19 the same layers are stored as factors."""
+    import graphs
+    from onnx import version_converter
+    src = tmp_path / "half.onnx"
+    onnx.save(graphs.half_mlp(), str(src))
+    report = compress(src, tmp_path / "h.onnx", config=Config(method="sqf", size_target=0.6))
+    assert report.sections.get("sqf", []) == []
+    assert {s["node"] for s in report.skipped} == {"fc1", "fc2", "fc3"}
+    assert all("float16 weight needs DequantizeLinear of opset 19" in s["reason"] for s in report.skipped)
+    assert _inits(tmp_path / "h.onnx").keys() == _inits(src).keys()
+    onnx.save(version_converter.convert_version(graphs.half_mlp(), 19), str(src))
+    report = compress(src, tmp_path / "h19.onnx", config=Config(method="sqf", size_target=0.6))
+    assert {x["layer"] for x in report.sections["sqf"]} == {"fc1", "fc2", "fc3"}
+    onnx.checker.check_model(str(tmp_path / "h19.onnx"), full_check=True)

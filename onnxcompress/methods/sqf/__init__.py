@@ -1,8 +1,10 @@
 """Sparse quantized factors (seed 003) as a method of the shared allocator.
 
 Sites: the Gemm, MatMul and Conv (group 1) layers `lowrank.layers.find_layers` finds, W viewed
-as a matrix (out x in; a Conv's in is in_channels * kernel). Gather tables are left alone with
-the reason: `storage.py` does not store them (their statistic weighs rows, not columns).
+as a matrix (out x in; a Conv's in is in_channels * kernel). Left alone with the reason (`storable`):
+Gather tables (`storage.py` does not store them: their statistic weighs rows, not columns), and
+float16 / bfloat16 weights below opset 19 (their scales keep the weight's type, which
+DequantizeLinear accepts from opset 19).
 
 Candidates: index 0 keeps the float weight; then every `SQFFormat(k, s, b, b)` of the grid
 k in {m/2, m/4, m/8} (m = min(out, in)), s in {k, k/4, k/16} non-zeros per row of Z, b = 8
@@ -38,6 +40,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from onnx import TensorProto
 
 from ...core.config import Config
 from ...core.errors import UsageError
@@ -56,6 +59,7 @@ ITERS = 20          # alternations per solve (the best iterate is kept)
 RANKS = (2, 4, 8)   # k = min(out, in) / each
 SPARSITY = (1, 4, 16)  # s = k / each
 KINDS = ("gemm", "matmul", "matmul_left", "conv")
+HALF_SCALES_OPSET = 19  # DequantizeLinear with float16 / bfloat16 scales
 
 
 @dataclass(frozen=True)
@@ -179,9 +183,9 @@ class SqfMethod:
         found = find_layers(g, include=config.include, exclude=config.exclude, max_patch=config.max_patch)
         sites, skipped = [], list(found.skipped)
         for x in found.layers:
-            if x.kind not in KINDS:
-                skipped.append(Skipped(x.key, g.nodes[x.node].op_type,
-                                       "sparse quantized factors: Gather tables are not stored as factors"))
+            reason = storable(g, x)
+            if reason:
+                skipped.append(Skipped(x.key, g.nodes[x.node].op_type, f"sparse quantized factors: {reason}"))
             else:
                 sites.append(Site(self.name, x.key, g.nodes[x.node].op_type, frozenset({x.weight}), x))
         return sites, skipped
@@ -259,6 +263,19 @@ class SqfMethod:
                               else fmt.bytes(decision.out, decision.inputs))
         row["product"] = "activation" if layer is not None and on_activation(fmt, layer) else "weight"
         return row
+
+
+def storable(g: GraphIndex, layer) -> str:
+    """Why `storage.store` cannot hold `layer` ("" if it can): Gather tables are not stored as
+    factors, and DequantizeLinear takes scales of a float type other than float32 (the weight's
+    type, which the scales keep) only from opset 19."""
+    if layer.kind not in KINDS:
+        return "Gather tables are not stored as factors"
+    dtype = g.initializers[layer.weight].data_type
+    if dtype != TensorProto.FLOAT and g.opset < HALF_SCALES_OPSET:
+        return (f"a {TensorProto.DataType.Name(dtype).lower()} weight needs DequantizeLinear of opset "
+                f"{HALF_SCALES_OPSET} (the model has {g.opset})")
+    return ""
 
 
 def formats(out: int, inputs: int, opset: int) -> list[SQFFormat]:
