@@ -112,7 +112,7 @@ SUBCOMMANDS = {"inspect": ".inspect", "sweep": ".sweep"}
 @click.option("--method", type=click.Choice(METHODS), default=None,
               help="id (default): prune channels (interpolative decomposition); svd / aasvd / lp: split each layer in two "
                    "low-rank factors (plain, activation-aware, robust l_p); auto (default with --target): all of them, "
-                   "the allocator choosing per site.")
+                   "the allocator choosing per site; quant: int8/int4 weights; sqf: sparse quantized factors W ~ Z C (not in auto).")
 @click.option("--include", help="Regular expression: only layers (low rank) or groups with a producer (id) whose node name matches.")
 @click.option("--p", "p", type=float, default=1.0, show_default=True, help="Exponent of --method lp, in [1, 2].")
 @click.option("--lp-weighted", is_flag=True, help="--method lp weighs an embedding table's rows by token counts.")

@@ -44,7 +44,7 @@ def flatten(value, prefix: str, wild: set[str]) -> set[str]:
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> list[dict]:
     """Real reports covering every field: ID with a gate and labels, low rank on a CNN, a target,
-    ID on a model with external data (block by block)."""
+    ID on a model with external data (block by block), --quantize, sparse quantized factors."""
     tmp = tmp_path_factory.mktemp("reports")
     a = compress(MODELS / "digits_mlp.onnx", tmp / "a.onnx", config=Config(min_agreement=0.5),
                  calib=MODELS / "digits_calib.npz", val=MODELS / "digits_val.npz",
@@ -60,9 +60,11 @@ def reports(tmp_path_factory) -> list[dict]:
     d = compress(ext, tmp / "d.onnx", config=Config(keep=0.5, stats_memory=1), calib=MODELS / "digits_calib.npz")
     e = compress(MODELS / "digits_mlp.onnx", tmp / "e.onnx", config=Config(keep=0.6, quantize="int8"),
                  calib=MODELS / "digits_calib.npz")
+    f = compress(MODELS / "digits_mlp.onnx", tmp / "f.onnx", config=Config(method="sqf", size_target=0.6, probe_feeds=4),
+                 calib=MODELS / "digits_calib.npz")
     for r in (a, b, c):  # what --report writes
         r.save(tmp / "r.json")
-    return [a.to_dict(), b.to_dict(), c.to_dict(), json.loads((tmp / "r.json").read_text()), d.to_dict(), e.to_dict()]
+    return [a.to_dict(), b.to_dict(), c.to_dict(), json.loads((tmp / "r.json").read_text()), d.to_dict(), e.to_dict(), f.to_dict()]
 
 
 def test_every_key_is_documented_and_every_documented_key_present(reports):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .target import parse_target
 from .errors import UsageError
 
-METHODS = ("auto", "id", "svd", "aasvd", "lp", "quant")
+METHODS = ("auto", "id", "svd", "aasvd", "lp", "quant", "sqf")
 MINIMIZE = ("size", "params", "flops", "latency")
 SIZE_RULES = ("keep", "tolerance", "flops_target", "params_target", "size_target", "target", "latency_target")
 SELECTIONS = ("id", "norm")
@@ -32,7 +32,9 @@ class Config:
                      default otherwise): interpolative-decomposition channel pruning (seed 000); or a low-rank
                      split of each Gemm/MatMul/Conv/Gather weight into two nodes: "svd" (plain,
                      seed 001), "aasvd" (activation-aware: the calibration-output optimum;
-                     frequency-weighted for embedding tables), "lp" (robust l_p subspace, seed 002).
+                     frequency-weighted for embedding tables), "lp" (robust l_p subspace, seed 002); "quant": weights
+                     as integers with DequantizeLinear; "sqf": each Gemm/MatMul/Conv weight as
+                     sparse quantized factors W ~ Z C (seed 003, `methods/sqf`; not in "auto").
     select:          "id" picks channels by pivoted Cholesky of the (consumer-weighted) Gram and
                      folds the interpolation matrix into the consumers; "norm" keeps the
                      largest-norm producer channels with no correction (a baseline).

@@ -7,11 +7,13 @@ from __future__ import annotations
 from .id import IdMethod
 from .lowrank import LowRankMethod
 from .quant import QuantMethod
+from .sqf import SqfMethod
 
 REGISTRY = {
     "id": IdMethod(),
     "lowrank": LowRankMethod(),
     "quant": QuantMethod(),
+    "sqf": SqfMethod(),
 }
 
 # what each --method runs (the low-rank variant is read from the config by the method)
@@ -21,7 +23,8 @@ CHOICES = {
     "aasvd": ("lowrank",),
     "lp": ("lowrank",),
     "quant": ("quant",),
-    "auto": tuple(REGISTRY),
+    "sqf": ("sqf",),
+    "auto": tuple(m for m in REGISTRY if m != "sqf"),  # sqf: minutes of solves per model (its docstring)
 }
 
 
