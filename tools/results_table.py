@@ -2,6 +2,7 @@
 
     python tools/benchmark.py > build/bench/results.jsonl
     python tools/results_table.py build/bench/results.jsonl
+    python tools/results_table.py --file build/bench/results.jsonl   (with the file size kept)
 
 One row per run: the flags, parameters and FLOPs kept, the task metric (mean sentence-embedding
 cosine for MiniLM, character agreement with the original model's text for RapidOCR recognition,
@@ -33,18 +34,21 @@ def ratio(d: dict, key: str) -> str:
     return f"{v['after'] / v['before']:.1%}"
 
 
-def main(path: str) -> None:
-    print("| run | flags | params | FLOPs | metric (n held-out) | exit | seconds |")
-    print("|---|---|---|---|---|---|---|")
+def main(path: str, file: bool = False) -> None:
+    extra = " file |" if file else ""
+    print("| run | flags |" + extra + " params | FLOPs | metric (n held-out) | exit | seconds |")
+    print("|---|---|" + ("---|" if file else "") + "---|---|---|---|---|")
     with open(path) as f:
         for line in f:
             if not line.strip():
                 continue
             d = json.loads(line)
             n = (d.get("metric") or {}).get("n", "-")
-            print(f"| {d['run']} | `{' '.join(d['flags'])}` | {ratio(d, 'params')} | {ratio(d, 'flops')} | "
+            size = f" {ratio(d, 'file_size')} |" if file else ""
+            print(f"| {d['run']} | `{' '.join(d['flags'])}` |{size} {ratio(d, 'params')} | {ratio(d, 'flops')} | "
                   f"{metric(d)} ({n}) | {d['exit_code']} | {d.get('wall_seconds', 0):.0f} |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "build/bench/results.jsonl")
+    args = [a for a in sys.argv[1:] if a != "--file"]
+    main(args[0] if args else "build/bench/results.jsonl", file="--file" in sys.argv[1:])
