@@ -354,7 +354,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ocr", action="store_true")
     ap.add_argument("--plot", type=Path, default=None, help="default: OUT/minilm-quant.png")
     ap.add_argument("--keep", action="store_true", help="keep the models in --out")
+    ap.add_argument("--from-log", type=Path, nargs="+", default=None,
+                    help="no runs: the checks, table, JSON and plot from the JSON lines an earlier run printed")
     args = ap.parse_args(argv)
+    if args.from_log:
+        return from_log(args)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
@@ -369,6 +373,34 @@ def main(argv=None) -> int:
     if not args.no_ocr:
         result["ocr_rec"] = run_ocr(args, log)
     result["seconds"] = round(time.perf_counter() - t0, 1)
+    (args.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    summary(result)
+    return 0
+
+
+def from_log(args) -> int:
+    """Rebuild results.json, the checks and the plot from the rows (JSON lines) a run printed,
+    e.g. when it was stopped before its end: nothing is run again."""
+    minilm, ocr = [], []
+    for path in args.from_log:
+        for line in Path(path).read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and "run" in row:
+                (ocr if "char_agreement" in row else minilm).append(row)
+    result: dict = {"versions": versions(), "from_log": [str(p) for p in args.from_log]}
+    if minilm:
+        result["minilm"] = {"rows": minilm, "check": checks_minilm(minilm, "cos"),
+                            "check_float": checks_minilm(minilm, "cos_f")}
+        result["minilm"]["plot"] = str(plot(minilm, args.plot or args.out / "minilm-quant.png"))
+    if ocr:
+        o = next(r for r in ocr if r["who"] == "ort")
+        m = max((r for r in ocr if r["who"] == "ours"), key=lambda r: r["char_agreement"], default=None)
+        result["ocr_rec"] = {"ort_on_original": "see the run's log", "rows": ocr, "check": m and {
+            "ours_size_le_ort": m["bytes"] <= o["bytes"], "char_agreement": m["char_agreement"],
+            "met": m["bytes"] <= o["bytes"] and m["char_agreement"] >= 0.99}}
     (args.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
     summary(result)
     return 0
