@@ -172,3 +172,21 @@ def test_float16_scales_count_two_bytes():
     x = rng.standard_normal((4, 64)).astype(np.float16)
     y = run(new, {"x": x})[0]
     np.testing.assert_allclose(y, x.astype(np.float32) @ q.dequantized.T.astype(np.float32), rtol=0, atol=0.2)  # fp16 sums
+
+
+def test_the_opset_is_converted_once_per_model(path, tmp_path, monkeypatch):
+    """Sensitivity probes and the final rewrite reuse the one conversion (`allowed_opset`)."""
+    from onnxcompress.methods import quant
+    from onnxcompress.methods.quant import storage
+    calls, original = [], storage.upgrade_opset
+
+    def counted(model, opset):
+        calls.append(opset)
+        return original(model, opset)
+    monkeypatch.setattr(quant, "upgrade_opset", counted)
+    monkeypatch.setattr(storage, "upgrade_opset", counted)
+    data = feeds(16)
+    report = compress(path, tmp_path / "q.onnx", config=Config(method="quant", size_target=0.3), calib=data, val=data)
+    assert any(r["format"].startswith("int4") for r in report.sections["quantized"])
+    assert report.allocation.get("sensitivity")                 # probes ran
+    assert calls == [21]

@@ -120,7 +120,7 @@ class QuantMethod:
 
     def __init__(self):
         self._itemsize: dict[str, int] = {}  # weight name -> float item size, for `describe`
-        self._upgrade = None  # (model, converts safely, reason) of the last model asked about
+        self._upgrade = None  # (model, its conversion or None, reason) of the last model asked about
 
     def sites(self, g: GraphIndex, config: Config):
         found = find_layers(g, include=config.include, exclude=config.exclude, max_patch=config.max_patch)
@@ -169,8 +169,8 @@ class QuantMethod:
             converted, reason = upgrade_opset(g.model, need)
             if converted is None:
                 log.warning("quant: only int8 per channel is offered: %s", reason)
-            self._upgrade = cache = (g.model, converted is not None, reason)
-        return need if cache[1] else max(g.opset, format_opset(FORMATS[0]))
+            self._upgrade = cache = (g.model, converted, reason)
+        return need if cache[1] is not None else max(g.opset, format_opset(FORMATS[0]))
 
     @staticmethod
     def _bytes(layer, f: Format, scale_bytes: int = 4) -> float:
@@ -204,6 +204,9 @@ class QuantMethod:
             group = d.format.groups(cols, layer.kernel if layer.kind == "conv" else ())
             deq = d.scales[:, group] * d.codes
             edits.append(QuantEdit(layer, Quantized(d.codes, d.scales, group, deq, d.error ** 2, d.format)))
+        cache = self._upgrade
+        if cache is not None and cache[0] is model and cache[1] is not None:
+            model = cache[1]  # converted once in `allowed_opset`: probes do not convert again
         try:
             return apply(model, edits)
         except ValueError as e:
