@@ -187,8 +187,8 @@ def _with_weight(model, layer, q):
 
 
 @pytest.mark.parametrize("kind", ["matmul", "matmul_left", "gemm", "gemm_t", "conv", "gather"])
-@pytest.mark.parametrize("fmt", [qs.Format(8), qs.Format(8, 16), qs.Format(4, 32), qs.Format(4)],
-                         ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", [qs.Format(8), qs.Format(8, 16), qs.Format(4, 32), qs.Format(4), qs.Format(4, 64),
+                                 qs.Format(4, 128)], ids=lambda f: f.name)
 def test_storage_round_trip(kind, fmt):
     model, feed = _model(kind)
     g, layer = _layer(model, feed)
@@ -272,3 +272,18 @@ def test_layer_bytes_match_the_stored_initializers():
         new = storage.store(model, layer, q, format=fmt_name)
         added = [t for t in new.graph.initializer if t.name.startswith(layer.weight + "_")]
         assert sum(len(t.raw_data) for t in added) == storage.layer_bytes(layer, fmt, fmt_name)
+
+
+@pytest.mark.parametrize("fmt,cols", [(qs.Format(4), 3), (qs.Format(4, 2), 4)], ids=["int4/channel", "int4/b2"])
+def test_int4_gptq_against_brute_force(fmt, cols):
+    """The allocator's int4 formats: GPTQ is never below the exhaustive optimum on the same grid
+    and beats rounding to nearest overall."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for _ in range(12):
+        G, W = _gram(rng, 50, cols, rank=cols - 1), rng.standard_normal((1, cols))
+        r, q = qs.rtn(W, G, fmt), qs.gptq(W, G, fmt, damp=1e-9)
+        rows.append((r.error, q.error, _best(W, G, r.scales[:, r.group], fmt)))
+    r, q, best = np.array(rows).T
+    assert np.all(q >= best * (1 - 1e-9)) and np.all(r >= best * (1 - 1e-9))
+    assert np.sum(q) < np.sum(r)

@@ -83,3 +83,110 @@ def test_keep_does_not_quantize_and_says_why(path, tmp_path):
     report = compress(path, tmp_path / "k.onnx", config=Config(method="quant", keep=0.5), calib=data, val=data)
     assert report.sections.get("quantized", []) == []
     assert any("quantization is chosen by a budget or a target" in s["reason"] for s in report.skipped)
+
+
+def _opset(model) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _stored(model, weight: str) -> int:
+    """Bytes of the codes and scales `storage.apply` wrote for `weight`."""
+    return sum(len(t.raw_data) for t in model.graph.initializer if t.name.startswith(weight + "_"))
+
+
+def test_int4_raises_the_opset_and_bytes_are_counted_as_stored(path, tmp_path):
+    """Below int8's bytes (0.34 of this model's) only int4 helps: the opset-17 model is converted to 21 and every
+    reported byte count is what the file holds (codes packed, float32 scales)."""
+    data = feeds(16)
+    out = tmp_path / "q4.onnx"
+    report = compress(path, out, config=Config(method="quant", size_target=0.3), calib=data, val=data)
+    new = onnx.load(str(out))
+    onnx.checker.check_model(new, full_check=True)
+    assert _opset(onnx.load(str(path))) == 17 and _opset(new) == 21
+    rows = report.sections["quantized"]
+    assert any(r["format"].startswith("int4") for r in rows)
+    assert report.allocation["reached"] <= 0.3                  # int8 alone stops at 0.34
+    from onnxcompress.core.graph import GraphIndex
+    from onnxcompress.methods.lowrank.layers import find_layers
+    weights = {x.key: x.weight for x in find_layers(GraphIndex(onnx.load(str(path)))).layers}
+    for r in rows:
+        assert _stored(new, weights[r["layer"]]) == r["bytes_after"], r
+    assert_valid_output(path, out, data[:3])
+    assert report.agreement[0]["cosine"] > 0.99
+
+
+def test_formats_whole_blocks_once_by_decreasing_bytes():
+    """MatMul 64 -> 8 (W 8 x 64): b32 and b64 fit (b64 is the whole row: per channel, offered
+    once), b128 does not divide 64; the table (64 x 8, blocks along d = 8) only per channel."""
+    from onnxcompress.core.graph import GraphIndex
+    from onnxcompress.methods.quant import QuantMethod, solvers as qs
+    from test_mixed import embed_ffn
+    model = embed_ffn()
+    g = GraphIndex(model)
+    m = QuantMethod()
+    sites, _ = m.sites(g, Config(method="quant"))
+    by_kind = {}
+    for s in sites:
+        by_kind.setdefault(s.target.kind, []).append(s.target)
+    fc2 = next(x for x in by_kind["matmul"] if x.inputs == 64)
+    assert m.formats(g, fc2) == [qs.Format(8), qs.Format(4, 32), qs.Format(4)]
+    table = by_kind["gather"][0]
+    assert m.formats(g, table) == [qs.Format(8), qs.Format(4)]
+
+
+def test_a_refused_upgrade_offers_int8_only_and_says_why(path, tmp_path, monkeypatch, caplog):
+    from onnxcompress.methods import quant
+    monkeypatch.setattr(quant, "upgrade_opset", lambda model, opset: (None, "opset 17 -> 21 conversion failed: no"))
+    data = feeds(16)
+    out = tmp_path / "q8.onnx"
+    with caplog.at_level("WARNING"):
+        report = compress(path, out, config=Config(method="quant", size_target=0.3), calib=data, val=data)
+    assert "only int8 per channel is offered: opset 17 -> 21 conversion failed: no" in caplog.text
+    assert {r["format"] for r in report.sections["quantized"]} == {"int8/channel"}
+    assert report.allocation["reached"] > 0.3                    # int8 alone cannot reach it
+    assert _opset(onnx.load(str(out))) == 17
+
+
+def test_float16_scales_count_two_bytes():
+    from onnx import helper, numpy_helper
+    from onnxcompress.core.graph import GraphIndex
+    from onnxcompress.methods.quant import QuantMethod, solvers as qs, storage
+    from onnxcompress.methods.lowrank.layers import find_layers
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float16)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "fp16",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [4, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [4, 32])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    g = GraphIndex(model)
+    layer = find_layers(g).layers[0]
+    fmt = qs.Format(4, 32)
+    q = qs.rtn(w.T.astype(np.float64), np.ones(64), fmt)
+    new = storage.store(model, layer, q)
+    onnx.checker.check_model(new, full_check=True)
+    scale = next(t for t in new.graph.initializer if t.name.endswith("_scale"))
+    assert scale.data_type == TensorProto.FLOAT16
+    assert _stored(new, "w") == storage.layer_bytes(layer, fmt, scale_bytes=2) == 64 * 32 // 2 + 32 * 2 * 2
+    assert QuantMethod._bytes(layer, fmt, 2) == _stored(new, "w")
+    x = rng.standard_normal((4, 64)).astype(np.float16)
+    y = run(new, {"x": x})[0]
+    np.testing.assert_allclose(y, x.astype(np.float32) @ q.dequantized.T.astype(np.float32), rtol=0, atol=0.2)  # fp16 sums
+
+
+def test_the_opset_is_converted_once_per_model(path, tmp_path, monkeypatch):
+    """Sensitivity probes and the final rewrite reuse the one conversion (`allowed_opset`)."""
+    from onnxcompress.methods import quant
+    from onnxcompress.methods.quant import storage
+    calls, original = [], storage.upgrade_opset
+
+    def counted(model, opset):
+        calls.append(opset)
+        return original(model, opset)
+    monkeypatch.setattr(quant, "upgrade_opset", counted)
+    monkeypatch.setattr(storage, "upgrade_opset", counted)
+    data = feeds(16)
+    report = compress(path, tmp_path / "q.onnx", config=Config(method="quant", size_target=0.3), calib=data, val=data)
+    assert any(r["format"].startswith("int4") for r in report.sections["quantized"])
+    assert report.allocation.get("sensitivity")                 # probes ran
+    assert calls == [21]

@@ -1,22 +1,28 @@
 """Weight quantization as a method of the shared allocator.
 
 Sites are the layers `lowrank.layers.find_layers` finds (Gemm, MatMul, Conv, Gather with a
-constant weight read by no other node). Candidates: index 0 keeps the float weight; then int8
-with one scale per output channel; then, where the model's opset allows blocked
-DequantizeLinear (21 and newer), int4 in blocks of 32 input columns. Each is rounded with error
+constant weight read by no other node). Candidates: index 0 keeps the float weight; then the
+`FORMATS` in decreasing order of stored bytes: int8 with one scale per output channel, and int4
+with one scale per output channel and in blocks of 32, 64 and 128 input columns (a block as wide
+as the row is the per-channel format, and is offered once). int4 needs opset 21: a model below
+it is converted (`storage.upgrade_opset`) when the converted model passes the full checker and
+loads in ONNX Runtime; otherwise only int8 is offered, with the reason logged. Each is rounded with error
 feedback against the layer's input Gram (GPTQ, `solvers.gptq`; a table's rows by their token
 weights, `solvers.quantize_embedding`), and its local error is the relative calibration output
 error tr((W - Q) G (W - Q)^T) / tr(W G W^T). Bytes scale by the format's size (codes + scales)
-over the float weight's; parameters and FLOPs do not change. The weight is stored as integers
+over the float weight's, counted as stored: codes packed at the format's bits, one scale per
+(row, group) in the weight's own float type; parameters and FLOPs do not change. The weight is stored as integers
 and a DequantizeLinear feeding the layer (`storage.py`): standard ONNX, any runtime.
 """
 from __future__ import annotations
 
 import base64
+import logging
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from onnx import helper
 
 from ...core.config import Config
 from ...core.errors import UsageError
@@ -25,9 +31,14 @@ from ..base import Cost, Curve, Site
 from ..lowrank.layers import find_layers, weight_matrix
 from ..lowrank.ranks import input_gram
 from .solvers import Format, Quantized, gptq, quantize_embedding, rtn
-from .storage import BLOCKED_OPSET, QuantEdit, apply
+from .storage import QuantEdit, apply, format_opset, layer_bytes, upgrade_opset
 
-FORMATS = (Format(8), Format(4, 32))
+log = logging.getLogger(__name__)
+
+#: the candidate formats, in the order they are offered (each layer drops the ones that store as
+#: many bytes as an earlier one, so a block as wide as the row is per channel, and sorts the rest
+#: by decreasing bytes)
+FORMATS = (Format(8), Format(4), Format(4, 32), Format(4, 64), Format(4, 128))
 
 
 @dataclass(frozen=True)
@@ -107,6 +118,10 @@ class QuantMethod:
     section = "quantized"
     entry_at_full = False  # a float weight is not an entry
 
+    def __init__(self):
+        self._itemsize: dict[str, int] = {}  # weight name -> float item size, for `describe`
+        self._upgrade = None  # (model, its conversion or None, reason) of the last model asked about
+
     def sites(self, g: GraphIndex, config: Config):
         found = find_layers(g, include=config.include, exclude=config.exclude, max_patch=config.max_patch)
         sites = [Site(self.name, x.key, g.nodes[x.node].op_type, frozenset({x.weight}), x) for x in found.layers]
@@ -117,20 +132,49 @@ class QuantMethod:
 
     def curve(self, g: GraphIndex, site: Site, stats: dict, config: Config, flops: dict) -> Curve:
         layer = site.target
-        formats = [f for f in FORMATS if not f.block or g.opset >= BLOCKED_OPSET]
+        formats = self.formats(g, layer)
         found = solve(g, layer, stats[layer.request], formats, config)
-        nbytes = float(g.const(layer.weight).nbytes)
-        stored = np.array([nbytes] + [self._bytes(layer, f) for f in formats])
+        itemsize = _itemsize(g, layer.weight)
+        self._itemsize[layer.weight] = itemsize
+        nbytes = float(layer.params * itemsize)
+        stored = np.array([nbytes] + [self._bytes(layer, f, itemsize) for f in formats])
         error = np.array([0.0] + [max(float(q.error), 0.0) for q in found])
         sizes = np.array([32] + [f.bits for f in formats])
         costs = (Cost("bytes", layer.weight, nbytes, stored / nbytes),)
         return Curve(site, sizes, error, costs, state=[None] + found, steps=np.arange(len(sizes)))
 
+    def formats(self, g: GraphIndex, layer) -> list[Format]:
+        """`FORMATS` this model can store (`allowed_opset`) in whole blocks (`_blocks_fit`), one
+        per distinct byte count for this layer (the first offered wins: per channel over a block
+        as wide as the row), by decreasing bytes."""
+        opset = self.allowed_opset(g)
+        itemsize = _itemsize(g, layer.weight)
+        seen, out = set(), []
+        for f in FORMATS:
+            n = self._bytes(layer, f, itemsize)
+            if format_opset(f) <= opset and _blocks_fit(layer, f) and n not in seen:
+                seen.add(n)
+                out.append(f)
+        return sorted(out, key=lambda f: -self._bytes(layer, f, itemsize))
+
+    def allowed_opset(self, g: GraphIndex) -> int:
+        """The highest opset the formats may need: the model's own, or the one `FORMATS` need
+        if `upgrade_opset` converts the model safely (checked once per model; the reason is
+        logged when it does not)."""
+        need = max(format_opset(f) for f in FORMATS)
+        if g.opset >= need:
+            return need
+        cache = self._upgrade
+        if cache is None or cache[0] is not g.model:
+            converted, reason = upgrade_opset(g.model, need)
+            if converted is None:
+                log.warning("quant: only int8 per channel is offered: %s", reason)
+            self._upgrade = cache = (g.model, converted, reason)
+        return need if cache[1] is not None else max(g.opset, format_opset(FORMATS[0]))
+
     @staticmethod
-    def _bytes(layer, f: Format) -> float:
-        rows, cols, kernel = ((layer.inputs, layer.out, ()) if layer.kind == "gather"
-                              else (layer.out, layer.inputs, layer.kernel if layer.kind == "conv" else ()))
-        return float(f.bytes(rows, cols, kernel))
+    def _bytes(layer, f: Format, scale_bytes: int = 4) -> float:
+        return float(layer_bytes(layer, f, "onnx", scale_bytes))
 
     def keep_index(self, curve: Curve, fraction: float):
         return "--keep sizes channels and ranks; quantization is chosen by a budget or a target"
@@ -146,6 +190,9 @@ class QuantMethod:
         if not decisions:
             return model
         layers = {s.key: s.target for s in sites}
+        for s in sites:
+            if s.target.weight in g.initializers:
+                self._itemsize[s.target.weight] = _itemsize(g, s.target.weight)
         edits = []
         for d in decisions:
             layer = layers.get(d.layer)
@@ -157,6 +204,9 @@ class QuantMethod:
             group = d.format.groups(cols, layer.kernel if layer.kind == "conv" else ())
             deq = d.scales[:, group] * d.codes
             edits.append(QuantEdit(layer, Quantized(d.codes, d.scales, group, deq, d.error ** 2, d.format)))
+        cache = self._upgrade
+        if cache is not None and cache[0] is model and cache[1] is not None:
+            model = cache[1]  # converted once in `allowed_opset`: probes do not convert again
         try:
             return apply(model, edits)
         except ValueError as e:
@@ -166,11 +216,13 @@ class QuantMethod:
         """The report's row; bytes from the decision's own codes (its layer in the model it was
         made for: the input model, or for `--quantize` the rewritten one)."""
         rows, cols = decision.codes.shape
-        kernel = ()
-        if site is not None and site.target.kind == "conv" and decision.kind == "conv":
-            kernel = site.target.kernel
-        return {**decision.to_dict(matrices=False), "bytes_before": int(rows * cols * 4),
-                "bytes_after": int(decision.format.bytes(rows, cols, kernel))}
+        kernel, itemsize = (), 4
+        if site is not None:
+            itemsize = self._itemsize.get(site.target.weight, 4)
+            if site.target.kind == "conv" and decision.kind == "conv":
+                kernel = site.target.kernel
+        return {**decision.to_dict(matrices=False), "bytes_before": int(rows * cols * itemsize),
+                "bytes_after": int(decision.format.bytes(rows, cols, kernel, itemsize))}
 
 
 def solve(g: GraphIndex, layer, stat, formats, config: Config) -> list:
@@ -189,3 +241,18 @@ def entry(layer, q: Quantized, *, after: bool = False) -> QuantPlan:
     """The plan entry of `layer` stored as `q`."""
     return QuantPlan(layer.key, layer.kind, q.format.bits, q.format.block, q.codes.astype(np.int8),
                      np.asarray(q.scales, dtype=np.float64), math.sqrt(max(float(q.error), 0.0)), after)
+
+
+def _itemsize(g: GraphIndex, name: str) -> int:
+    """Bytes per value of initializer `name` (the type its DequantizeLinear scales are stored in)."""
+    return int(np.dtype(helper.tensor_dtype_to_np_dtype(g.initializers[name].data_type)).itemsize)
+
+
+def _blocks_fit(layer, f: Format) -> bool:
+    """Per channel, or a block that divides the blocked axis (input channels; a table's d).
+    ONNX and ONNX Runtime accept a partial last block, OpenVINO refuses it ("dimension of X at
+    axis ... cannot be divided by block_size"), so the standard-op format keeps to whole blocks."""
+    if not f.block:
+        return True
+    channels = layer.out if layer.kind == "gather" else layer.inputs // int(np.prod(layer.kernel or (1,)))
+    return channels % f.block == 0

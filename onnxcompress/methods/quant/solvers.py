@@ -39,7 +39,8 @@ import scipy.linalg
 
 from ..lowrank.solvers import token_weights
 
-#: bytes of one stored scale (float32, DequantizeLinear's output type for a float32 model)
+#: bytes of one stored scale by default (float32, DequantizeLinear's output type for a float32
+#: model; storage.py stores scales in the weight's own float type)
 SCALE_BYTES = 4
 
 
@@ -72,10 +73,14 @@ class Format:
         """Scale group of every column (inputs,), columns ordered (channel, kernel offset)."""
         return column_groups(inputs, self.block, kernel)
 
-    def bytes(self, out: int, inputs: int, kernel: tuple[int, ...] = ()) -> int:
-        """Stored bytes: codes packed at `bits` per entry (whole bytes per tensor) + float32 scales."""
-        ngroups = int(self.groups(inputs, kernel).max()) + 1 if inputs else 0
-        return -(-out * inputs * self.bits // 8) + out * ngroups * SCALE_BYTES
+    def bytes(self, out: int, inputs: int, kernel: tuple[int, ...] = (), scale_bytes: int = SCALE_BYTES) -> int:
+        """Stored bytes: codes packed at `bits` per entry (whole bytes per tensor) + one scale of
+        `scale_bytes` per (row, group) (the weight's float type: 4 for float32, 2 for float16)."""
+        return -(-out * inputs * self.bits // 8) + out * self.ngroups(inputs, kernel) * scale_bytes
+
+    def ngroups(self, inputs: int, kernel: tuple[int, ...] = ()) -> int:
+        """Scale groups per row."""
+        return int(self.groups(inputs, kernel).max()) + 1 if inputs else 0
 
 
 #: the formats `error_curve` reports by default, largest first

@@ -15,7 +15,8 @@ error is that of the structural plan plus what rounding adds on top of it, both 
 The entries are `QuantPlan`s with `after=True`, keyed by the layers of M'. A saved plan
 replays them on the model its other entries rewrite (`replay`), which reproduces M' exactly.
 
-int4 is stored in blocks of 32 inputs (DequantizeLinear with block_size, opset 21). A model at
+int4 is stored in blocks of 32 inputs (DequantizeLinear with block_size, opset 21), or with one
+scale per output channel where 32 does not divide the layer's input channels. A model at
 an older opset is converted with onnx's version converter when the converted model passes the
 full checker and loads in ONNX Runtime (`storage.upgrade_opset`); otherwise int8 per channel is
 used and the report says why.
@@ -55,6 +56,12 @@ def prepare(model: onnx.ModelProto, fmt: Format, warnings: list | None = None) -
     return upgraded, fmt
 
 
+def _fitting(layer, fmt: Format, fits) -> Format:
+    """`fmt`, or the same bits per output channel where its blocks do not divide the layer's
+    blocked axis (a partial last block is valid ONNX, but OpenVINO refuses it)."""
+    return fmt if fits(layer, fmt) else Format(fmt.bits)
+
+
 def _index(model: onnx.ModelProto, sample: dict) -> GraphIndex:
     from ...api import shapes_at  # the same shapes compress() uses
     return GraphIndex(model, *shapes_at(model, sample))
@@ -74,8 +81,9 @@ def quantize_rest(model: onnx.ModelProto, name: str, calib_src, config: Config, 
     requests = [r for s in sites for r in method.requests(s)]
     stats = calibrate(model, requests, calib_src, types=g.types, progress=progress,
                       max_rows=config.max_rows, seed=config.seed, provider=config.provider)
-    from . import entry, solve
-    entries = [entry(s.target, solve(g, s.target, stats[s.target.request], [fmt], config)[0], after=True)
+    from . import _blocks_fit, entry, solve
+    entries = [entry(s.target, solve(g, s.target, stats[s.target.request], [_fitting(s.target, fmt, _blocks_fit)],
+                                     config)[0], after=True)
                for s in sites]
     return method.rewrite(model, g, sites, entries), entries, sites, list(skipped)
 

@@ -39,8 +39,13 @@ class QuantEdit:
     quantized: Quantized
 
 
+def format_opset(fmt: Format) -> int:
+    """The opset DequantizeLinear needs for `fmt`: int8 per channel 13; int4 or blocks 21."""
+    return PER_AXIS_OPSET if fmt.bits == 8 and not fmt.block else BLOCKED_OPSET
+
+
 def required_opset(q: Quantized) -> int:
-    return PER_AXIS_OPSET if q.format.bits == 8 and not q.format.block else BLOCKED_OPSET
+    return format_opset(q.format)
 
 
 def model_opset(model: onnx.ModelProto) -> int:
@@ -243,16 +248,17 @@ def store(model: onnx.ModelProto, layer: Layer, q: Quantized, format: str = "onn
     return apply(model, [QuantEdit(layer, q)], format)
 
 
-def layer_bytes(layer: Layer, fmt: Format, format: str = "onnx") -> int:
+def layer_bytes(layer: Layer, fmt: Format, format: str = "onnx", scale_bytes: int = 4) -> int:
     """Bytes `apply` stores for `layer` in `fmt` (codes + scales): a Gather table is quantized
     per token row (vocab x d), every other layer as W (out x in); MatMulNBits pads K to whole
-    blocks. The float original costs 4 * layer.params (float32)."""
+    blocks. Scales are stored in the weight's float type: `scale_bytes` is its item size (4 for
+    float32, 2 for float16), as is each parameter of the float original."""
     rows, cols, kernel = (layer.inputs, layer.out, ()) if layer.kind == "gather" else \
         (layer.out, layer.inputs, layer.kernel)
     if format == "ort" and layer.kind == "matmul" and ort_kernel(layer, fmt):
         blocks = -(-cols // fmt.block)
-        return rows * blocks * fmt.block * fmt.bits // 8 + rows * blocks * 4
-    return fmt.bytes(rows, cols, kernel)
+        return rows * blocks * fmt.block * fmt.bits // 8 + rows * blocks * scale_bytes
+    return fmt.bytes(rows, cols, kernel, scale_bytes)
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
