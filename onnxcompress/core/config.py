@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .target import parse_target
 from .errors import UsageError
 
-METHODS = ("auto", "id", "svd", "aasvd", "lp", "quant")
+METHODS = ("auto", "id", "svd", "aasvd", "lp", "quant", "block")
 MINIMIZE = ("size", "params", "flops", "latency")
 SIZE_RULES = ("keep", "tolerance", "flops_target", "params_target", "size_target", "target", "latency_target")
 SELECTIONS = ("id", "norm")

@@ -4,6 +4,7 @@ the interface every method implements). Adding a method is one module and one li
 line in `CHOICES` and the name in `core.config.METHODS`)."""
 from __future__ import annotations
 
+from .block import BlockMethod
 from .id import IdMethod
 from .lowrank import LowRankMethod
 from .quant import QuantMethod
@@ -12,6 +13,7 @@ REGISTRY = {
     "id": IdMethod(),
     "lowrank": LowRankMethod(),
     "quant": QuantMethod(),
+    "block": BlockMethod(),
 }
 
 # what each --method runs (the low-rank variant is read from the config by the method)
@@ -21,6 +23,7 @@ CHOICES = {
     "aasvd": ("lowrank",),
     "lp": ("lowrank",),
     "quant": ("quant",),
+    "block": ("block",),
     "auto": tuple(REGISTRY),
 }
 
