@@ -641,8 +641,9 @@ def residual_blocks(kind: str = "identity", zero_branch: bool = False) -> onnx.M
     h = b.op("Gemm", ["x", b.weight("stem", (8, 8))], transB=1, name="stem")
     inner = b.op("Relu", [b.op("Gemm", [h, b.weight("w1", (16, 8)), b.weight("b1", (16,), None, 0.1)],
                                 transB=1, name="fc1")])
-    w2 = np.zeros((8, 16), np.float32) if zero_branch else b.random((8, 16))
-    b2 = np.zeros(8, np.float32) if zero_branch else b.random((8,), None, 0.1)
+    w2, b2 = b.random((8, 16)), b.random((8,), None, 0.1)   # drawn either way: the same other weights
+    if zero_branch:
+        w2, b2 = 0 * w2, 0 * b2
     f = b.op("Gemm", [inner, b.const("w2", w2), b.const("b2", b2)], transB=1, name="fc2")
     skip = h
     if kind == "projection":
@@ -657,18 +658,19 @@ def residual_blocks(kind: str = "identity", zero_branch: bool = False) -> onnx.M
     return b.model([("x", ["N", 8])], outs)
 
 
-def post_ln_encoder(heads: int = 2, size: int = 4, zero: str = "") -> onnx.ModelProto:
+def post_ln_encoder(heads: int = 2, size: int = 4, zero: str = "", weak: str = "") -> onnx.ModelProto:
     """One post-LN transformer layer, x[B,S,C]: a = LN(x + Attn(x, mask)); y = LN(a + FFN(a)),
     FFN = W2 Relu(W1 a + b1) + b2; attention as in `attention` (mask[B,1,1,S] added to the
     scores). zero "attn" / "ffn": that sub-block's output projection and bias are zero, so its
-    f = 0."""
+    f = 0; weak "attn" / "ffn": that projection and bias are scaled by 1e-3 (a block that barely
+    contributes)."""
     b = Builder(43)
     c = heads * size
     rng = b.rng
 
-    def dense(inp, shape, name, zeroed=False):
-        w = np.zeros(shape, np.float32) if zeroed else b.random(shape, None, 0.4)
-        bias = np.zeros(shape[1], np.float32) if zeroed else b.random((shape[1],), None, 0.1)
+    def dense(inp, shape, name, zeroed=False, scale=1.0):
+        w, bias = b.random(shape, None, 0.4), b.random((shape[1],), None, 0.1)
+        w, bias = (0 if zeroed else scale) * w, (0 if zeroed else scale) * bias
         return b.op("Add", [b.op("MatMul", [inp, b.const(f"w{name}", w)], name=name), b.const(f"b{name}", bias)])
 
     def ln(t):
@@ -684,7 +686,19 @@ def post_ln_encoder(heads: int = 2, size: int = 4, zero: str = "") -> onnx.Model
                      "mask"], name="masked")
     ctx = b.op("Transpose", [b.op("MatMul", [b.op("Softmax", [s], axis=-1), v], name="context")], perm=[0, 2, 1, 3])
     ctx = b.op("Reshape", [ctx, b.const("merge", np.array([0, 0, c], dtype=np.int64))])
-    a = ln(b.op("Add", ["x", dense(ctx, (c, c), "attn.o", zero == "attn")], name="attn.add"))
+    a = ln(b.op("Add", ["x", dense(ctx, (c, c), "attn.o", zero == "attn", 1e-3 if weak == "attn" else 1.0)], name="attn.add"))
     hidden = b.op("Relu", [dense(a, (c, 4 * c), "ffn.1")])
-    y = ln(b.op("Add", [a, dense(hidden, (4 * c, c), "ffn.2", zero == "ffn")], name="ffn.add"))
+    y = ln(b.op("Add", [a, dense(hidden, (4 * c, c), "ffn.2", zero == "ffn", 1e-3 if weak == "ffn" else 1.0)], name="ffn.add"))
     return b.model([("x", ["B", "S", c]), ("mask", ["B", 1, 1, "S"])], [y])
+
+
+def chain_blocks(zero: tuple[int, ...] = ()) -> onnx.ModelProto:
+    """Two pre-activation residual blocks in a row, the second reading the first's output, the
+    last Add the graph output: x[N,6]; y1 = x + W1 Relu(x); y2 = y1 + W2 Relu(y1). Blocks whose
+    number (1, 2) is in `zero` have W = 0, so their f = 0."""
+    b = Builder(47)
+    y = "x"
+    for n in (1, 2):
+        w = b.random((6, 6)) * (0 if n in zero else 1)
+        y = b.op("Add", [y, b.op("MatMul", [b.op("Relu", [y]), b.const(f"w{n}", w)], name=f"f{n}")], name=f"add{n}")
+    return b.model([("x", ["N", 6])], [y])

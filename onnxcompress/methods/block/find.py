@@ -106,7 +106,7 @@ def _match(g: GraphIndex, i: int, nested: set[str]) -> Block | str:
             continue
         why = _closed(g, i, f, body, nested)
         if why:
-            return why
+            return f"as a block around {x!r}: {why}"
         y = g.nodes[i].output[0]
         sx, sy = g.shape(x), g.shape(y)
         if sx is None or sy is None or None in sx or None in sy:
