@@ -30,7 +30,8 @@ class Config:
                      default otherwise): interpolative-decomposition channel pruning (seed 000); or a low-rank
                      split of each Gemm/MatMul/Conv/Gather weight into two nodes: "svd" (plain,
                      seed 001), "aasvd" (activation-aware: the calibration-output optimum;
-                     frequency-weighted for embedding tables), "lp" (robust l_p subspace, seed 002).
+                     frequency-weighted for embedding tables), "lp" (robust l_p subspace, seed 002);
+                     "quant" (int8 / int4 weights); "block" (residual blocks dropped whole).
     select:          "id" picks channels by pivoted Cholesky of the (consumer-weighted) Gram and
                      folds the interpolation matrix into the consumers; "norm" keeps the
                      largest-norm producer channels with no correction (a baseline).
