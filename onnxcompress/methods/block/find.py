@@ -108,6 +108,8 @@ def _match(g: GraphIndex, i: int, nested: set[str]) -> Block | str:
         if why:
             return f"as a block around {x!r}: {why}"
         y = g.nodes[i].output[0]
+        if y in nested:
+            return f"its output {y!r} is read inside a subgraph"
         sx, sy = g.shape(x), g.shape(y)
         if sx is None or sy is None or None in sx or None in sy:
             return f"the shapes of {x!r} and {y!r} are unknown"
