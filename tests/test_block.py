@@ -215,6 +215,8 @@ def test_budget_drops_the_cheapest_block_and_the_probe_measures_its_real_error(t
     assert rows[0]["block"] == min(probes, key=lambda k: probes[k]["measured"]).split()[-1]
     assert report.params["after"] == report.params["before"] - sizes[rows[0]["block"]]
     assert report.flops["after"] < report.flops["before"]
+    table = report.table()
+    assert "dropped block (y := x)" in table and rows[0]["block"] in table
 
 
 def test_plan_with_two_dropped_blocks_replays(tmp_path):

@@ -123,6 +123,10 @@ class Report:
                 lines += ["", f"{'quantized layer':<40} {'format':>12} {'bytes':>9} {'error':>8}"]
             lines.append(f"{_short(x['layer'], 40):<40} {x['format']:>12} "
                          f"{x['bytes_after'] / max(x['bytes_before'], 1):9.1%} {x['error'] or 0:8.4f}")
+        for x in self.sections.get("blocks", []):
+            if x is self.sections["blocks"][0]:
+                lines += ["", f"{'dropped block (y := x)':<40} {'nodes':>6} {'error':>8}"]
+            lines.append(f"{_short(x['block'], 40):<40} {x['nodes']:>6} {x['error'] or 0:8.4f}")
         lines += _allocation_lines(self.allocation)
         lines += _latency_lines(self.latency)
         lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()))
