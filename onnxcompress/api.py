@@ -365,7 +365,8 @@ def _fill(report: Report, new, before: dict, methods: dict, sites: list, skipped
     if report.allocation.get("estimated_error") is not None:
         report.allocation["measured_error"] = output_error(agreement)
     if not plan.entries:
-        what = "channel group" if plan.method == "id" else "layer to split" if plan.method != "auto" else "site"
+        what = {"id": "channel group", "auto": "site", "quant": "layer to quantize",
+                "block": "residual block"}.get(plan.method, "layer to split")
         report.warn(f"no compressible {what} was found; the output computes the same function")
 
 

@@ -111,8 +111,9 @@ SUBCOMMANDS = {"inspect": ".inspect", "sweep": ".sweep"}
 @click.option("--select", type=click.Choice(SELECTIONS), default="id", show_default=True, help="id: interpolative decomposition with correction; norm: largest-norm channels, no correction (baseline).")
 @click.option("--method", type=click.Choice(METHODS), default=None,
               help="id (default): prune channels (interpolative decomposition); svd / aasvd / lp: split each layer in two "
-                   "low-rank factors (plain, activation-aware, robust l_p); auto (default with --target): all of them, "
-                   "the allocator choosing per site; quant: int8/int4 weights; sqf: sparse quantized factors W ~ Z C (not in auto).")
+                   "low-rank factors (plain, activation-aware, robust l_p); quant: int8/int4 weights; block: drop whole residual "
+                   "blocks; auto (default with --target): all of them but sqf, the allocator choosing per site; "
+                   "sqf: sparse quantized factors W ~ Z C (not in auto).")
 @click.option("--include", help="Regular expression: only layers (low rank) or groups with a producer (id) whose node name matches.")
 @click.option("--p", "p", type=float, default=1.0, show_default=True, help="Exponent of --method lp, in [1, 2].")
 @click.option("--lp-weighted", is_flag=True, help="--method lp weighs an embedding table's rows by token counts.")

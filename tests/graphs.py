@@ -682,3 +682,77 @@ def padded(feeds: list[dict]) -> dict:
         n = f["input_ids"].shape[1]
         ids[i, :n], mask[i, :n] = f["input_ids"][0], 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def residual_blocks(kind: str = "identity", zero_branch: bool = False) -> onnx.ModelProto:
+    """x[N,8] -> Gemm 8 (stem) = h -> block: h + W2 Relu(W1 h + b1) + b2 = y -> Relu -> Gemm 4.
+
+    kind "identity": the block above (a residual block with an identity skip); "projection":
+    the skip is Gemm(h) (not the identity); "parallel": Add(W1 h, W2 z) of two branches, z the
+    stem's input (not a residual block); "leak": the block's hidden tensor is also read by a
+    second output head (the body is not closed). zero_branch: W2 and b2 are zero, so f(x) = 0."""
+    b = Builder(41)
+    h = b.op("Gemm", ["x", b.weight("stem", (8, 8))], transB=1, name="stem")
+    inner = b.op("Relu", [b.op("Gemm", [h, b.weight("w1", (16, 8)), b.weight("b1", (16,), None, 0.1)],
+                                transB=1, name="fc1")])
+    w2, b2 = b.random((8, 16)), b.random((8,), None, 0.1)   # drawn either way: the same other weights
+    if zero_branch:
+        w2, b2 = 0 * w2, 0 * b2
+    f = b.op("Gemm", [inner, b.const("w2", w2), b.const("b2", b2)], transB=1, name="fc2")
+    skip = h
+    if kind == "projection":
+        skip = b.op("Gemm", [h, b.weight("proj", (8, 8))], transB=1, name="proj")
+    elif kind == "parallel":
+        f = b.op("Gemm", ["x", b.weight("other", (8, 8))], transB=1, name="other")
+        skip = b.op("Gemm", [h, b.weight("w3", (8, 8))], transB=1, name="w3")
+    y = b.op("Add", [skip, f], name="join")
+    outs = [b.op("Gemm", [b.op("Relu", [y]), b.weight("head", (4, 8))], transB=1, name="head")]
+    if kind == "leak":
+        outs.append(b.op("Gemm", [inner, b.weight("aux", (2, 16))], transB=1, name="aux"))
+    return b.model([("x", ["N", 8])], outs)
+
+
+def post_ln_encoder(heads: int = 2, size: int = 4, zero: str = "", weak: str = "") -> onnx.ModelProto:
+    """One post-LN transformer layer, x[B,S,C]: a = LN(x + Attn(x, mask)); y = LN(a + FFN(a)),
+    FFN = W2 Relu(W1 a + b1) + b2; attention as in `attention` (mask[B,1,1,S] added to the
+    scores). zero "attn" / "ffn": that sub-block's output projection and bias are zero, so its
+    f = 0; weak "attn" / "ffn": that projection and bias are scaled by 1e-3 (a block that barely
+    contributes)."""
+    b = Builder(43)
+    c = heads * size
+    rng = b.rng
+
+    def dense(inp, shape, name, zeroed=False, scale=1.0):
+        w, bias = b.random(shape, None, 0.4), b.random((shape[1],), None, 0.1)
+        w, bias = (0 if zeroed else scale) * w, (0 if zeroed else scale) * bias
+        return b.op("Add", [b.op("MatMul", [inp, b.const(f"w{name}", w)], name=name), b.const(f"b{name}", bias)])
+
+    def ln(t):
+        return b.op("LayerNormalization", [t, b.const("g", (1 + 0.1 * rng.standard_normal(c)).astype(np.float32)),
+                                           b.const("beta", (0.1 * rng.standard_normal(c)).astype(np.float32))], axis=-1)
+
+    split = b.const("split", np.array([0, 0, heads, size], dtype=np.int64))
+    q, k, v = (b.op("Reshape", [dense("x", (c, c), f"attn.{n}"), split]) for n in "qkv")
+    q = b.op("Transpose", [q], perm=[0, 2, 1, 3])
+    k = b.op("Transpose", [k], perm=[0, 2, 3, 1])
+    v = b.op("Transpose", [v], perm=[0, 2, 1, 3])
+    s = b.op("Add", [b.op("Div", [b.op("MatMul", [q, k], name="scores"), b.const("scale", np.float32(np.sqrt(size)))]),
+                     "mask"], name="masked")
+    ctx = b.op("Transpose", [b.op("MatMul", [b.op("Softmax", [s], axis=-1), v], name="context")], perm=[0, 2, 1, 3])
+    ctx = b.op("Reshape", [ctx, b.const("merge", np.array([0, 0, c], dtype=np.int64))])
+    a = ln(b.op("Add", ["x", dense(ctx, (c, c), "attn.o", zero == "attn", 1e-3 if weak == "attn" else 1.0)], name="attn.add"))
+    hidden = b.op("Relu", [dense(a, (c, 4 * c), "ffn.1")])
+    y = ln(b.op("Add", [a, dense(hidden, (4 * c, c), "ffn.2", zero == "ffn", 1e-3 if weak == "ffn" else 1.0)], name="ffn.add"))
+    return b.model([("x", ["B", "S", c]), ("mask", ["B", 1, 1, "S"])], [y])
+
+
+def chain_blocks(zero: tuple[int, ...] = ()) -> onnx.ModelProto:
+    """Two pre-activation residual blocks in a row, the second reading the first's output, the
+    last Add the graph output: x[N,6]; y1 = x + W1 Relu(x); y2 = y1 + W2 Relu(y1). Blocks whose
+    number (1, 2) is in `zero` have W = 0, so their f = 0."""
+    b = Builder(47)
+    y = "x"
+    for n in (1, 2):
+        w = b.random((6, 6)) * (0 if n in zero else 1)
+        y = b.op("Add", [y, b.op("MatMul", [b.op("Relu", [y]), b.const(f"w{n}", w)], name=f"f{n}")], name=f"add{n}")
+    return b.model([("x", ["N", 6])], [y])

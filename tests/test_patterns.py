@@ -378,6 +378,31 @@ def test_attention_partial_keep_matches_the_maths(tmp_path):
     np.testing.assert_allclose(run(out, val)[0], expected, rtol=1e-4, atol=1e-4)
 
 
+def test_attention_score_and_context_flops_are_counted_per_sample_and_shrink_with_the_heads(tmp_path):
+    """FLOPs per sample (batch 1, S = 5, C = 16 in 4 heads of d = 4): the projections
+    4 x 2 S C^2 = 10240, Q K^T and P V 2 H S^2 d = 800 each. The head group's cost items scale
+    both products with the kept heads, and keeping 2 of 4 heads halves them in the model."""
+    from onnxcompress.core.cost import node_flops
+    from onnxcompress.methods.id import group_costs
+    model = graphs.attention()
+    norm = normalize(model)
+    g = GraphIndex(norm, *shapes_at(norm, feeds(ATT, 1, 0)))
+    flops = node_flops(g)
+    scores, context = \
+        [i for i, n in enumerate(g.nodes) if n.op_type == "MatMul" and all(g.const(x) is None for x in n.input)]
+    assert flops[scores] == flops[context] == 2 * 4 * 5 * 5 * 4
+    assert sum(flops.values()) == 4 * 2 * 5 * 16 * 16 + 2 * 800
+    grp = next(iter(find_groups(g).groups))
+    fraction = np.array([1.0, 0.5])
+    items = {c.item: c for c in group_costs(g, grp, fraction, flops) if c.metric == "flops"}
+    for i in (scores, context):
+        assert items[g.key(i)].base == 800 and list(items[g.key(i)].factor) == [1.0, 0.5]
+    path, out, report, val = squeeze_att(tmp_path, model, keep=0.5)
+    assert report.flops["before"] == 4 * 2 * 5 * 16 * 16 + 2 * 800      # the val feeds hold 8 samples
+    assert report.flops["per"] == "sample"
+    assert report.flops["after"] == 3 * 2 * 5 * 16 * 8 + 2 * 5 * 8 * 16 + 2 * 400
+
+
 def test_heads_not_merged_back_are_left_alone(tmp_path):
     path, out, report, val = squeeze_att(tmp_path, graphs.attention(merge="split"), keep=0.5)
     assert "Reshape of attention heads other than merging them back" in reasons(report)["attn.q"]

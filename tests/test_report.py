@@ -62,9 +62,16 @@ def reports(tmp_path_factory) -> list[dict]:
                  calib=MODELS / "digits_calib.npz")
     f = compress(MODELS / "digits_mlp.onnx", tmp / "f.onnx", config=Config(method="sqf", size_target=0.6, probe_feeds=4),
                  calib=MODELS / "digits_calib.npz")
+    enc = checks.save(tmp, graphs.post_ln_encoder(), "enc.onnx")   # a dropped residual block
+    rng = np.random.default_rng(0)
+    enc_data = [{"x": rng.standard_normal((1, 5, 8)).astype(np.float32), "mask": np.zeros((1, 1, 1, 5), np.float32)}
+                for _ in range(8)]
+    g = compress(enc, tmp / "g.onnx", config=Config(method="block", params_target=0.9, probe_feeds=4),
+                 calib=enc_data, val=enc_data)
+    assert g.sections.get("blocks")
     for r in (a, b, c):  # what --report writes
         r.save(tmp / "r.json")
-    return [a.to_dict(), b.to_dict(), c.to_dict(), json.loads((tmp / "r.json").read_text()), d.to_dict(), e.to_dict(), f.to_dict()]
+    return [a.to_dict(), b.to_dict(), c.to_dict(), json.loads((tmp / "r.json").read_text()), d.to_dict(), e.to_dict(), f.to_dict(), g.to_dict()]
 
 
 def test_every_key_is_documented_and_every_documented_key_present(reports):

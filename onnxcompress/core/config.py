@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .target import parse_target
 from .errors import UsageError
 
-METHODS = ("auto", "id", "svd", "aasvd", "lp", "quant", "sqf")
+METHODS = ("auto", "id", "svd", "aasvd", "lp", "quant", "sqf", "block")
 MINIMIZE = ("size", "params", "flops", "latency")
 SIZE_RULES = ("keep", "tolerance", "flops_target", "params_target", "size_target", "target", "latency_target")
 SELECTIONS = ("id", "norm")
@@ -35,6 +35,7 @@ class Config:
                      frequency-weighted for embedding tables), "lp" (robust l_p subspace, seed 002); "quant": weights
                      as integers with DequantizeLinear; "sqf": each Gemm/MatMul/Conv weight as
                      sparse quantized factors W ~ Z C (seed 003, `methods/sqf`; not in "auto").
+                     "block": residual blocks dropped whole.
     select:          "id" picks channels by pivoted Cholesky of the (consumer-weighted) Gram and
                      folds the interpolation matrix into the consumers; "norm" keeps the
                      largest-norm producer channels with no correction (a baseline).

@@ -1,7 +1,9 @@
 """Parameter and FLOP counts of a model.
 
 FLOPs are counted for Conv, ConvTranspose, Gemm and MatMul nodes (2 per multiply-add) at the
-shapes of one concrete feed; parameters are the elements of floating-point initializers and of
+shapes of one concrete feed (one sample: batch 1), MatMuls of two activations included (the
+attention scores Q K^T, [B, H, S, d] @ [B, H, d, S]: 2 B H S^2 d; the context P V, the same);
+parameters are the elements of floating-point initializers and of
 quantized weights' integer codes. How
 they scale with each site's size is the sites' `Cost` items (`methods/base.py`, `allocate.py`).
 """

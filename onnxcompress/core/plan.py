@@ -183,7 +183,7 @@ def check_plan_dict(d) -> None:
         check = checks.get(method) or getattr(getattr(REGISTRY.get(method), "decision", None), "check", None)
         _need(check is not None, f"{where}: unknown method {method!r}")
         check(e, where)
-        key = (method, e.get("group") if method == "id" else e.get("layer"))
+        key = (method, e.get("group") if method == "id" else e.get("layer", e.get("block")))
         _need(key not in seen, f"a {'group' if method == 'id' else 'layer'} appears twice")
         seen.add(key)
 

@@ -128,6 +128,10 @@ class Report:
                 lines += ["", f"{'sparse quantized factors':<40} {'format':>18} {'bytes':>7} {'error':>8} {'low rank':>8}"]
             lines.append(f"{_short(x['layer'], 40):<40} {x['format']:>18} {x['bytes_after'] / max(x['bytes_before'], 1):7.1%} "
                          f"{x['error'] or 0:8.4f} {x['lowrank_error'] or 0:8.4f}")
+        for x in self.sections.get("blocks", []):
+            if x is self.sections["blocks"][0]:
+                lines += ["", f"{'dropped block (y := x)':<40} {'nodes':>6} {'error':>8}"]
+            lines.append(f"{_short(x['block'], 40):<40} {x['nodes']:>6} {x['error'] or 0:8.4f}")
         lines += _allocation_lines(self.allocation)
         lines += _latency_lines(self.latency)
         lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()))

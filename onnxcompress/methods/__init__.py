@@ -4,6 +4,7 @@ the interface every method implements). Adding a method is one module and one li
 line in `CHOICES` and the name in `core.config.METHODS`)."""
 from __future__ import annotations
 
+from .block import BlockMethod
 from .id import IdMethod
 from .lowrank import LowRankMethod
 from .quant import QuantMethod
@@ -14,6 +15,7 @@ REGISTRY = {
     "lowrank": LowRankMethod(),
     "quant": QuantMethod(),
     "sqf": SqfMethod(),
+    "block": BlockMethod(),
 }
 
 # what each --method runs (the low-rank variant is read from the config by the method)
@@ -24,6 +26,7 @@ CHOICES = {
     "lp": ("lowrank",),
     "quant": ("quant",),
     "sqf": ("sqf",),
+    "block": ("block",),
     "auto": tuple(m for m in REGISTRY if m != "sqf"),  # sqf: minutes of solves per model (its docstring)
 }
 

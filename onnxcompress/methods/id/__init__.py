@@ -111,8 +111,15 @@ def _claims(grp) -> frozenset:
 
 def group_costs(g: GraphIndex, grp, fraction: np.ndarray, flops: dict) -> list[Cost]:
     """Parameters and bytes of every weight the group slices or mixes, FLOPs of every node whose
-    weight it edits (or whose group attribute it sets), each scaling with k / C."""
+    weight it edits (or whose group attribute it sets), each scaling with k / C. An attention
+    head group also scales the products of two activations it passes through, Q K^T
+    (2 H S^2 d per sample) and P V (2 H S^2 d), with the kept heads h / H = k / C."""
     out, tensors, nodes = [], set(), set()
+    for key in grp.nodes:
+        i = g.index_of(key)
+        node = g.nodes[i]
+        if node.op_type == "MatMul" and len(node.input) == 2 and all(g.const(n) is None for n in node.input):
+            nodes.add(i)
     for e in grp.edits:
         if isinstance(e, (Slice, Mix)):
             tensors.add(e.tensor)
