@@ -521,6 +521,25 @@ def nested_concat(dup: bool = False) -> onnx.ModelProto:
     return b.model([("x", ["N", 3, 8, 8])], [y, side])
 
 
+def concat_residual(dup: bool = False) -> onnx.ModelProto:
+    """a = Relu(Conv 2 (x)), b = Relu(Conv 4 (x)), cat = Concat(a, b) (6); y = Relu(Conv 3x3 6
+    (cat) + cat), a residual join on the concatenation; GAP -> Flatten -> Gemm 5. With dup,
+    a's and b's second halves copy their first, and so do the residual conv's rows within each
+    window ([0, 2) and [2, 6)): the copies of the join's two operands line up."""
+    b = Builder(33)
+    d = 0 if dup else None
+    parts = [b.op("Relu", [b.op("Conv", ["x", b.weight(f"c{c}", (c, 3, 3, 3), d), b.weight(f"c{c}b", (c,), d, 0.1)],
+                                pads=[1, 1, 1, 1], name=name)]) for c, name in ((2, "conv_a"), (4, "conv_b"))]
+    cat = b.op("Concat", parts, axis=1)
+    rows = np.concatenate([b.random((c, 6, 3, 3), d, 0.2) for c in (2, 4)])
+    res = b.op("Conv", [cat, b.const("res", rows), b.const("resb", np.concatenate([b.random((c,), d, 0.1) for c in (2, 4)]))],
+               pads=[1, 1, 1, 1], name="res")
+    h = b.op("Relu", [b.op("Add", [res, cat])])
+    flat = b.op("Flatten", [b.op("GlobalAveragePool", [h])], axis=1)
+    y = b.op("Gemm", [flat, b.weight("head", (5, 6)), b.weight("headb", (5,), None, 0.1)], transB=1, name="head")
+    return b.model([("x", ["N", 3, 8, 8])], [y])
+
+
 def conv_transpose(dup: bool = False, group: int = 1) -> onnx.ModelProto:
     """x[N,3,8,8] -> Conv 8 -> Relu -> ConvTranspose 6 (2x2, stride 2, bias, `group`) -> BN ->
     Relu -> ConvTranspose 2 (3x3, stride 2, pads 1) -> Sigmoid (the PP-OCR detection head)."""

@@ -153,6 +153,26 @@ def test_nested_concat_and_a_depthwise_exit_in_a_window(tmp_path, keep, dup):
     assert_valid_output(path, out, val, same=True, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("keep,dup", [(1.0, False), (0.5, True)])
+def test_concat_into_a_residual_join(tmp_path, keep, dup):
+    """Concat(a2, b4) joined by a residual Add with the conv reading it: one group of 6 whose
+    producers are conv_a, conv_b (windows [0, 2) and [2, 6)) and the residual conv (all six),
+    exits at the residual conv (the concatenation's Gram) and the head (the pooled sum's). With
+    the copies lined up in both operands of the join, keep 0.5 keeps one channel of a's window
+    and two of b's, and reproduces the outputs on held-out inputs."""
+    model = graphs.concat_residual(dup=dup)
+    grp = next(g for g in analyse(model, IMG).groups if "conv_a" in g.producers)
+    assert grp.channels == 6 and set(grp.producers) == {"conv_a", "conv_b", "res"}
+    assert {e.tensor: (e.offset, e.width) for e in grp.exits} == \
+        {tensor_of(model, "Concat"): (0, 0), tensor_of(model, "Flatten"): (0, 0)}
+    assert grp.windows == ((0, 2), (2, 4))
+    path, out, report, val = squeeze(tmp_path, model, IMG, keep=keep)
+    assert kept(report)[grp.id] == (round(6 * keep), 6)
+    assert weight_of(out, "conv_a").shape[0] == (1 if keep < 1 else 2)
+    assert weight_of(out, "res").shape[:2] == (round(6 * keep),) * 2
+    assert_valid_output(path, out, val, same=True, rtol=1e-5, atol=1e-6)
+
+
 def test_concat_with_a_constant_is_left_alone():
     """(Analysis only: a constant of batch 1 fixes the batch.)"""
     model = graphs.concat_neck(se=False, second="const")

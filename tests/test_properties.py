@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from hypothesis import event, given, note
+from hypothesis import event, example, given, note
 from hypothesis import strategies as st
 
 from checks import assert_valid_output, run, save
@@ -93,7 +93,10 @@ specs = st.one_of(mlp_specs(), cnn_specs())
 
 # ---- builders ----
 # With dup, every width drawn is doubled and the second half of each group's channels copies the
-# first (producer rows, biases and every per-channel parameter), so keep=0.5 loses nothing.
+# first (producer rows, biases and every per-channel parameter), so keep=0.5 loses nothing. After
+# a Concat of two branches the group's channels are two windows, one per branch, each holding its
+# own copies: the per-channel parameters that follow (residual conv rows, depthwise filters,
+# BatchNormalization, gates) copy within each window too, or the copies would not line up.
 
 def build(spec, dup: bool = False) -> tuple[onnx.ModelProto, tuple]:
     """The model of `spec` and the shape of one input sample (without the batch axis)."""
@@ -141,6 +144,26 @@ def _per_channel(b: Builder, x: str, extra: str | None, c: int, shape: tuple, du
     return x
 
 
+def _copies(b: Builder, shape: tuple, windows: list[int], dup: bool, scale: float | None = None) -> np.ndarray:
+    """Random values with the channels on axis 0; with dup, the second half of each window of
+    `windows` (their widths, summing to shape[0]) copies its first half."""
+    if not dup or len(windows) == 1:
+        return b.random(shape, 0 if dup else None, scale)
+    return np.concatenate([b.random((w, *shape[1:]), 0, scale) for w in windows])
+
+
+def _bn(b: Builder, x: str, windows: list[int], dup: bool) -> str:
+    """BatchNormalization whose parameters copy within each window (`Builder.bn` for one)."""
+    c = sum(windows)
+    if not dup or len(windows) == 1:
+        return b.bn(x, c, dup)
+    scale = b.const("bn_scale", 1 + 0.1 * _copies(b, (c,), windows, dup, 1.0))
+    bias = b.const("bn_bias", 0.1 * _copies(b, (c,), windows, dup, 1.0))
+    mean = b.const("bn_mean", 0.1 * _copies(b, (c,), windows, dup, 1.0))
+    var = b.const("bn_var", (1 + 0.1 * np.abs(_copies(b, (c,), windows, dup, 1.0))).astype(np.float32))
+    return b.op("BatchNormalization", [x, scale, bias, mean, var])
+
+
 def _width(drawn: int | None, current: int, dup: bool) -> int:
     """A producer's width: the drawn one (doubled with dup) or the current one (made even with
     dup, so that every group can be planted with copies)."""
@@ -172,7 +195,7 @@ def build_cnn(spec, dup=False):
     b = Builder(spec["seed"], constant_nodes=spec["constant_nodes"])
     c, (h, w) = spec["channels"], spec["hw"]
     d = 0 if dup else None
-    cur = "x"
+    cur, windows = "x", [c]  # windows: the widths of the Concat inputs the current channels come from
     for blk in spec["blocks"]:
         t = blk["type"]
         if t == "conv":
@@ -190,17 +213,19 @@ def build_cnn(spec, dup=False):
                 oh, ow = (h + 2 * pad - reach - 1) // stride + 1, (w + 2 * pad - reach - 1) // stride + 1
             inputs = [cur, b.weight("conv", (n, c, k, k), d)] + ([b.weight("cb", (n,), d, 0.5)] if blk["bias"] else [])
             y = b.op("Conv", inputs, **attrs)
-            (h, w), c = (oh, ow), n
+            (h, w), c, windows = (oh, ow), n, [n]
             if blk["bn"]:
                 y = b.bn(y, c, dup)
             cur = _per_channel(b, activation(b, y, blk["act"]), blk["extra"], c, (c, 1, 1), dup)
         elif t == "dw":
-            inputs = [cur, b.weight("dw", (c, 1, 3, 3), d)] + ([b.weight("dwb", (c,), d, 0.5)] if blk["bias"] else [])
+            inputs = [cur, b.const("dw", _copies(b, (c, 1, 3, 3), windows, dup))] + \
+                ([b.const("dwb", _copies(b, (c,), windows, dup, 0.5))] if blk["bias"] else [])
             y = b.op("Conv", inputs, group=c, pads=[1, 1, 1, 1])
-            cur = activation(b, b.bn(y, c, dup) if blk["bn"] else y, blk["act"])
+            cur = activation(b, _bn(b, y, windows, dup) if blk["bn"] else y, blk["act"])
         elif t == "residual":
-            y = b.op("Conv", [cur, b.weight("rc", (c, c, 3, 3), d, 0.5 / np.sqrt(9 * c))], pads=[1, 1, 1, 1])
-            cur = activation(b, b.op("Add", [b.bn(y, c, dup) if blk["bn"] else y, cur]), blk["act"])
+            rc = b.const("rc", _copies(b, (c, c, 3, 3), windows, dup, 0.5 / np.sqrt(9 * c)))
+            y = b.op("Conv", [cur, rc], pads=[1, 1, 1, 1])
+            cur = activation(b, b.op("Add", [_bn(b, y, windows, dup) if blk["bn"] else y, cur]), blk["act"])
         elif t == "pool":
             if min(h, w) >= 2:
                 cur = b.op(blk["op"], [cur], kernel_shape=[2, 2], strides=[2, 2])
@@ -209,12 +234,13 @@ def build_cnn(spec, dup=False):
             r = blk["reduce"] * (2 if dup else 1)
             s = b.op("Relu", [b.op("Conv", [b.op("GlobalAveragePool", [cur]), b.weight("se1", (r, c, 1, 1), d),
                                             b.weight("se1b", (r,), d, 0.5)])])
-            gate = b.op(blk["gate"], [b.op("Conv", [s, b.weight("se2", (c, r, 1, 1), d), b.weight("se2b", (c,), d, 0.5)])])
+            se2, se2b = b.const("se2", _copies(b, (c, r, 1, 1), windows, dup)), b.const("se2b", _copies(b, (c,), windows, dup, 0.5))
+            gate = b.op(blk["gate"], [b.op("Conv", [s, se2, se2b])])
             cur = b.op("Mul", [cur, gate])
         else:  # two convs on the same input, concatenated along the channels
             n = blk["width"] * (2 if dup else 1)
             parts = [b.op("Relu", [b.op("Conv", [cur, b.weight("br", (n, c, 1, 1), d)])]) for _ in range(2)]
-            cur, c = b.op("Concat", parts, axis=1), 2 * n
+            cur, c, windows = b.op("Concat", parts, axis=1), 2 * n, [n, n]
     if spec["head"] == "conv":
         y = b.op("Conv", [cur, b.weight("head", (spec["out"], c, 1, 1)), b.weight("hb", (spec["out"],), None, 0.5)])
     else:
@@ -284,7 +310,15 @@ def _any_size(tmp, spec, config):
         assert np.all(np.isfinite(new)) or not np.all(np.isfinite(ref))
 
 
+# A Concat of two branches then a residual conv: its rows must copy within each branch's window
+# (the copies of the Concat's channels), not across the halves of the concatenation.
+BRANCH_RESIDUAL = {"kind": "cnn", "channels": 1, "hw": (3, 3),
+                   "blocks": [{"type": "branch", "width": 1}, {"type": "residual", "bn": False, "act": None}],
+                   "head": "gap", "out": 1, "constant_nodes": False, "seed": 0}
+
+
 @given(spec=specs)
+@example(spec=BRANCH_RESIDUAL)
 def test_planted_duplicates_prune_exactly(spec):
     """Every group's second half copies its first: at keep=0.5 each compressed group keeps half
     its channels and the outputs on the calibration inputs are the original's (on other inputs
