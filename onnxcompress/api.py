@@ -30,7 +30,7 @@ from .core.runtime import check_provider, make_session, observed_shapes, run
 from .core.threads import one_blas_thread
 from .core.validate import Reference, load_labels, output_error, score_outputs, validate
 from .decide import decide
-from .methods import for_method, for_plan
+from .methods import REGISTRY, for_method, for_plan
 from .methods.base import Skipped
 from .methods.quant import stage as quant_stage
 
@@ -356,7 +356,7 @@ def _fill(report: Report, new, before: dict, methods: dict, sites: list, skipped
     by_key = {(s.method, s.key, False): s for s in sites}
     by_key.update({(s.method, s.key, True): s for s in late_sites})
     for e in plan.entries:
-        m = methods.get(e.method) or quant_stage._method()
+        m = methods.get(e.method) or REGISTRY[e.method]  # `--quantize` entries: the quant method's rows
         site = by_key.get((e.method, e.site, bool(getattr(e, "after", False))))
         row = m.describe(site, e) if site is not None else e.to_dict(matrices=False)
         report.rows(m.section).append(row)

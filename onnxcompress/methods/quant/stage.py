@@ -37,8 +37,8 @@ FORMATS = {"int8": Format(8), "int4": Format(4, 32)}
 
 
 def _method():
-    from . import QuantMethod  # the package imports this module's users, not the other way round
-    return QuantMethod()
+    from .. import REGISTRY  # the registry imports this package; this module is loaded by its users
+    return REGISTRY["quant"]
 
 
 def prepare(model: onnx.ModelProto, fmt: Format, warnings: list | None = None) -> tuple[onnx.ModelProto, Format]:

@@ -73,6 +73,22 @@ def upgrade_opset(model: onnx.ModelProto, opset: int) -> tuple[onnx.ModelProto |
     return new, ""
 
 
+def copy_at_opset(model: onnx.ModelProto, need: int, instead: str, *, blocked_ir: bool = False) -> onnx.ModelProto:
+    """A copy of `model` at opset `need` or newer (`upgrade_opset` when older: ValueError with
+    its reason and what to do `instead` when that fails), at IR 10 when int4 / block_size
+    (opset 21) or `blocked_ir` asks for it."""
+    base = model
+    if model_opset(model) < need:
+        base, reason = upgrade_opset(model, need)
+        if base is None:
+            raise ValueError(f"{reason}; {instead}")
+    out = onnx.ModelProto()
+    out.CopyFrom(base)
+    if need >= BLOCKED_OPSET or blocked_ir:
+        out.ir_version = max(out.ir_version, BLOCKED_IR)
+    return out
+
+
 def find_node(graph: onnx.GraphProto, layer: Layer) -> int:
     """Index of `layer`'s node: `layer.node` if that node reads the weight (the usual case), else
     the only node reading it (an opset conversion may have moved nodes)."""
@@ -182,15 +198,8 @@ def apply(model: onnx.ModelProto, edits, format: str = "onnx") -> onnx.ModelProt
     edits = list(edits)
     contrib = {id(e): format == "ort" and ort_kernel(e.layer, e.quantized.format) for e in edits}
     need = max((required_opset(e.quantized) for e in edits if not contrib[id(e)]), default=0)
-    base = model
-    if model_opset(model) < need:
-        base, reason = upgrade_opset(model, need)
-        if base is None:
-            raise ValueError(f"{reason}; quantize with int8 per channel (Format(8)) instead")
-    out = onnx.ModelProto()
-    out.CopyFrom(base)
-    if need >= BLOCKED_OPSET or any(contrib.values()):
-        out.ir_version = max(out.ir_version, BLOCKED_IR)
+    out = copy_at_opset(model, need, "quantize with int8 per channel (Format(8)) instead",
+                        blocked_ir=any(contrib.values()))
     if any(contrib.values()) and not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     graph = out.graph

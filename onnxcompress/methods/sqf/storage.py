@@ -24,8 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ...ops.edits import Layer
 from ...ops.surgery import fresh_name
-from ..quant.storage import (BLOCKED_IR, BLOCKED_OPSET, _splice, find_node, int_tensor, model_opset,
-                             upgrade_opset)
+from ..quant.storage import BLOCKED_OPSET, _splice, copy_at_opset, find_node, int_tensor
 from .solvers import SQF, stored_bits
 
 
@@ -91,15 +90,7 @@ def _z(b: _Builder, r: SQF, scale: float, c: str) -> tuple[str | None, str | Non
 def store(model: onnx.ModelProto, layer: Layer, result: SQF, *, on_activation: bool = False) -> onnx.ModelProto:
     """A new model with `layer`'s constant weight replaced by `result`'s factors (module docstring)."""
     need = required_opset(result)
-    base = model
-    if model_opset(model) < need:
-        base, reason = upgrade_opset(model, need)
-        if base is None:
-            raise ValueError(f"{reason}; use 8-bit factors instead")
-    out = onnx.ModelProto()
-    out.CopyFrom(base)
-    if need >= BLOCKED_OPSET:
-        out.ir_version = max(out.ir_version, BLOCKED_IR)
+    out = copy_at_opset(model, need, "use 8-bit factors instead")
     graph = out.graph
     index = find_node(graph, layer)
     node = graph.node[index]
