@@ -120,6 +120,7 @@ SUBCOMMANDS = {"inspect": ".inspect", "sweep": ".sweep"}
 @click.option("--smoothing", type=float, help="Token-count smoothing for embedding tables, as a multiple of the mean count (default: from the data).")
 @click.option("--max-patch", type=int, default=4096, show_default=True, help="Conv inputs: Gram of im2col patches up to this length, channel Gram beyond.")
 @click.option("--intercept/--no-intercept", default=True, show_default=True, help="Fold each kept tensor's mean correction into the consumers' biases where they have one.")
+@click.option("--best", is_flag=True, help="Also compute each channel group's floor, the error of the best k-dimensional approximation (the report's best column; one eigendecomposition per group, seconds on wide groups).")
 @click.option("--exclude", help="Regular expression: groups touching a node whose name matches are left alone.")
 @click.option("--min-agreement", type=float, help="Gate: every output must reach this (top-1 agreement for score outputs, cosine otherwise); exit 3 below it.")
 @click.option("--keep-failed", is_flag=True, help="Write the output even when the gate fails.")
@@ -148,7 +149,7 @@ SUBCOMMANDS = {"inspect": ".inspect", "sweep": ".sweep"}
 @click.version_option(package_name="onnxcompress")
 def main(model, output, calib, val, report_path, keep, tolerance, flops_target, params_target, size_target, target,
          minimize, sensitivity, probe_feeds, min_keep,
-         select, method, include, p, lp_weighted, smoothing, max_patch, intercept, exclude, min_agreement, keep_failed, batch_size, max_rows, stats_memory, holdout, save_plan, plan_path,
+         select, method, include, p, lp_weighted, smoothing, max_patch, intercept, best, exclude, min_agreement, keep_failed, batch_size, max_rows, stats_memory, holdout, save_plan, plan_path,
          force, quiet, verbose, allow_nonfinite, solver, seed, val_labels, round_, latency_target, latency_check,
          latency_threads, benchmark, quantize, ray, ray_workers, provider):
     """Compress MODEL.onnx into OUTPUT (default: MODEL.compressed.onnx beside it)."""
@@ -160,7 +161,7 @@ def main(model, output, calib, val, report_path, keep, tolerance, flops_target, 
         try:
             config = Config(keep=keep, tolerance=tolerance, flops_target=flops_target, params_target=params_target,
                             size_target=size_target, target=target, minimize=minimize, sensitivity=sensitivity,
-                            probe_feeds=probe_feeds, min_keep=min_keep, select=select, method=method, intercept=intercept, exclude=exclude,
+                            probe_feeds=probe_feeds, min_keep=min_keep, select=select, method=method, intercept=intercept, best=best, exclude=exclude,
                             include=include, p=p, lp_weighted=lp_weighted, smoothing=smoothing, max_patch=max_patch,
                             min_agreement=min_agreement, keep_failed=keep_failed, batch_size=batch_size, max_rows=max_rows,
                             stats_memory=stats_memory,

@@ -46,7 +46,7 @@ def reports(tmp_path_factory) -> list[dict]:
     """Real reports covering every field: ID with a gate and labels, low rank on a CNN, a target,
     ID on a model with external data (block by block), --quantize, sparse quantized factors."""
     tmp = tmp_path_factory.mktemp("reports")
-    a = compress(MODELS / "digits_mlp.onnx", tmp / "a.onnx", config=Config(min_agreement=0.5),
+    a = compress(MODELS / "digits_mlp.onnx", tmp / "a.onnx", config=Config(min_agreement=0.5, best=True),
                  calib=MODELS / "digits_calib.npz", val=MODELS / "digits_val.npz",
                  val_labels=MODELS / "digits_val_labels.npy")
     b = compress(MODELS / "digits_cnn.onnx", tmp / "b.onnx", config=Config(method="aasvd", keep=0.6),
@@ -119,6 +119,22 @@ def test_table_names_the_nodes_that_changed(tmp_path):
     line = next(x for x in report.table().splitlines() if x.startswith("nodes"))
     assert f"Conv {ops['before']['Conv']} -> {ops['after']['Conv']}" in line
     assert "best:" not in report.table() and "optimum:" in report.table()
+
+
+def test_the_floor_is_computed_on_request_only(reports, tmp_path):
+    """`--best` fills each group's best_error (a floor: never above the selection's error); without
+    it the figure is null, the ratio too, and the table shows "-"."""
+    with_best, without = reports[0]["groups"], reports[4]["groups"]
+    assert with_best and without
+    for grp in with_best:
+        assert 0 <= grp["best_error"] <= grp["error"] + 1e-9
+        assert grp["error_ratio"] is None or grp["error_ratio"] >= 1 - 1e-6
+    assert all(grp["best_error"] is None and grp["error_ratio"] is None for grp in without)
+    report = compress(MODELS / "digits_mlp.onnx", tmp_path / "o.onnx", config=Config(keep=0.5),
+                      calib=MODELS / "digits_calib.npz")
+    rows = [line.split() for line in report.table().splitlines()]
+    assert report.groups and sum(1 for r in rows if len(r) == 4 and "/" in r[1] and r[3] == "-") == len(report.groups)
+    assert "(--best)" in report.table()
 
 
 def test_accuracy_against_labels_matches_a_direct_count(reports):

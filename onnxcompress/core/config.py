@@ -80,6 +80,11 @@ class Config:
     weighted:        weight Gram columns by the consumers' input-column norms before pivoting.
     intercept:       fit Z ~ Z[:,S] T + 1 c0 and fold c0 into the consumers' biases where every
                      consumer has one (no padding); off: the plain seed-000 ID.
+    best:            also compute each ID group's floor: the relative error of the best
+                     k-dimensional approximation of its exit tensors (any subspace, not only k of
+                     the channels), the report's `best` column. One eigendecomposition per group
+                     (seconds on groups of thousands of channels), so off by default (`best_error`
+                     is then null).
     min_agreement:   the gate: every output must reach this agreement (top-1 for score outputs,
                      cosine otherwise); below it the output is not written and exit code is 3.
     keep_failed:     write the output even when the gate fails.
@@ -145,6 +150,7 @@ class Config:
     ridge: float = 1e-9
     weighted: bool = True
     intercept: bool = True
+    best: bool = False
     min_agreement: float | None = None
     keep_failed: bool = False
     force: bool = False
@@ -256,7 +262,7 @@ _KINDS = {"a number": (("keep", "tolerance", "flops_target", "params_target", "s
           "an integer": (("batch_size", "max_rows", "seed", "max_patch", "probe_feeds", "ray_workers",
                          "stats_memory"),
                          lambda v: isinstance(v, numbers.Integral)),
-          "True or False": (("weighted", "intercept", "keep_failed", "force", "lp_weighted", "allow_nonfinite",
+          "True or False": (("weighted", "intercept", "best", "keep_failed", "force", "lp_weighted", "allow_nonfinite",
                              "sensitivity"), lambda v: True),
           "a string": (("method", "select", "exclude", "include", "target", "minimize", "solver", "quantize", "ray",
                         "provider"),

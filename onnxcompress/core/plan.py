@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ class GroupPlan:
     keep: tuple[int, ...]
     interpolation: dict[str, np.ndarray] = field(compare=False)
     error: float = 0.0        # relative (consumer-weighted) error of the selection, estimated
-    best_error: float = 0.0   # relative error of the best rank-k approximation, same weighting
+    best_error: float = math.nan  # relative error of the best rank-k approximation, same weighting (NaN: not computed, `Config.best`)
     intercept: dict[str, np.ndarray] = field(default_factory=dict, compare=False)  # exit -> c0 (C,)
 
     @property
@@ -45,7 +46,7 @@ class GroupPlan:
 
     def to_dict(self, *, matrices: bool = True) -> dict:
         d = {"group": self.group, "channels": self.channels, "kept": self.kept,
-             "keep": list(self.keep), "error": self.error, "best_error": self.best_error}
+             "keep": list(self.keep), "error": self.error, "best_error": _finite(self.best_error)}
         if matrices:
             d["interpolation"] = {k: _encode(v) for k, v in self.interpolation.items()}
             d["intercept"] = {k: _encode(v) for k, v in self.intercept.items()}
@@ -55,7 +56,7 @@ class GroupPlan:
     def from_dict(cls, d: dict) -> "GroupPlan":
         return cls(group=d["group"], channels=int(d["channels"]), keep=tuple(int(k) for k in d["keep"]),
                    interpolation={k: _decode(v) for k, v in d.get("interpolation", {}).items()},
-                   error=float(d.get("error", 0.0)), best_error=float(d.get("best_error", 0.0)),
+                   error=float(d.get("error", 0.0)), best_error=_float(d.get("best_error")),
                    intercept={k: _decode(v) for k, v in d.get("intercept", {}).items()})
 
 

@@ -85,10 +85,11 @@ class Report:
             lines.append("")
             lines.append(f"{'group':<40} {'kept':>11} {'error':>8} {'best':>8}")
             lines.append("  error: estimated relative error of the group's exit tensors rebuilt from the kept channels")
-            lines.append("  best:  the same for the best k-dimensional approximation, a floor no k channels can beat")
+            lines.append("  best:  the same for the best k-dimensional approximation, a floor no k channels can beat"
+                         + ("" if any(grp["best_error"] is not None for grp in self.groups) else " (--best)"))
             for grp in self.groups:
                 kept = f"{grp['kept']}/{grp['channels']}"
-                lines.append(f"{_short(grp['group'], 40):<40} {kept:>11} {grp['error']:8.4f} {grp['best_error']:8.4f}")
+                lines.append(f"{_short(grp['group'], 40):<40} {kept:>11} {grp['error']:8.4f} {_figure(grp['best_error'])}")
         if self.layers:
             lines.append("")
             lines.append(f"{'layer':<40} {'rank':>6} {'params':>9} {'error':>8} {'optimum':>8}")
@@ -97,7 +98,7 @@ class Report:
             for x in self.layers:
                 kept = x["params_after"] / x["params_before"]
                 lines.append(f"{_short(x['layer'], 40):<40} {x['rank']:>6} {kept:9.1%} {x['error']:8.4f} "
-                             f"{x['best_error']:8.4f}")
+                             f"{_figure(x['best_error'])}")
         if self.skipped:
             lines.append("")
             lines.append(f"{len(self.skipped)} layers left alone:")
@@ -233,3 +234,8 @@ def _latency_lines(lat: dict | None) -> list[str]:
 
 def _short(text: str, width: int) -> str:
     return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+def _figure(x) -> str:
+    """An 8-wide figure of the table, "-" where there is none (not computed, or no statistic)."""
+    return f"{'-':>8}" if x is None or not np.isfinite(x) else f"{x:8.4f}"

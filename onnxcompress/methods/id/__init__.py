@@ -79,8 +79,10 @@ class IdMethod:
                 mu = state.means[e.tensor]
                 intercept[e.tensor] = mu - mu[keep] @ interp[e.tensor]
         err = selection_error(state, keep, interp)
-        best = state.best
-        best_err = math.sqrt(max(best[len(keep)], 0.0) / best[0]) if best[0] > 0 else 0.0
+        best_err = math.nan   # the floor costs one eigendecomposition per group: only on request
+        if config.best:
+            best = state.best
+            best_err = math.sqrt(max(best[len(keep)], 0.0) / best[0]) if best[0] > 0 else 0.0
         return GroupPlan(grp.id, grp.channels, tuple(int(c) for c in keep), interp, err, best_err, intercept)
 
     def rewrite(self, model, g: GraphIndex, sites: list[Site], decisions: list):
