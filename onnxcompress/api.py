@@ -12,6 +12,7 @@ from contextlib import nullcontext
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from . import blocks as blocks_mod, latency as latency_mod
@@ -27,8 +28,8 @@ from .core.normalize import normalize, static_shapes
 from .core.plan import Plan
 from .core.report import Report, StageTimer, op_counts
 from .core.runtime import check_provider, make_session, observed_shapes, run
-from .core.threads import one_blas_thread
-from .core.validate import Reference, load_labels, output_error, score_outputs, validate
+from .core.threads import one_blas_thread, parallel_map
+from .core.validate import Reference, load_labels, output_error, score_outputs
 from .decide import decide
 from .methods import REGISTRY, for_method, for_plan
 from .methods.base import Skipped
@@ -152,10 +153,12 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
                 _note_padding(report, stats.padding)
             with timer("decide"), one_blas_thread():
                 tick = ticker(progress, "decide", len(sites))
-                curves = []
-                for s in sites:
-                    curves.append(methods[s.method].curve(g, s, stats, config, flops))
+
+                def curve(s):
+                    c = methods[s.method].curve(g, s, stats, config, flops)
                     tick()
+                    return c
+                curves = parallel_map(curve, sites)
                 _warn_few_rows(curves, config)
             stats = None  # the Grams (8 C^2 bytes per exit) are not needed past the curves
             with timer("latency_model"):
@@ -190,12 +193,16 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
         # release the input model and its index before the compressed model runs: a large model
         # would otherwise be held twice through the smoke test and validation
         norm = g = None
+        if chosen is None:  # the original's outputs first: one model's weights in memory at a time
+            with timer("validate"):
+                reference = Reference(src, val_src, [vi.name for vi in new.graph.output], scores=before["scores"],
+                                      progress=progress, labels=labels, provider=config.provider, mask=mask)
         with timer("smoke_test"):
-            _smoke_test(new, first, rewritten=rewritten)
+            session = _smoke_test(new, first, rewritten=rewritten, provider=config.provider)
         if chosen is None:
             with timer("validate"):
-                agreement = validate(src, new, val_src, scores=before["scores"], progress=progress, labels=labels,
-                                     provider=config.provider, mask=mask)
+                agreement = reference.compare(new, progress=progress, session=session)
+        session = None
         _warn_low_agreement(report, agreement, config)
         _fill(report, new, before, methods, sites, skipped, plan, agreement, sample, late_sites=late_sites)
         if config.benchmark:
@@ -333,16 +340,18 @@ def shapes_at(model: onnx.ModelProto, feed: dict) -> tuple[dict, dict]:
     return shapes, types
 
 
-def _smoke_test(model: onnx.ModelProto, feed: dict, *, rewritten: bool = True) -> None:
+def _smoke_test(model: onnx.ModelProto, feed: dict, *, rewritten: bool = True, provider: str = "cpu"):
     """The rewritten model must load and run in ONNX Runtime before anything else is measured.
-    When nothing was rewritten, a failure is the input model's (`ModelError`), not the rewrite's."""
+    When nothing was rewritten, a failure is the input model's (`ModelError`), not the rewrite's.
+    Returns the session (on `provider`), which validation then uses: one session build, not two."""
     try:
-        session = make_session(model)
+        session = make_session(model, provider=provider)
         run(session, [o.name for o in model.graph.output], feed, "the first feed")
     except Exception as e:
         if not rewritten:
             raise ModelError(f"run: ONNX Runtime cannot run the model ({str(e).splitlines()[0]})") from e
         raise RewriteError(f"rewrite: the compressed model does not run ({str(e).splitlines()[0]})") from e
+    return session
 
 
 def _fill(report: Report, new, before: dict, methods: dict, sites: list, skipped: list, plan: Plan,

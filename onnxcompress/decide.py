@@ -20,6 +20,7 @@ import numpy as np
 
 from .allocate import CostModel, budget, conflicts, per_site, search_path, walk
 from .core.errors import AgreementError, UsageError
+from .core.threads import parallel_map
 from .core.validate import output_error
 from .methods.base import Skipped
 from .methods.quant import stage as quant_stage
@@ -81,7 +82,7 @@ def _realize(g, methods: dict, curves: list, idx: list[int], config, reasons: di
     the target search reuse what earlier probes realized."""
     clash = conflicts(curves)
     cache = {} if cache is None else cache
-    entries, left = [], []
+    keys, left = [], []
     for ci, c in enumerate(curves):
         method = methods[c.site.method]
         if idx[ci] == 0:
@@ -91,11 +92,12 @@ def _realize(g, methods: dict, curves: list, idx: list[int], config, reasons: di
                 if why:
                     left.append(Skipped(c.site.key, c.site.op, f"{LABELS.get(c.site.method, c.site.method)}: {why}"))
                 continue
-        key = (ci, idx[ci])
-        if key not in cache:
-            cache[key] = method.realize(g, c, idx[ci], config)
-        entries.append(cache[key])
-    return entries, _merge_skipped(left)
+        keys.append((ci, idx[ci]))
+    todo = [k for k in dict.fromkeys(keys) if k not in cache]  # sites are independent: side by side
+    for k, entry in zip(todo, parallel_map(lambda k: methods[curves[k[0]].site.method].realize(
+            g, curves[k[0]], k[1], config), todo)):
+        cache[k] = entry
+    return [cache[k] for k in keys], _merge_skipped(left)
 
 
 def _merge_skipped(left: list) -> list:

@@ -113,3 +113,20 @@ def test_channel_rows_caps_large_maps_with_real_positions():
     positions = {tuple(r) for r in every.tolist()}
     assert all(tuple(r) in positions for r in some.tolist())
     assert len({tuple(r) for r in some.tolist()}) == 50  # without replacement
+
+
+@pytest.mark.parametrize("how", ["id", "norm", "general"])
+def test_selection_error_is_the_weighted_residual(how):
+    """`selection_error` against the residual computed from the activations themselves, for the
+    LS interpolation, the plain selection, and a T whose kept columns are not the identity."""
+    from onnxcompress.methods.id.select import GroupStats, selection_error
+    rng = np.random.default_rng(6)
+    z = rng.standard_normal((120, 8)) @ rng.standard_normal((8, 8))
+    d = rng.uniform(0.5, 2.0, 8)
+    g = z.T @ z
+    keep = np.array([1, 4, 6])
+    t = {"id": interpolation_matrix(g, keep, ridge=0.0), "norm": selection_matrix(8, keep),
+         "general": rng.standard_normal((3, 8))}[how]
+    state = GroupStats(None, g, {"x": d}, {"x": g}, {}, np.arange(8), np.zeros(9))
+    direct = np.linalg.norm((z - z[:, keep] @ t) * d) / np.linalg.norm(z * d)
+    assert selection_error(state, keep, {"x": t}) == pytest.approx(direct, rel=1e-9)

@@ -31,6 +31,7 @@ returned `Statistics.padding` names those tensors, so the report can say so.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable, Iterable
 
 import numpy as np
@@ -57,14 +58,17 @@ class Statistics(dict):
 
 def ticker(progress: Progress | None, stage: str, total: int) -> Callable[[], None]:
     """A callable that reports one more step of `total` in `stage` to `progress` (if any) each
-    time it is called: for stages that loop over groups or layers (decide)."""
+    time it is called: for stages that loop over groups or layers (decide). Safe to call from
+    several threads (`threads.parallel_map`): the counts reported still rise one by one."""
     done = 0
+    lock = threading.Lock()
 
     def tick() -> None:
         nonlocal done
-        done += 1
-        if progress:
-            progress(stage, done, total)
+        with lock:
+            done += 1
+            if progress:
+                progress(stage, done, total)
     return tick
 
 

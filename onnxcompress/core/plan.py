@@ -33,7 +33,9 @@ class GroupPlan:
     keep: tuple[int, ...]
     interpolation: dict[str, np.ndarray] = field(compare=False)
     error: float = 0.0        # relative (consumer-weighted) error of the selection, estimated
-    best_error: float = math.nan  # relative error of the best rank-k approximation, same weighting (NaN: not computed, `Config.best`)
+    # relative error of the best rank-k approximation, same weighting (NaN: not computed, `Config.best`);
+    # a diagnostic, not a decision: plans that differ only in it are equal
+    best_error: float = field(default=math.nan, compare=False)
     intercept: dict[str, np.ndarray] = field(default_factory=dict, compare=False)  # exit -> c0 (C,)
 
     @property

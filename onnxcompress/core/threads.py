@@ -13,6 +13,8 @@ not affected.
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
@@ -28,3 +30,17 @@ def one_blas_thread():
         return
     with threadpool_limits(limits=1, user_api="blas"):
         yield
+
+
+def parallel_map(fn, items) -> list:
+    """[fn(x) for x in items], computed on one thread per core (NumPy and LAPACK release the GIL,
+    so independent sites' linear algebra runs side by side; with `one_blas_thread` each call keeps
+    to its own thread). The results are in `items` order and do not depend on the scheduling; the
+    first exception (in `items` order) is raised."""
+    items = list(items)
+    workers = min(len(items), os.cpu_count() or 1)
+    if workers <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="onnxcompress") as pool:
+        futures = [pool.submit(fn, x) for x in items]
+        return [f.result() for f in futures]

@@ -211,13 +211,14 @@ class Reference:
         del session
 
     def compare(self, compressed: onnx.ModelProto, *, progress: Progress | None = None,
-                labels: Labels | None = None) -> tuple[Agreement, ...]:
+                labels: Labels | None = None, session=None) -> tuple[Agreement, ...]:
         """Agreement of every graph output of `compressed` with the original on the same feeds;
-        with `labels`, the accuracy of both models on the labelled output too."""
+        with `labels`, the accuracy of both models on the labelled output too. `session`: an
+        ONNX Runtime session of `compressed` already built (on this reference's provider)."""
         labels = labels if labels is not None else self.labels
         labelled = labelled_output(self.names, self.scores) if labels is not None else None
         accuracy = _Accuracy(labels) if labels is not None else None
-        session = make_session(compressed, provider=self.provider)
+        session = session if session is not None else make_session(compressed, provider=self.provider)
         tallies = {n: _Tally() for n in self.names}
         integer = {}
         for k, feed in enumerate(self.feeds):

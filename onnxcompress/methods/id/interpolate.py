@@ -59,28 +59,34 @@ def best_residual(gram: np.ndarray) -> np.ndarray:
 def interpolation_matrix(gram: np.ndarray, keep: np.ndarray, ridge: float = 1e-9) -> np.ndarray:
     """T (k x C) minimizing ||Z - Z[:, keep] T||_F for the Z behind `gram`.
 
-    Solves (G[S,S] + lambda I) T = G[S,:] with lambda = ridge * mean(diag G[S,S]) (plus a tiny
-    floor) so rank-deficient selections stay solvable; then sets T[:, S] = I exactly, so kept
-    channels pass through unchanged.
+    Solves (G[S,S] + lambda I) T[:, R] = G[S,R] for the channels R not kept, with
+    lambda = ridge * mean(diag G[S,S]) (plus a tiny floor) so rank-deficient selections stay
+    solvable; T[:, S] = I exactly, so kept channels pass through unchanged (and are not solved
+    for: C - k right-hand sides, not C).
     """
     g = np.asarray(gram, dtype=np.float64)
     keep = np.asarray(keep, dtype=np.int64)
-    k = len(keep)
+    k, c = len(keep), g.shape[0]
     if k == 0:
-        return np.zeros((0, g.shape[0]))
+        return np.zeros((0, c))
+    rest = np.setdiff1d(np.arange(c), keep)
+    t = np.zeros((k, c))
+    t[np.arange(k), keep] = 1.0
+    if not len(rest):
+        return t
     gss = g[np.ix_(keep, keep)]
+    rhs = g[np.ix_(keep, rest)]
     scale = max(float(np.mean(np.diag(gss))), np.finfo(np.float64).tiny)
     lam = ridge * scale + 1e-300
     for _ in range(8):
         try:
             factor = scipy.linalg.cho_factor(gss + lam * np.eye(k), lower=True, check_finite=False)
-            t = scipy.linalg.cho_solve(factor, g[keep, :], check_finite=False)
+            t[:, rest] = scipy.linalg.cho_solve(factor, rhs, check_finite=False)
             break
         except np.linalg.LinAlgError:
             lam = max(lam * 100, 1e-12 * scale)
     else:
-        t = np.linalg.lstsq(gss, g[keep, :], rcond=None)[0]
-    t[:, keep] = np.eye(k)
+        t[:, rest] = np.linalg.lstsq(gss, rhs, rcond=None)[0]
     return t
 
 

@@ -124,17 +124,23 @@ def selection_error(curve: GroupStats, keep: np.ndarray, interp: dict) -> float:
     """Relative consumer-weighted error sqrt(mean_e ||(Z_e - Z_e[:,S] T_e) D_e||^2 / ||Z_e D_e||^2)
     over the exits, on the Gram each exit fits (centered where an intercept is used)."""
     num = den = 0.0
+    keep = np.asarray(keep, dtype=np.int64)
     for tensor, t in interp.items():
         gram, d = curve.grams[tensor], curve.weights[tensor]
         d2 = d * d
         total = float(np.dot(d2, np.diag(gram)))
         if total <= 0:
             continue
+        # a kept channel with T[:, S] = I (both `interpolate` matrices) is rebuilt exactly:
+        # residual G_cc - 2 G_cc + G_cc = 0, so only the other columns are evaluated
+        cols = (np.setdiff1d(np.arange(len(d)), keep)
+                if np.array_equal(t[:, keep], np.eye(len(keep))) else np.arange(len(d)))
+        tc = t[:, cols]
         gss = gram[np.ix_(keep, keep)]
-        lin = np.einsum("jc,jc->c", gram[keep, :], t)
-        quad = np.einsum("jc,jc->c", t, gss @ t)
-        res = np.diag(gram) - 2 * lin + quad
-        num += float(np.dot(d2, np.maximum(res, 0.0))) / total
+        lin = np.einsum("jc,jc->c", gram[np.ix_(keep, cols)], tc)
+        quad = np.einsum("jc,jc->c", tc, gss @ tc)
+        res = np.diag(gram)[cols] - 2 * lin + quad
+        num += float(np.dot(d2[cols], np.maximum(res, 0.0))) / total
         den += 1.0
     return math.sqrt(num / den) if den else 0.0
 
