@@ -27,7 +27,7 @@ from .core.modelio import check_finite_weights, check_output_path, load_model, s
 from .core.normalize import normalize, static_shapes
 from .core.plan import Plan
 from .core.report import Report, StageTimer, op_counts
-from .core.runtime import check_provider, make_session, observed_shapes, run
+from .core.runtime import LARGE_MODEL, check_provider, make_session, observed_shapes, run, weights_bytes
 from .core.threads import one_blas_thread, parallel_map
 from .core.validate import Reference, load_labels, output_error, score_outputs
 from .decide import decide
@@ -129,6 +129,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     mask = mask_input(norm)
     before = {"params": count_params(norm), "flops": sum(flops.values()), "bytes": serialized_size(norm),
               "scores": score_outputs(g)}
+    large = weights_bytes(norm) > LARGE_MODEL  # how ONNX Runtime gets the input file (validation)
     original = None  # validation reads the input file itself
     methods = {m.name: m for m in (for_plan(plan) if plan is not None else for_method(config.method))
                if not (config.quantize and plan is None and m.name == "quant")}  # --quantize quantizes last
@@ -165,7 +166,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
                 curves, before["latency"] = latency_mod.prepare(g, curves, config, norm, sample)
             if config.target is not None:
                 with timer("validate"):
-                    reference = Reference(src, val_src, [vi.name for vi in norm.graph.output],
+                    reference = Reference(src, val_src, [vi.name for vi in norm.graph.output], large=large,
                                           scores=before["scores"], progress=progress, labels=labels,
                                           provider=config.provider, mask=mask)
             with one_blas_thread():
@@ -195,8 +196,8 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
         norm = g = None
         if chosen is None:  # the original's outputs first: one model's weights in memory at a time
             with timer("validate"):
-                reference = Reference(src, val_src, [vi.name for vi in new.graph.output], scores=before["scores"],
-                                      progress=progress, labels=labels, provider=config.provider, mask=mask)
+                reference = Reference(src, val_src, [vi.name for vi in new.graph.output], scores=before["scores"], large=large,
+                                      labels=labels, provider=config.provider, mask=mask)
         with timer("smoke_test"):
             session = _smoke_test(new, first, rewritten=rewritten, provider=config.provider)
         if chosen is None:

@@ -215,12 +215,16 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProt
 def serialized_size(model: onnx.ModelProto) -> int:
     """Bytes `model` would take serialized (within a few bytes per initializer), without
     serializing it. Protobuf's own `ByteSize()`
-    fails past 2 GB, so initializers are sized one by one (a single tensor over 2 GB by its
+    fails past 2 GB (and costs a serialization in the upb runtime), so initializers are sized one
+    by one: the bytes of their raw data plus their header (a single tensor over 2 GB by its
     element count)."""
     total = without_initializers(model).ByteSize()
     for t in model.graph.initializer:
         if weights.is_external(t):
             total += weights.nbytes(t) + 16 * len(t.dims) + len(t.name) + 8
+            continue
+        if t.HasField("raw_data"):
+            total += _raw_tensor_size(t)
             continue
         try:
             total += t.ByteSize()
@@ -228,6 +232,25 @@ def serialized_size(model: onnx.ModelProto) -> int:
             itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
             total += int(np.prod(t.dims, dtype=np.int64)) * itemsize
     return total
+
+
+def _raw_tensor_size(t: onnx.TensorProto) -> int:
+    """`t.ByteSize()` of a tensor holding dims, data_type, name and raw_data, from their lengths
+    (protobuf's wire format: a tag byte and a varint per dim, the type, and length-prefixed name
+    and data); other tensors are asked."""
+    if {f.name for f, _ in t.ListFields()} - {"dims", "data_type", "name", "raw_data"}:
+        return t.ByteSize()
+    name = len(t.name.encode())
+    raw = len(t.raw_data)
+    return (sum(1 + _varint(d) for d in t.dims) + (1 + _varint(t.data_type) if t.data_type else 0)
+            + (1 + _varint(name) + name if name else 0) + 1 + _varint(raw) + raw)
+
+
+def _varint(n: int) -> int:
+    """Bytes of n as a protobuf varint (a negative int64 takes ten)."""
+    if n < 0:
+        return 10
+    return max(1, (n.bit_length() + 6) // 7)
 
 
 def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:

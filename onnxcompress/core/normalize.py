@@ -259,20 +259,76 @@ def static_shapes(model: onnx.ModelProto, feed_shapes: dict[str, tuple[int, ...]
     shapes.update({k: tuple(v) for k, v in feed_shapes.items()})
     types = {init.name: init.data_type for init in model.graph.initializer}
     types.update({vi.name: vi.type.tensor_type.elem_type for vi in model.graph.input})
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
-    except Exception as e:  # custom ops, broken value_info, ...
-        log.warning("normalize: shape inference failed (%s); continuing without shapes", str(e).splitlines()[0])
-        return shapes, types
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-        tt = vi.type.tensor_type
-        if not vi.type.HasField("tensor_type"):
-            continue
-        if tt.elem_type:
-            types[vi.name] = tt.elem_type
-        if tt.HasField("shape"):
-            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+    opset = _opset(model)
+    for _ in range(SHAPE_ROUNDS):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+        except Exception as e:  # custom ops, broken value_info, ...
+            log.warning("normalize: shape inference failed (%s); continuing without shapes", str(e).splitlines()[0])
+            return shapes, types
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+            tt = vi.type.tensor_type
+            if not vi.type.HasField("tensor_type"):
+                continue
+            if tt.elem_type:
+                types[vi.name] = tt.elem_type
+            if tt.HasField("shape"):
+                shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        if not _fold_shape_values(skeleton, shapes, types, opset):
+            break
     return shapes, types
+
+
+SHAPE_OPS = FOLDABLE | set("Shape Size Gather Slice Equal Where Range ConstantOfShape Expand Greater Less Not "
+                           "Min Max ReduceProd Floor Ceil Mod".split())
+SHAPE_VALUE_LIMIT = 64  # elements: a computed shape (or index) value, never an activation
+SHAPE_ROUNDS = 8        # inference passes, each after folding what the last one fixed
+
+
+def _fold_shape_values(skel: onnx.ModelProto, shapes: dict, types: dict, opset: int) -> int:
+    """Fold the shape computations of `skel` for its fixed input shapes: a Shape (or Size) of a
+    tensor whose shape inference fixed, and a SHAPE_OPS node whose inputs are all such values or
+    small constants, become initializers of their values (at most SHAPE_VALUE_LIMIT elements
+    each). The next inference then reads the Reshape, Slice, Expand ... arguments as constants,
+    which data propagation alone does not always do (a Slice `ends` from Shape -> Gather ->
+    Unsqueeze). Records the folded tensors' shapes and types; returns how many nodes were folded."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = skel.graph
+    values = {t.name: weights.array(t) for t in graph.initializer if np.prod(t.dims, dtype=np.int64) <= SHAPE_VALUE_LIMIT}
+    protected = {vi.name for vi in graph.output}
+    keep, folded = [], 0
+    for node in graph.node:
+        result = None
+        inputs = [n for n in node.input if n]
+        if node.domain in ("", "ai.onnx") and not protected.intersection(node.output):
+            if node.op_type in ("Shape", "Size") and inputs:
+                shape = shapes.get(inputs[0])
+                if shape is not None and None not in shape:
+                    if node.op_type == "Size":
+                        result = [np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)]
+                    else:
+                        attrs = {a.name: a.i for a in node.attribute}  # start / end: Python's slice rules
+                        result = [np.array(shape, dtype=np.int64)[attrs.get("start", 0):attrs.get("end")]]
+            elif node.op_type in SHAPE_OPS and inputs and all(n in values for n in inputs):
+                try:
+                    result = [np.asarray(v) for v in ReferenceEvaluator(node, opsets={"": opset}).run(
+                        None, {n: values[n] for n in inputs})]
+                except Exception:  # an op the reference cannot evaluate stays as it is
+                    result = None
+        if result is None or len(result) != len(node.output) or any(r.size > SHAPE_VALUE_LIMIT for r in result):
+            keep.append(node)
+            continue
+        for name, value in zip(node.output, result):
+            t = numpy_helper.from_array(value, name)
+            graph.initializer.append(t)
+            values[name] = value
+            shapes[name], types[name] = tuple(value.shape), t.data_type
+        folded += 1
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return folded
 
 
 def _skeleton(model: onnx.ModelProto, feed_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:

@@ -40,7 +40,7 @@ def check_provider(provider: str) -> None:
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, outputs: Iterable[str] = (),
                  types: dict[str, int] | None = None, *, provider: str = "cpu", threads: int = 0,
-                 only: bool = False) -> ort.InferenceSession:
+                 only: bool = False, large: bool | None = None) -> ort.InferenceSession:
     """An ONNX Runtime session of `model` on `provider` (`PROVIDERS`; CPU by default) with
     `outputs` exposed in addition to the graph outputs (types from `types`, float by default)
     and repeated node names made unique; `threads` intra-op threads (0: one per core). With
@@ -54,13 +54,15 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, outputs: Iterable[s
     a temporary file whose external data are hard links to the files the weights are in (weights
     held in memory are written there first, page-aligned, one tensor at a time), and is not
     pre-packed: ONNX Runtime maps the weights instead of holding its own copy, and no copy of the
-    whole model is made.
+    whole model is made. `large`: for a path, whether its weights pass LARGE_MODEL when the
+    caller knows (None: the file is parsed to find out).
     """
     outputs = list(outputs)
     if isinstance(model, (str, os.PathLike)) and not outputs:
         try:
-            return _session(str(model), large=weights_bytes(onnx.load(str(model), load_external_data=False)) > LARGE_MODEL,
-                            provider=provider, threads=threads)
+            if large is None:
+                large = weights_bytes(onnx.load(str(model), load_external_data=False)) > LARGE_MODEL
+            return _session(str(model), large=large, provider=provider, threads=threads)
         except Exception:
             model = load_model(model)
     elif isinstance(model, (str, os.PathLike)):

@@ -194,14 +194,14 @@ class Reference:
 
     def __init__(self, original: onnx.ModelProto | str | os.PathLike, feeds, names: list[str], *,
                  scores: set[str], progress: Progress | None = None, labels: Labels | None = None,
-                 provider: str = "cpu", mask: str | None = None):
+                 provider: str = "cpu", mask: str | None = None, large: bool | None = None):
         self.names, self.scores, self.feeds, self.labels = list(names), scores, feeds, labels
         self.provider = provider
         self.mask = mask  # the attention-mask input: its padded positions are left out
         self._tmp = tempfile.TemporaryDirectory(prefix="onnxcompress-validate-")
         self.count = 0
         total = getattr(feeds, "feeds", None)
-        session = make_session(original)
+        session = make_session(original, large=large)  # large: `runtime.make_session`, when known
         for k, feed in enumerate(feeds):
             ref = run(session, self.names, feed, f"validation feed {k} (original model)")
             np.savez(Path(self._tmp.name) / f"{k}.npz", *ref)

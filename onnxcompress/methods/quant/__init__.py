@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import logging
 import math
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,6 +122,7 @@ class QuantMethod:
     def __init__(self):
         self._itemsize: dict[str, int] = {}  # weight name -> float item size, for `describe`
         self._upgrade = None  # (model, its conversion or None, reason) of the last model asked about
+        self._lock = threading.Lock()
 
     def sites(self, g: GraphIndex, config: Config):
         found = find_layers(g, include=config.include, exclude=config.exclude, max_patch=config.max_patch)
@@ -164,12 +166,13 @@ class QuantMethod:
         need = max(format_opset(f) for f in FORMATS)
         if g.opset >= need:
             return need
-        cache = self._upgrade
-        if cache is None or cache[0] is not g.model:
-            converted, reason = upgrade_opset(g.model, need)
-            if converted is None:
-                log.warning("quant: only int8 per channel is offered: %s", reason)
-            self._upgrade = cache = (g.model, converted, reason)
+        with self._lock:  # sites' curves are made side by side (`threads.parallel_map`): convert once
+            cache = self._upgrade
+            if cache is None or cache[0] is not g.model:
+                converted, reason = upgrade_opset(g.model, need)
+                if converted is None:
+                    log.warning("quant: only int8 per channel is offered: %s", reason)
+                self._upgrade = cache = (g.model, converted, reason)
         return need if cache[1] is not None else max(g.opset, format_opset(FORMATS[0]))
 
     @staticmethod
