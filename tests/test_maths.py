@@ -130,3 +130,27 @@ def test_selection_error_is_the_weighted_residual(how):
     state = GroupStats(None, g, {"x": d}, {"x": g}, {}, np.arange(8), np.zeros(9))
     direct = np.linalg.norm((z - z[:, keep] @ t) * d) / np.linalg.norm(z * d)
     assert selection_error(state, keep, {"x": t}) == pytest.approx(direct, rel=1e-9)
+
+
+def test_deferred_flushes_give_the_same_gram_to_the_bit(monkeypatch):
+    """A deferred accumulator flushed by its caller when `due` makes the same dsyrk updates as
+    one that flushes itself: the Gram is identical, and equal to Z^T Z, over several flushes."""
+    import onnxcompress.core.stats as stats_mod
+    monkeypatch.setattr(stats_mod, "_BUFFER_ELEMENTS", 60)  # a flush every dozen rows of 5
+    rng = np.random.default_rng(7)
+    blocks = [rng.standard_normal((n, 5)).astype(np.float32) for n in (7, 9, 3, 12, 5, 8)]
+    auto, deferred = GramAccumulator(5), GramAccumulator(5, deferred=True)
+    flushes = 0
+    for b in blocks:
+        auto.add(b)
+        deferred.add(b)
+        if deferred.due:
+            deferred.flush()
+            flushes += 1
+        assert not auto.due and not deferred.due
+    assert flushes >= 3
+    a, d = auto.result(), deferred.result()
+    np.testing.assert_array_equal(a.gram, d.gram)
+    z = np.concatenate(blocks).astype(np.float64)
+    np.testing.assert_allclose(d.gram, z.T @ z, rtol=1e-12)
+    np.testing.assert_array_equal(d.gram, d.gram.T)

@@ -39,6 +39,7 @@ import onnx
 
 from .data import input_specs
 from .runtime import make_session, run
+from .threads import parallel_map
 from .stats import ChannelGram, PatchGram, Request, Stats, TokenCounts, merge  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ def accumulate(model: onnx.ModelProto, reqs: list[Request], feeds: Iterable[tupl
     mask = mask_input(model)
     names = sorted({r.tensor for r in reqs})
     session = make_session(model, names, types, provider=provider, threads=threads, only=True)  # only the layers these tensors need
-    acc = {r: r.accumulator() for r in reqs}
+    acc = {r: r.accumulator(deferred=True) for r in reqs}  # full buffers flushed side by side (`_flush_due`)
     pad = {**_padding_record(mask), "excluded": set(), "counted": set()}
     specs = input_specs(model)
     mergeable = all(s.shape and s.shape[0] is None for s in specs)
@@ -163,12 +164,14 @@ def accumulate(model: onnx.ModelProto, reqs: list[Request], feeds: Iterable[tupl
                 state["merge"] = False
                 values = None
             if values is not None and _add_merged(reqs, acc, values, group, mask, max_rows, seed, pad):
+                _flush_due(acc)
                 _tick(len(group))
                 return
         for k, feed in group:
             values = dict(zip(names, run(session, names, feed, f"calibration feed {k}")))
             for r in reqs:  # each request draws from its own generator: feeds merged or not, the same rows
                 acc[r].add(_rows(r, values[r.tensor], _mask_of(feed, mask), max_rows, feed_rng(seed, k), pad))
+            _flush_due(acc)
             _count_padding(feed, mask, pad)
             _tick(1)
 
@@ -182,6 +185,14 @@ def accumulate(model: onnx.ModelProto, reqs: list[Request], feeds: Iterable[tupl
     out = Statistics({r: a.result() for r, a in acc.items()})
     out.padding = {**pad, "excluded": sorted(pad["excluded"]), "counted": sorted(pad["counted"])}
     return out
+
+
+def _flush_due(acc: dict) -> None:
+    """The Gram updates of every accumulator whose buffer is full, on one thread per core (ONNX
+    Runtime is idle meanwhile; each update is one single-threaded dsyrk, as it would be alone)."""
+    due = [a for a in acc.values() if getattr(a, "due", False)]
+    if due:
+        parallel_map(lambda a: a.flush(), due)
 
 
 def _groups(feeds, batch: int):

@@ -93,15 +93,25 @@ def merge(parts: list[dict]) -> dict:
 
 
 class GramAccumulator:
-    """partial_fit-style accumulator of Z^T Z for row blocks Z (rows x C)."""
+    """partial_fit-style accumulator of Z^T Z for row blocks Z (rows x C).
 
-    def __init__(self, channels: int):
+    Rows are buffered and added in dsyrk updates of about _BUFFER_ELEMENTS; with `deferred`, a
+    full buffer waits for the caller's `flush()` (`due` says it is full), so the caller can run
+    several accumulators' updates side by side. Either way the updates are the same, in the same
+    order, so the result does not depend on it."""
+
+    def __init__(self, channels: int, *, deferred: bool = False):
         self.channels = channels
+        self.deferred = deferred
         self._gram = np.zeros((channels, channels), order="F")
         self._sums = np.zeros(channels)
         self._rows = 0
         self._buffer: list[np.ndarray] = []
         self._buffered = 0
+
+    @property
+    def due(self) -> bool:
+        return self._buffered >= _BUFFER_ELEMENTS
 
     def add(self, z: np.ndarray) -> None:
         if z.shape[1] != self.channels:
@@ -111,8 +121,12 @@ class GramAccumulator:
             z = z[finite]
         self._buffer.append(np.asarray(z, dtype=np.float64))
         self._buffered += z.size
-        if self._buffered >= _BUFFER_ELEMENTS:
+        if self.due and not self.deferred:
             self._flush()
+
+    def flush(self) -> None:
+        """Add the buffered rows now (`deferred` accumulators: when `due`)."""
+        self._flush()
 
     def _flush(self) -> None:
         if not self._buffer:
@@ -126,8 +140,10 @@ class GramAccumulator:
 
     def result(self) -> Stats:
         self._flush()
-        upper = np.triu(self._gram)
-        gram = upper + np.triu(upper, 1).T
+        # dsyrk updates only the upper triangle; the strict lower one is still the zeros it
+        # started as, so G = U + U^T less the diagonal counted twice
+        gram = self._gram + self._gram.T
+        gram[np.diag_indices(self.channels)] = np.diag(self._gram)
         return Stats(gram=np.ascontiguousarray(gram), sums=self._sums.copy(), rows=self._rows)
 
 
@@ -167,8 +183,8 @@ class ChannelGram:
     axis: int
     channels: int
 
-    def accumulator(self) -> GramAccumulator:
-        return GramAccumulator(self.channels)
+    def accumulator(self, *, deferred: bool = False) -> GramAccumulator:
+        return GramAccumulator(self.channels, deferred=deferred)
 
     @property
     def width(self) -> int:
@@ -189,8 +205,8 @@ class PatchGram:
     dilations: tuple[int, ...]
     auto_pad: str = "NOTSET"
 
-    def accumulator(self) -> GramAccumulator:
-        return GramAccumulator(self.width)
+    def accumulator(self, *, deferred: bool = False) -> GramAccumulator:
+        return GramAccumulator(self.width, deferred=deferred)
 
     @property
     def width(self) -> int:
@@ -206,7 +222,7 @@ class TokenCounts:
     tensor: str
     size: int
 
-    def accumulator(self) -> CountAccumulator:
+    def accumulator(self, *, deferred: bool = False) -> CountAccumulator:
         return CountAccumulator(self.size)
 
     def rows(self, value: np.ndarray, max_rows: int, rng: np.random.Generator) -> np.ndarray:
