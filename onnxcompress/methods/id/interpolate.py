@@ -30,16 +30,18 @@ def pivot_order(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     the best interpolation of all columns from the first k pivots. residual[0] = trace(G),
     residual is non-increasing, residual[C] = 0.
     """
-    g = np.array(gram, dtype=np.float64, copy=True)
+    # the upper triangle only (a copy): dpstrf reads and writes no other, so the strict lower
+    # triangle of U stays zero and U's row norms need no masking
+    g = np.triu(np.asarray(gram, dtype=np.float64))
     c = g.shape[0]
     total = float(np.trace(g))
     if c == 0 or total <= 0:
         return np.arange(c), np.zeros(c + 1)
-    u, piv, rank, info = lapack.dpstrf(g, lower=0, tol=-1.0)
+    u, piv, rank, info = lapack.dpstrf(g, lower=0, tol=-1.0, overwrite_a=1)
     if info < 0:
         raise ValueError(f"dpstrf failed (info={info})")
     order = piv[:c].astype(np.int64) - 1
-    rows = np.triu(u)[:rank]
+    rows = u[:rank]
     captured = np.cumsum(np.einsum("ij,ij->i", rows, rows))
     residual = np.empty(c + 1)
     residual[0] = total
