@@ -108,6 +108,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     `progress(stage, done, total)` is called during calibrate, decide and validate.
     """
     config, src, out, inputs = _check_arguments(model, output, config, calib, val, plan)
+    planned = plan  # a plan given is applied as it is
     check_output_path(out, force=config.force, source=src, inputs=inputs)
     timer = StageTimer()
     if val_labels is not None and val is None:
@@ -182,6 +183,11 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
             if new is None:  # (the block path has rewritten already)
                 with timer("rewrite"):
                     new, late_sites = _rewrite(norm, g, methods, sites, plan, sample)
+                if planned is None and config.latency_check:
+                    with timer("latency_guard"):
+                        new, plan, undone = _guard_splits(src, norm, g, methods, sites, plan, new, sample, flops,
+                                                          report)
+                    skipped = skipped + undone
             if config.quantize and not late_sites:
                 found = []
                 with timer("quantize"):
@@ -227,6 +233,42 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     if report.gate and not report.gate["passed"]:
         raise AgreementError(report.gate["message"] + " (output kept: --keep-failed)", report)
     return report
+
+
+def _guard_splits(src, norm, g, methods, sites, plan, new, sample, flops, report):
+    """Low-rank splits the whole model cannot afford: when the compressed model runs slower than
+    the original at one sample on one thread or on all cores (`latency.guard`, timed in ONNX
+    Runtime), the splits saving the fewest FLOPs are undone until it does not. Returns (model,
+    plan, the undone splits as `Skipped`)."""
+    splits = [e for e in plan.entries if e.method == "lowrank" and not getattr(e, "after", False)]
+    if not splits:
+        return new, plan, []
+
+    def saved(e) -> float:
+        i = g.index_of(e.layer)
+        return flops.get(i, 0.0) * (1.0 - e.rank * (e.out + e.inputs) / max(e.out * e.inputs, 1))
+    order = sorted(splits, key=saved)
+    models = {0: new}
+
+    def without(k: int):
+        if k not in models:
+            gone = {id(e) for e in order[:k]}
+            models[k] = _rewrite(norm, g, methods, sites,
+                                 Plan(plan.method, plan.select, tuple(e for e in plan.entries if id(e) not in gone)),
+                                 sample)[0]
+        return models[k]
+    k, probes = latency_mod.guard(len(order), lambda k: latency_mod.model_ratios(str(src), without(k), sample))
+    undone = order[:k]
+    report.allocation["latency_guard"] = {"slack": latency_mod.GUARD_SLACK, "probes": probes,
+                                          "undone": [e.layer for e in undone]}
+    if not k:
+        return new, plan, []
+    log.info("latency: %d of %d low-rank splits undone: the whole model ran slower with them", k, len(order))
+    gone = {id(e) for e in undone}
+    why = (f"low rank: undone, the whole model ran slower than the original with it "
+           f"(at one sample, ratios above {latency_mod.GUARD_SLACK})")
+    return (without(k), Plan(plan.method, plan.select, tuple(e for e in plan.entries if id(e) not in gone)),
+            [Skipped(e.layer, g.nodes[g.index_of(e.layer)].op_type, why) for e in undone])
 
 
 def _cluster(config: Config, needed: bool):

@@ -374,3 +374,51 @@ def prepare(g, curves: list[Curve], config, model, sample: dict, *, timer=None) 
         return curves, sum(float(c.base) for cv in curves for c in cv.costs if c.metric == "latency")
     from .benchmark import model_latency
     return curves, model_latency(model, sample, config.latency_threads)
+
+
+# ---- the whole-model guard -------------------------------------------------------------------
+
+GUARD_SLACK = 1.02   # a whole-model ratio above this counts as slower (timing noise on a 50 us model is ~2%)
+GUARD_REPEATS = 15
+
+
+def model_ratios(original, compressed, feed: dict) -> dict[int, float]:
+    """Per thread count (1 and all cores), the compressed model's median latency over the
+    original's at `feed`, the two interleaved call by call in this process (`benchmark`)."""
+    from .benchmark import interleaved, session, thread_counts
+    out = {}
+    for threads in thread_counts():
+        before, after = interleaved([session(original, threads), session(compressed, threads)], feed,
+                                    repeats=GUARD_REPEATS)
+        out[threads] = after / before if before > 0 else 1.0
+    return out
+
+
+def guard(splits: int, ratios: Callable[[int], dict]) -> tuple[int, list[dict]]:
+    """The fewest splits k to undo, the least saving first, so that the whole model is not
+    slower than the original on any thread count: `ratios(k)` times the model with the first k
+    undone (`model_ratios`). What the per-op check (`attach`) cannot see, the layout conversions
+    and per-node overhead that a split adds between ops, shows here.
+
+    k = 0 is timed first, and nothing else when the model is not slower. Otherwise k = `splits`
+    (no split left) is timed: when that is slower too, the splits are not the cause and k = 0;
+    else a bisection for the smallest k that is not slower, taking the slowdown to shrink as
+    splits are undone: at most 2 + log2(splits) timings. Returns (k, the timings as
+    {"undone", "ratios"})."""
+    probes = []
+
+    def slower(k: int) -> bool:
+        found = ratios(k)
+        probes.append({"undone": k, "ratios": {str(t): round(r, 4) for t, r in found.items()}})
+        return any(r > GUARD_SLACK for r in found.values())
+
+    if splits == 0 or not slower(0) or slower(splits):  # not slower, or not for the splits' sake
+        return 0, probes
+    low, high = 0, splits   # slower at low, not at high
+    while high - low > 1:
+        mid = (low + high) // 2
+        if slower(mid):
+            low = mid
+        else:
+            high = mid
+    return high, probes

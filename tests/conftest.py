@@ -26,12 +26,14 @@ def _portable_speed_defaults(monkeypatch, tmp_path_factory):
     """Tests run on tiny graphs, where hardware rounding and timed latencies would decide
     everything: by default every size is allowed (`--round 1`) and the latency model's probes
     are costed by their weights' element counts instead of being timed (so a split is "faster"
-    exactly when it is smaller, and no timing ever enters a test). Tests of rounding and of the
-    latency model set their own."""
+    exactly when it is smaller, and no timing ever enters a test); the whole-model guard sees
+    every compressed model as fast as its original. Tests of rounding and of the latency model
+    set their own."""
     from onnxcompress import latency
     from onnxcompress.methods import rounding
     monkeypatch.setattr(rounding, "defaults", lambda: {"conv": 1, "gemm": 1})
     monkeypatch.setattr(latency, "time_probe", lambda probe, threads: _weights(probe))
+    monkeypatch.setattr(latency, "model_ratios", lambda original, compressed, feed: {1: 1.0})  # never slower
     monkeypatch.setattr(latency, "CACHE_DIR", tmp_path_factory.mktemp("latency-cache"))
 
 

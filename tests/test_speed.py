@@ -309,3 +309,63 @@ def test_benchmark_reports_both_models_per_thread_count_and_batch(tmp_path):
     assert "latency (median of" in r.table()
     assert compress(_save(tmp_path, m, "b.onnx"), tmp_path / "p.onnx", config=Config(keep=0.5),
                     calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:])).latency is None
+
+
+# the whole-model guard
+
+@pytest.mark.parametrize("splits, needed", [(0, 0), (1, 0), (1, 1), (5, 0), (5, 3), (5, 5), (9, 4), (16, 1)])
+def test_the_guard_finds_the_fewest_splits_to_undo(splits, needed):
+    """`latency.guard` against brute force on a slowdown that shrinks as splits are undone
+    (slower while fewer than `needed` are undone), in at most 2 + log2(splits) timings."""
+    timed = []
+
+    def ratios(k):
+        timed.append(k)
+        return {1: 1.0, 2: 1.1 if k < needed else 0.97}
+    k, probes = latency.guard(splits, ratios)
+    assert k == min((j for j in range(splits + 1) if not (j < needed)), default=0)
+    assert [p["undone"] for p in probes] == timed
+    assert len(timed) <= 2 + max(splits, 1).bit_length()
+    assert all(set(p["ratios"]) == {"1", "2"} for p in probes)
+
+
+def test_the_guard_keeps_the_splits_when_they_are_not_the_cause():
+    """Slower even with every split undone (noise, or the ID widths): nothing is undone."""
+    k, probes = latency.guard(4, lambda k: {1: 1.05})
+    assert k == 0 and [p["undone"] for p in probes] == [0, 4]
+
+
+def test_splits_the_whole_model_cannot_afford_are_undone_least_saving_first(tmp_path, monkeypatch):
+    """A compressed model 'slower' while it has more than one split (a fake timing that counts
+    the MatMul/Gemm nodes): the guard undoes the splits saving the fewest FLOPs, reports them as
+    left alone with the reason, and the output holds the remaining split only."""
+    def ratios(original, compressed, feed):
+        model = onnx.load(original)
+        extra = sum(n.op_type in ("Gemm", "MatMul") for n in compressed.graph.node) - \
+            sum(n.op_type in ("Gemm", "MatMul") for n in model.graph.node)
+        return {1: 1.0 + 0.05 * max(extra - 1, 0)}
+    monkeypatch.setattr(latency, "model_ratios", ratios)
+    m, data = wide_mlp((40, 24))
+    args = dict(calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
+    free = compress(_save(tmp_path, m, "a.onnx"), tmp_path / "a.out.onnx",
+                    config=Config(method="svd", keep=0.5, latency_check=False), **args)
+    assert len(free.layers) == 3  # without the checks every layer is split
+    report = compress(_save(tmp_path, m), tmp_path / "o.onnx", config=Config(method="svd", keep=0.5), **args)
+    guard = report.allocation["latency_guard"]
+    assert [x["layer"] for x in report.layers] == [guard_kept := _most_saving(free)]
+    assert set(guard["undone"]) == {x["layer"] for x in free.layers} - {guard_kept}
+    assert guard["probes"][0] == {"undone": 0, "ratios": {"1": 1.1}}
+    why = reasons(report)
+    assert all("whole model ran slower" in why[k] for k in guard["undone"])
+    out = onnx.load(str(tmp_path / "o.onnx"))
+    assert sum(n.op_type in ("Gemm", "MatMul") for n in out.graph.node) == 4  # 3 layers, one split in two
+    # a plan given is applied as it is: the guard does not run
+    report.plan.save(tmp_path / "p.json")
+    from onnxcompress import Plan
+    again = compress(_save(tmp_path, m, "b.onnx"), tmp_path / "b.out.onnx", plan=Plan.load(tmp_path / "p.json"), **args)
+    assert "latency_guard" not in again.allocation
+
+
+def _most_saving(report) -> str:
+    """The split layer saving the most parameters (FLOPs scale with them in an MLP)."""
+    return max(report.layers, key=lambda x: x["params_before"] - x["params_after"])["layer"]

@@ -40,7 +40,7 @@ import onnx
 from .data import input_specs
 from .runtime import make_session, run
 from .threads import parallel_map
-from .stats import ChannelGram, PatchGram, Request, Stats, TokenCounts, merge  # noqa: F401 (re-exported)
+from .stats import ChannelGram, GramAccumulator, PatchGram, Request, Stats, TokenCounts, merge  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,10 @@ def accumulate(model: onnx.ModelProto, reqs: list[Request], feeds: Iterable[tupl
     mask = mask_input(model)
     names = sorted({r.tensor for r in reqs})
     session = make_session(model, names, types, provider=provider, threads=threads, only=True)  # only the layers these tensors need
-    acc = {r: r.accumulator(deferred=True) for r in reqs}  # full buffers flushed side by side (`_flush_due`)
+    acc = {r: r.accumulator() for r in reqs}
+    for a in acc.values():  # full Gram buffers are flushed side by side (`_flush_due`)
+        if isinstance(a, GramAccumulator):
+            a.deferred = True
     pad = {**_padding_record(mask), "excluded": set(), "counted": set()}
     specs = input_specs(model)
     mergeable = all(s.shape and s.shape[0] is None for s in specs)

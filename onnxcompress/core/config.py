@@ -102,7 +102,9 @@ class Config:
     latency_target:  keep at most this fraction of the model's latency as the measured latency
                      model estimates it (`latency.py`), sizes chosen greedily.
     latency_check:   time every low-rank split against the layer it replaces (cached per machine)
-                     and never emit one that is not faster.
+                     and never emit one that is not faster; then time the whole compressed model
+                     against the original at one sample (1 thread, all cores) and undo the splits
+                     saving the fewest FLOPs while it runs slower (`latency.guard`).
     latency_threads: ONNX Runtime threads of the latency model's timings.
     benchmark:       time the original and the compressed model on the validation feed (batch 1
                      and the feed's batch; one thread and all cores) and put it in the report.

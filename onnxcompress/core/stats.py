@@ -183,8 +183,8 @@ class ChannelGram:
     axis: int
     channels: int
 
-    def accumulator(self, *, deferred: bool = False) -> GramAccumulator:
-        return GramAccumulator(self.channels, deferred=deferred)
+    def accumulator(self) -> GramAccumulator:
+        return GramAccumulator(self.channels)
 
     @property
     def width(self) -> int:
@@ -205,8 +205,8 @@ class PatchGram:
     dilations: tuple[int, ...]
     auto_pad: str = "NOTSET"
 
-    def accumulator(self, *, deferred: bool = False) -> GramAccumulator:
-        return GramAccumulator(self.width, deferred=deferred)
+    def accumulator(self) -> GramAccumulator:
+        return GramAccumulator(self.width)
 
     @property
     def width(self) -> int:
@@ -222,7 +222,7 @@ class TokenCounts:
     tensor: str
     size: int
 
-    def accumulator(self, *, deferred: bool = False) -> CountAccumulator:
+    def accumulator(self) -> CountAccumulator:
         return CountAccumulator(self.size)
 
     def rows(self, value: np.ndarray, max_rows: int, rng: np.random.Generator) -> np.ndarray:
