@@ -59,7 +59,8 @@ def decide(norm, g, methods: dict, curves: list, config, before: dict, *, calib_
             report.allocation.update(metric=metric, estimated_error=path.error(len(path.steps)),
                                      reached=path.cost(len(path.steps), metric) / (path.start[metric] or 1.0))
             why = f"{rule.replace('_', ' ')} {value} is met without it"
-            entries, left = _realize(g, methods, curves, idx, config, {ci: why for ci in range(len(curves)) if idx[ci] == 0})
+            entries, left = _realize(g, methods, curves, idx, config,
+                                     {ci: _no_candidate(curves[ci]) or why for ci in range(len(curves)) if idx[ci] == 0})
         return entries, left, None
     return _search(norm, g, methods, curves, costs, weights, config, reference, report, timer, progress,
                    calib_src, sample)
@@ -98,6 +99,14 @@ def _realize(g, methods: dict, curves: list, idx: list[int], config, reasons: di
             g, curves[k[0]], k[1], config), todo)):
         cache[k] = entry
     return [cache[k] for k in keys], _merge_skipped(left)
+
+
+def _no_candidate(curve) -> str | None:
+    """Why a site offers no smaller size at all, when every one was dropped (`Curve.dropped`:
+    a split slower than its layer, ...): the first reason; None when some size is offered."""
+    if not curve.dropped or curve.steps is None or any(int(j) > 0 for j in curve.steps):
+        return None
+    return next(iter(curve.dropped.values()))
 
 
 def _merge_skipped(left: list) -> list:

@@ -17,7 +17,8 @@ Sites get a "latency" `Cost` item per node (base t_n, the node's full-size time)
   a node between two groups scales with the product of both factors, as its FLOPs do.
 * low rank: factor_j = t_split(r_j) / t_n, interpolated the same way over timed ranks; a
   candidate with factor >= 1 (the split is not faster than the layer) is dropped from the curve
-  with the reason.
+  with the reason, except for a Gather (a lookup, which any split slows: its split saves bytes,
+  and the whole-model guard judges it).
 
 Latency is thus the product of per-op timings, not a FLOP count; what the model does not see
 (layout conversions between ops, fusion) is left to `--benchmark` and `tools/bench_latency.py`.
@@ -301,6 +302,10 @@ def lowrank_costs(g, curve: Curve, timings: Timings, others: tuple = ()) -> tupl
     whole = node_probe(g, layer.node)
     if whole is None:
         return [], {}
+    # a Gather is a lookup: any split of its table (a smaller lookup, then a MatMul) takes longer
+    # than the lookup alone, and saves bytes, not time. Its splits are not dropped here; the
+    # whole-model guard (`guard`) undoes them if the model as a whole runs slower.
+    gather = g.nodes[layer.node].op_type == "Gather"
     sizes = np.asarray(curve.sizes)
     ranks = _points(sizes[1:], None if curve.steps is None else np.asarray(curve.steps)[1:] - 1) if len(sizes) > 1 else []
     if not len(ranks):
@@ -315,7 +320,7 @@ def lowrank_costs(g, curve: Curve, timings: Timings, others: tuple = ()) -> tupl
         if t is timings:
             items = [Cost("latency", layer.key, base, factor)]
         for j in range(1, len(sizes)):
-            if factor[j] >= 1.0 and j not in dropped:
+            if factor[j] >= 1.0 and j not in dropped and not gather:
                 dropped[j] = (f"latency: the split at rank {int(sizes[j])} takes {factor[j] * base * 1e6:.0f} us "
                               f"against {base * 1e6:.0f} us for the layer ({t.threads} thread"
                               f"{'s' if t.threads > 1 else ''})")

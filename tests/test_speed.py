@@ -369,3 +369,31 @@ def test_splits_the_whole_model_cannot_afford_are_undone_least_saving_first(tmp_
 def _most_saving(report) -> str:
     """The split layer saving the most parameters (FLOPs scale with them in an MLP)."""
     return max(report.layers, key=lambda x: x["params_before"] - x["params_after"])["layer"]
+
+
+def test_a_budget_names_the_latency_check_when_every_split_of_a_layer_was_dropped(tmp_path, monkeypatch):
+    monkeypatch.setattr(latency, "time_probe", _overhead_timer)
+    m, data = wide_mlp((40, 24))
+    report = compress(_save(tmp_path, m), tmp_path / "o.onnx", config=Config(method="svd", params_target=0.8),
+                      calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
+    why = reasons(report)
+    assert not report.layers
+    assert all("latency: the split at rank" in why[k] for k in ("fc1", "fc2"))
+
+
+def test_an_embedding_split_is_left_to_the_whole_model_guard(tmp_path, monkeypatch):
+    """A Gather is a lookup, slower split whatever the rank (the overhead timer says so too); its
+    split saves bytes, so the per-op check keeps it and the whole-model guard has the last word."""
+    from test_mixed import embed_ffn, feeds
+    monkeypatch.setattr(latency, "time_probe", _overhead_timer)
+    path = _save(tmp_path, embed_ffn())
+    report = compress(path, tmp_path / "o.onnx", config=Config(method="svd", keep=0.5), calib=feeds(32), val=feeds(8, 5))
+    assert [x["layer"] for x in report.layers] == ["embed"]
+    why = reasons(report)
+    assert all("latency: the split at rank" in why[k] for k in ("fc1", "fc2"))
+    def ratios(original, compressed, feed):  # slower with the split's extra MatMul
+        return {1: 1.2 if sum(n.op_type == "MatMul" for n in compressed.graph.node) > 2 else 1.0}
+    monkeypatch.setattr(latency, "model_ratios", ratios)
+    slow = compress(path, tmp_path / "p.onnx", config=Config(method="svd", keep=0.5), calib=feeds(32), val=feeds(8, 5))
+    assert not slow.layers and slow.allocation["latency_guard"]["undone"] == ["embed"]
+    assert "whole model ran slower" in reasons(slow)["embed"]
