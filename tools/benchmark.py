@@ -77,6 +77,7 @@ RUNS = (
     # quality targets: the tool validates on a held-out share of --calib; the metric is measured
     # on the separate val sentences / lines
     Run("minilm-target-cos99", "minilm", ("--target", "cosine>=0.99"), val=False),
+    Run("minilm-target-cos99-params", "minilm", ("--target", "cosine>=0.99", "--minimize", "params"), val=False),
     Run("ocr_rec-target-top99-flops", "ocr_rec", ("--target", "top1>=0.99", "--minimize", "flops"), val=False),
     # composition: the plan, then every weight it leaves quantized (--quantize)
     Run("minilm-keep75-q8", "minilm", ("--keep", "0.75", "--quantize", "int8")),
