@@ -47,18 +47,25 @@ SCALE_BYTES = 4
 @dataclass(frozen=True)
 class Format:
     """A weight format: `bits` per code, scales per output channel (block = 0) or per block of
-    `block` input columns (per row and block)."""
+    `block` input columns (per row and block). dim = p > 0: product quantization of a table's
+    rows instead (`codebook.py`): a `bits`-bit code (8: uint8) per sub-vector of p columns into a
+    2^bits-entry codebook per subspace; no scales."""
     bits: int
     block: int = 0
+    dim: int = 0
 
     def __post_init__(self):
         if self.bits not in (2, 3, 4, 8):
             raise ValueError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
         if self.block < 0:
             raise ValueError(f"block must be >= 0, got {self.block}")
+        if self.dim < 0 or (self.dim and (self.bits != 8 or self.block)):
+            raise ValueError(f"a codebook format has 8-bit codes, no block and dim >= 1, got {self}")
 
     @property
     def name(self) -> str:
+        if self.dim:
+            return f"pq{self.bits}/d{self.dim}"
         return f"int{self.bits}" + (f"/b{self.block}" if self.block else "/channel")
 
     @property
@@ -75,7 +82,11 @@ class Format:
 
     def bytes(self, out: int, inputs: int, kernel: tuple[int, ...] = (), scale_bytes: int = SCALE_BYTES) -> int:
         """Stored bytes: codes packed at `bits` per entry (whole bytes per tensor) + one scale of
-        `scale_bytes` per (row, group) (the weight's float type: 4 for float32, 2 for float16)."""
+        `scale_bytes` per (row, group) (the weight's float type: 4 for float32, 2 for float16).
+        A codebook format: out x (inputs / dim) codes + (inputs / dim) 2^bits dim codebook floats."""
+        if self.dim:
+            parts = inputs // self.dim
+            return -(-out * parts * self.bits // 8) + parts * 2 ** self.bits * self.dim * scale_bytes
         return -(-out * inputs * self.bits // 8) + out * self.ngroups(inputs, kernel) * scale_bytes
 
     def ngroups(self, inputs: int, kernel: tuple[int, ...] = ()) -> int:
