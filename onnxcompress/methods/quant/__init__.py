@@ -4,7 +4,10 @@ Sites are the layers `lowrank.layers.find_layers` finds (Gemm, MatMul, Conv, Gat
 constant weight read by no other node). Candidates: index 0 keeps the float weight; then the
 `FORMATS` in decreasing order of stored bytes: int8 with one scale per output channel, and int4
 with one scale per output channel and in blocks of 32, 64 and 128 input columns (a block as wide
-as the row is the per-channel format, and is offered once); for a Gather table of at least
+as the row is the per-channel format, and is offered once), the blocks' scales in the weight's
+float type or in float16 (`Format.half`: half the scale bytes; where two formats store the same
+bytes the first listed is offered, so 32-blocks with float16 scales replace 64-blocks with
+float32 ones); for a Gather table of at least
 `CODEBOOK_ROWS` x 256 rows, also product quantization of its rows (`codebook.py`: a uint8 code per
 sub-vector of 3 or 4 columns into a 256-entry codebook per subspace, about 2.7 or 2 bits per
 weight, k-means weighted by the token counts). A format that stores as many bytes as the float
@@ -44,7 +47,8 @@ log = logging.getLogger(__name__)
 #: the candidate formats, in the order they are offered (each layer drops the ones that store as
 #: many bytes as an earlier one, so a block as wide as the row is per channel, and sorts the rest
 #: by decreasing bytes)
-FORMATS = (Format(8), Format(4), Format(4, 32), Format(4, 64), Format(4, 128), Format(8, dim=3), Format(8, dim=4))
+FORMATS = (Format(8), Format(4), Format(4, 32), Format(4, 32, half=True), Format(4, 64, half=True),
+           Format(4, 128, half=True), Format(4, 64), Format(4, 128), Format(8, dim=3), Format(8, dim=4))
 
 #: a codebook format is offered for a table of at least this many times 2^bits rows
 CODEBOOK_ROWS = 8
@@ -65,6 +69,7 @@ class QuantPlan:
     error: float = 0.0
     after: bool = False  # `--quantize`: a layer of the model the other entries rewrote (`stage.py`)
     dim: int = 0  # > 0: a table's product-quantized rows (`codebook.py`): codes uint8, scales the codebooks
+    half: bool = False  # scales stored as float16 (`Format.half`)
 
     @property
     def site(self) -> str:
@@ -72,7 +77,7 @@ class QuantPlan:
 
     @property
     def format(self) -> Format:
-        return Format(self.bits, self.block, self.dim)
+        return Format(self.bits, self.block, self.dim, self.half)
 
     def to_dict(self, *, matrices: bool = True) -> dict:
         d = {"layer": self.layer, "kind": self.kind, "format": self.format.name, "bits": self.bits,
@@ -81,6 +86,8 @@ class QuantPlan:
             d["after"] = True
         if self.dim:
             d["dim"] = self.dim
+        if self.half:
+            d["half"] = True
         if matrices:
             kind = "uint8" if self.dim else "int8"
             codes = np.ascontiguousarray(self.codes, dtype=kind)
@@ -96,7 +103,8 @@ class QuantPlan:
         scales = np.frombuffer(base64.b64decode(d["scales"]["float64"]), dtype="<f8").reshape(d["scales"]["shape"])
         error = d.get("error")
         return cls(d["layer"], d["kind"], int(d["bits"]), int(d["block"]), codes.copy(), scales.copy(),
-                   float("nan") if error is None else float(error), bool(d.get("after", False)), int(d.get("dim", 0)))
+                   float("nan") if error is None else float(error), bool(d.get("after", False)), int(d.get("dim", 0)),
+                   bool(d.get("half", False)))
 
     @staticmethod
     def check(d: dict, where: str) -> None:
@@ -111,6 +119,8 @@ class QuantPlan:
         dim = d.get("dim", 0)
         need(isinstance(dim, int) and dim >= 0 and (not dim or (d["bits"] == 8 and d["block"] == 0)),
              "'dim' must be a non-negative integer, and a codebook entry has 8 bits and no block")
+        need(isinstance(d.get("half", False), bool) and not (dim and d.get("half")), "'half' must be true or false "
+             "(and not with 'dim')")
         code_kind = "uint8" if dim else "int8"
         for key, kind, size in (("codes", code_kind, 1), ("scales", "float64", 8)):
             m = d.get(key)
@@ -171,10 +181,11 @@ class QuantMethod:
         as wide as the row), by decreasing bytes."""
         opset = self.allowed_opset(g)
         itemsize = _itemsize(g, layer.weight)
-        seen, out = {float(layer.params * itemsize)}, []  # nothing that stores as much as the float weight
+        full = float(layer.params * itemsize)
+        seen, out = set(), []
         for f in FORMATS:
             n = self._bytes(layer, f, itemsize)
-            if format_opset(f) <= opset and _blocks_fit(layer, f) and n not in seen and n < min(seen):
+            if format_opset(f) <= opset and _blocks_fit(layer, f) and n not in seen and n < full:
                 seen.add(n)
                 out.append(f)
         return sorted(out, key=lambda f: -self._bytes(layer, f, itemsize))
@@ -274,7 +285,7 @@ def entry(layer, q: Quantized, *, after: bool = False) -> QuantPlan:
     codes = q.codes.astype(np.uint8 if q.format.dim else np.int8)
     return QuantPlan(layer.key, layer.kind, q.format.bits, q.format.block, codes,
                      np.asarray(q.scales, dtype=np.float64), math.sqrt(max(float(q.error), 0.0)), after,
-                     q.format.dim)
+                     q.format.dim, q.format.half)
 
 
 def _itemsize(g: GraphIndex, name: str) -> int:

@@ -10,6 +10,8 @@ itself for a Gather (`solvers.quantize_embedding`). The stored constant Wc relat
 * Conv:            Wc = W as (out, in, k...); per channel: axis 0; blocks of input channels at
                    each kernel offset: axis 1, scale (out, in/B, k...)
 * Gather(Wc, idx): Wc = E (vocab x d); per token: axis 0; blocks along d: axis 1, scale (vocab, d/B)
+* `Format.half`: the scales are a float16 initializer and a Cast to the weight's type feeds
+                   DequantizeLinear (exact: the scales are float16 numbers, `solvers.scales_for`)
 * Gather, codebook format (`Format.dim` = p): Wc = the table decoded from uint8 codes (vocab x d/p)
                    and stacked codebooks (d/p 2^bits x p) by Cast, Add, Gather, Reshape
                    (`codebook.nodes`); no DequantizeLinear
@@ -238,10 +240,18 @@ def apply(model: onnx.ModelProto, edits, format: str = "onnx") -> onnx.ModelProt
             dropped.add(layer.weight)
             continue
         codes, scales, axis, block = layout(node, layer, q)
-        new_inits += [int_tensor(names[0], codes, q.format.bits),
-                      numpy_helper.from_array(scales.astype(dtype), names[1])]
+        new_inits.append(int_tensor(names[0], codes, q.format.bits))
+        scale = names[1]
+        if q.format.half and dtype != np.float16:
+            scale = fresh_name(f"{names[1]}_cast", taken)
+            new_inits.append(numpy_helper.from_array(scales.astype(np.float16), names[1]))
+            before.setdefault(index, []).append(helper.make_node(
+                "Cast", [names[1]], [scale], name=f"{node.name or layer.key}/scale_cast",
+                to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype))))
+        else:
+            new_inits.append(numpy_helper.from_array(scales.astype(dtype), names[1]))
         before.setdefault(index, []).append(
-            dequantize_node(f"{node.name or layer.key}/dequantize", names[0], names[1], names[2], axis, block))
+            dequantize_node(f"{node.name or layer.key}/dequantize", names[0], scale, names[2], axis, block))
         for k, x in enumerate(node.input):
             if x == layer.weight:
                 node.input[k] = names[2]
