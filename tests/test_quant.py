@@ -309,4 +309,10 @@ def test_float16_scales_are_stored_as_float16_and_cast(kind, fmt):
     codes = next(t for t in new.graph.initializer if t.data_type == TensorProto.INT4)
     assert len(codes.raw_data) + 2 * int(np.prod(halves[0].dims)) == storage.layer_bytes(layer, fmt)
     assert storage.layer_bytes(layer, fmt) < storage.layer_bytes(layer, qs.Format(4, fmt.block))
-    np.testing.assert_allclose(run(new, feed)[0], run(_with_weight(model, layer, q), feed)[0], rtol=1e-4, atol=1e-4)
+    got = run(new, feed)[0]
+    np.testing.assert_allclose(got, run(_with_weight(model, layer, q), feed)[0], rtol=1e-4, atol=1e-4)
+    ov = pytest.importorskip("openvino")
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(new.SerializeToString(), b""), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"})
+    np.testing.assert_allclose(compiled(feed)[0], got, rtol=1e-4, atol=1e-4)
