@@ -21,6 +21,7 @@ from onnxcompress.methods.quant import solvers as qs
 from checks import run
 
 PQ4 = qs.Format(8, dim=4)
+PQ3 = qs.Format(8, dim=3)  # the one the method offers
 
 
 def _best_1d(x, w, k):
@@ -110,7 +111,7 @@ def test_stored_codebook_runs_in_onnx_runtime_as_the_decoded_table():
     np.testing.assert_allclose(compiled(feed)[0], got, rtol=1e-6, atol=1e-6)
 
 
-def _embed_mlp(vocab=2048, d=8, seed=0):
+def _embed_mlp(vocab=4096, d=12, seed=0):
     """y = MatMul(Gather(E: vocab x d, ids), W: d x 16): a table large enough for a codebook."""
     rng = np.random.default_rng(seed)
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", 6])
@@ -125,7 +126,7 @@ def _embed_mlp(vocab=2048, d=8, seed=0):
     return model
 
 
-def _feeds(n, vocab=2048, seed=1):
+def _feeds(n, vocab=4096, seed=1):
     rng = np.random.default_rng(seed)
     return [{"ids": rng.integers(0, vocab // 2, (4, 6)).astype(np.int64)} for _ in range(n)]
 
@@ -134,9 +135,9 @@ def test_the_method_offers_codebooks_for_large_tables_only():
     g = GraphIndex(_embed_mlp())
     m = QuantMethod()
     layers = {s.target.kind: s.target for s in m.sites(g, Config(method="quant"))[0]}
-    assert PQ4 in m.formats(g, layers["gather"])
+    assert PQ3 in m.formats(g, layers["gather"])
     assert not any(f.dim for f in m.formats(g, layers["matmul"]))
-    small = GraphIndex(_embed_mlp(vocab=1000))
+    small = GraphIndex(_embed_mlp(vocab=2000))
     table = next(s.target for s in m.sites(small, Config(method="quant"))[0] if s.target.kind == "gather")
     assert not any(f.dim for f in m.formats(small, table))
 
@@ -145,16 +146,16 @@ def test_a_plan_with_a_codebook_entry_replays_exactly(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(_embed_mlp(), str(path))
     data = _feeds(8)
-    first = compress(path, tmp_path / "a.onnx", config=Config(method="quant", size_target=0.25), calib=data, val=data)
+    first = compress(path, tmp_path / "a.onnx", config=Config(method="quant", size_target=0.17), calib=data, val=data)
     entries = [e for e in first.plan.entries if isinstance(e, QuantPlan) and e.dim]
     assert len(entries) == 1 and entries[0].layer == "emb"
     row = next(r for r in first.sections["quantized"] if r["layer"] == "emb")
-    assert row["format"] == "pq8/d4" and row["bytes_before"] == 2048 * 8 * 4
-    assert row["bytes_after"] == 2048 * 2 + 2 * 256 * 4 * 4
+    assert row["format"] == "pq8/d3" and row["bytes_before"] == 4096 * 12 * 4
+    assert row["bytes_after"] == 4096 * 4 + 4 * 256 * 3 * 4
     plan_file = tmp_path / "plan.json"
     first.plan.save(plan_file)
     saved = json.loads(plan_file.read_text())
-    assert any(e.get("dim") == 4 for e in saved["entries"])
+    assert any(e.get("dim") == 3 for e in saved["entries"])
     compress(path, tmp_path / "b.onnx", plan=Plan.load(plan_file), calib=data, val=data)
     onnx.checker.check_model(str(tmp_path / "b.onnx"), full_check=True)
     for a, b in zip(run(tmp_path / "a.onnx", data[0]), run(tmp_path / "b.onnx", data[0])):
