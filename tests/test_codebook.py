@@ -168,3 +168,32 @@ def test_a_plan_with_a_codebook_entry_replays_exactly(tmp_path):
     from onnxcompress import UsageError
     with pytest.raises(UsageError, match="codebooks"):
         compress(path, tmp_path / "c.onnx", plan=Plan.load(plan_file), calib=data, val=data)
+
+
+def embed_two_layers(vocab=8192, d=48, seed=0) -> onnx.ModelProto:
+    """y = MatMul(MatMul(Gather(E: vocab x d, ids), W1: d x 64), W2: 64 x 16). At its smallest the
+    quant method stores E as a codebook (pq8/d3) and W2 in one block of 64 with a float16 scale."""
+    rng = np.random.default_rng(seed)
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 6, 16])
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["h"], name="emb", axis=0),
+             helper.make_node("MatMul", ["h", "W1"], ["h1"], name="fc1"),
+             helper.make_node("MatMul", ["h1", "W2"], ["y"], name="fc2")]
+    inits = [numpy_helper.from_array(rng.standard_normal((vocab, d)).astype(np.float32), "E"),
+             numpy_helper.from_array(rng.standard_normal((d, 64)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.standard_normal((64, 16)).astype(np.float32), "W2")]
+    model = helper.make_model(helper.make_graph(nodes, "embed_two", [ids], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_at_its_smallest_a_codebook_table_and_float16_scales(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(embed_two_layers(), str(path))
+    data = _feeds(8, vocab=8192)
+    report = compress(path, tmp_path / "a.onnx", config=Config(method="quant", size_target=0.115), calib=data, val=data)
+    formats = {r["layer"]: r["format"] for r in report.sections["quantized"]}
+    assert formats["emb"] == "pq8/d3" and formats["fc2"] == "int4/b64/f16"
+    onnx.checker.check_model(str(tmp_path / "a.onnx"), full_check=True)
+    assert report.agreement[0]["cosine"] > 0.9
