@@ -287,3 +287,32 @@ def test_int4_gptq_against_brute_force(fmt, cols):
     r, q, best = np.array(rows).T
     assert np.all(q >= best * (1 - 1e-9)) and np.all(r >= best * (1 - 1e-9))
     assert np.sum(q) < np.sum(r)
+
+
+@pytest.mark.parametrize("kind", ["matmul", "gemm", "conv", "gather"])
+@pytest.mark.parametrize("fmt", [qs.Format(4, 32, half=True), qs.Format(4, 64, half=True)], ids=lambda f: f.name)
+def test_float16_scales_are_stored_as_float16_and_cast(kind, fmt):
+    """`half`: the scales the solver uses are float16 numbers, stored as a float16 initializer
+    and cast to float32 ahead of DequantizeLinear; ONNX Runtime gives the dequantized weight's
+    outputs, and the bytes are those of 2-byte scales."""
+    model, feed = _model(kind)
+    g, layer = _layer(model, feed)
+    if kind == "gather":
+        q = qs.quantize_embedding(g.const(layer.weight), np.ones(layer.inputs), fmt)
+    else:
+        q = qs.gptq(weight_matrix(g, layer), np.eye(layer.inputs), fmt, kernel=layer.kernel, clip=4)
+    np.testing.assert_array_equal(q.scales, q.scales.astype(np.float16).astype(np.float64))
+    new = storage.store(model, layer, q)
+    onnx.checker.check_model(new, full_check=True)
+    halves = [t for t in new.graph.initializer if t.data_type == TensorProto.FLOAT16]
+    assert len(halves) == 1 and [n.op_type for n in new.graph.node][:2] == ["Cast", "DequantizeLinear"]
+    codes = next(t for t in new.graph.initializer if t.data_type == TensorProto.INT4)
+    assert len(codes.raw_data) + 2 * int(np.prod(halves[0].dims)) == storage.layer_bytes(layer, fmt)
+    assert storage.layer_bytes(layer, fmt) < storage.layer_bytes(layer, qs.Format(4, fmt.block))
+    got = run(new, feed)[0]
+    np.testing.assert_allclose(got, run(_with_weight(model, layer, q), feed)[0], rtol=1e-4, atol=1e-4)
+    ov = pytest.importorskip("openvino")
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(new.SerializeToString(), b""), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"})
+    np.testing.assert_allclose(compiled(feed)[0], got, rtol=1e-4, atol=1e-4)

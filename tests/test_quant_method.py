@@ -117,7 +117,9 @@ def test_int4_raises_the_opset_and_bytes_are_counted_as_stored(path, tmp_path):
 
 def test_formats_whole_blocks_once_by_decreasing_bytes():
     """MatMul 64 -> 8 (W 8 x 64): b32 and b64 fit (b64 is the whole row: per channel, offered
-    once), b128 does not divide 64; the table (64 x 8, blocks along d = 8) only per channel."""
+    once), b128 does not divide 64; b32 with float16 scales stores as many bytes as per channel
+    (not offered), b64 with float16 scales fewer; the table (64 x 8, blocks along d = 8) only per
+    channel."""
     from onnxcompress.core.graph import GraphIndex
     from onnxcompress.methods.quant import QuantMethod, solvers as qs
     from test_mixed import embed_ffn
@@ -129,7 +131,7 @@ def test_formats_whole_blocks_once_by_decreasing_bytes():
     for s in sites:
         by_kind.setdefault(s.target.kind, []).append(s.target)
     fc2 = next(x for x in by_kind["matmul"] if x.inputs == 64)
-    assert m.formats(g, fc2) == [qs.Format(8), qs.Format(4, 32), qs.Format(4)]
+    assert m.formats(g, fc2) == [qs.Format(8), qs.Format(4, 32), qs.Format(4), qs.Format(4, 64, half=True)]
     table = by_kind["gather"][0]
     assert m.formats(g, table) == [qs.Format(8), qs.Format(4)]
 
@@ -190,3 +192,19 @@ def test_the_opset_is_converted_once_per_model(path, tmp_path, monkeypatch):
     assert any(r["format"].startswith("int4") for r in report.sections["quantized"])
     assert report.allocation.get("sensitivity")                 # probes ran
     assert calls == [21]
+
+
+def test_a_float16_scale_entry_survives_the_plan_file():
+    from onnxcompress.methods.quant import QuantPlan
+    from onnxcompress.methods.quant import solvers as qs
+    q = qs.gptq(np.random.default_rng(0).standard_normal((4, 64)), np.eye(64), qs.Format(4, 32, half=True))
+    plan = QuantPlan("fc", "matmul", 4, 32, q.codes, q.scales, 0.1, half=True)
+    d = json.loads(json.dumps(plan.to_dict()))
+    assert d["half"] is True and d["format"] == "int4/b32/f16"
+    QuantPlan.check(d, "entry 0")
+    back = QuantPlan.from_dict(d)
+    assert back.format == qs.Format(4, 32, half=True)
+    np.testing.assert_array_equal(back.scales, q.scales)
+    d["half"] = "yes"
+    with pytest.raises(UsageError, match="half"):
+        QuantPlan.check(d, "entry 0")

@@ -44,7 +44,8 @@ def flatten(value, prefix: str, wild: set[str]) -> set[str]:
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> list[dict]:
     """Real reports covering every field: ID with a gate and labels, low rank on a CNN, a target,
-    ID on a model with external data (block by block), --quantize, sparse quantized factors."""
+    ID on a model with external data (block by block), --quantize, sparse quantized factors, a
+    codebook table and float16 block scales."""
     tmp = tmp_path_factory.mktemp("reports")
     a = compress(MODELS / "digits_mlp.onnx", tmp / "a.onnx", config=Config(min_agreement=0.5, best=True),
                  calib=MODELS / "digits_calib.npz", val=MODELS / "digits_val.npz",
@@ -69,9 +70,13 @@ def reports(tmp_path_factory) -> list[dict]:
     g = compress(enc, tmp / "g.onnx", config=Config(method="block", params_target=0.9, probe_feeds=4),
                  calib=enc_data, val=enc_data)
     assert g.sections.get("blocks")
+    from test_codebook import _feeds, embed_two_layers  # a codebook table and float16 block scales
+    table = checks.save(tmp, embed_two_layers(), "table.onnx")
+    h = compress(table, tmp / "h.onnx", config=Config(method="quant", size_target=0.115, probe_feeds=4),
+                 calib=_feeds(8, vocab=8192))
     for r in (a, b, c):  # what --report writes
         r.save(tmp / "r.json")
-    return [a.to_dict(), b.to_dict(), c.to_dict(), json.loads((tmp / "r.json").read_text()), d.to_dict(), e.to_dict(), f.to_dict(), g.to_dict()]
+    return [a.to_dict(), b.to_dict(), c.to_dict(), json.loads((tmp / "r.json").read_text()), d.to_dict(), e.to_dict(), f.to_dict(), g.to_dict(), h.to_dict()]
 
 
 def test_every_key_is_documented_and_every_documented_key_present(reports):

@@ -5,7 +5,8 @@ quantizers, in one run, on the same held-out sentences.
         [--calib-limit 256] [--val-limit 512] [--runs ours-int8,ort-dynamic-int8,...]
 
 Ours: every MatMul / Gemm with a constant weight quantized from its input Gram (calibration
-feeds, `core.calibrate`), and the word embedding (the largest Gather table) rounded per token,
+feeds, `core.calibrate`), and the word embedding (the largest Gather table) rounded per token
+(or, in the `-pq3` / `-pq4` runs, product-quantized: a uint8 code per 3 or 4 columns),
 the other Gather tables (position, token type) in int8 per row,
 stored as integers + DequantizeLinear (standard ops; opset raised to 21 for int4 / blocks).
 ORT: `quantize_dynamic` (int8 per-channel weights, uint8 dynamic activations) and
@@ -50,6 +51,7 @@ from onnxcompress.core.normalize import normalize  # noqa: E402
 from onnxcompress.methods.lowrank.layers import find_layers, weight_matrix  # noqa: E402
 from onnxcompress.methods.quant import solvers as qs  # noqa: E402
 from onnxcompress.methods.quant import storage  # noqa: E402
+from onnxcompress.methods.quant.codebook import product_quantize  # noqa: E402
 
 F = qs.Format
 #: ours: name -> (MatMul format, solver, embedding format or None[, solver keywords])
@@ -63,6 +65,12 @@ OURS = {
     "ours-gptq-int4b32-clip": (F(4, 32), "gptq", F(4, 32), {"clip": 16}),
     "ours-gptq-int4b128-clip": (F(4, 128), "gptq", F(4, 128), {"clip": 16}),
     "ours-gptq-int4ch-clip": (F(4), "gptq", F(4), {"clip": 16}),
+    "ours-gptq-int4b32h-clip": (F(4, 32, half=True), "gptq", F(4, 32, half=True), {"clip": 16}),
+    # the word embedding product-quantized (a uint8 code per 3 or 4 columns, methods/quant/codebook.py)
+    "ours-gptq-int4ch-clip-pq3": (F(4), "gptq", F(8, dim=3), {"clip": 16}),
+    "ours-gptq-int4ch-clip-pq4": (F(4), "gptq", F(8, dim=4), {"clip": 16}),
+    "ours-gptq-int4b32h-clip-pq3": (F(4, 32, half=True), "gptq", F(8, dim=3), {"clip": 16}),
+    "ours-gptq-int4b32h-clip-pq4": (F(4, 32, half=True), "gptq", F(8, dim=4), {"clip": 16}),
 }
 ORT_RUNS = ("ort-dynamic-int8", "ort-nbits8-rtn", "ort-nbits8-emb4-rtn", "ort-nbits4-rtn", "ort-nbits4-hqq")
 
@@ -91,7 +99,10 @@ def ours(norm, g, layers, stats, fmt, solver, emb_fmt, kw=None) -> tuple[onnx.Mo
         if x.kind == "gather":
             if emb_fmt is None:
                 continue
-            q = qs.quantize_embedding(g.const(x.weight), stats[x.key], emb_fmt if x is largest else F(8), **kw)
+            if x is largest and emb_fmt.dim:
+                q = product_quantize(g.const(x.weight), stats[x.key], emb_fmt)
+            else:
+                q = qs.quantize_embedding(g.const(x.weight), stats[x.key], emb_fmt if x is largest else F(8), **kw)
         else:
             G = stats[x.key].gram
             q = getattr(qs, solver)(weight_matrix(g, x), G, fmt, kernel=x.kernel, **kw)

@@ -47,19 +47,28 @@ SCALE_BYTES = 4
 @dataclass(frozen=True)
 class Format:
     """A weight format: `bits` per code, scales per output channel (block = 0) or per block of
-    `block` input columns (per row and block)."""
+    `block` input columns (per row and block). dim = p > 0: product quantization of a table's
+    rows instead (`codebook.py`): a `bits`-bit code (8: uint8) per sub-vector of p columns into a
+    2^bits-entry codebook per subspace; no scales. half: the scales are stored as float16 (and
+    cast to the weight's type in the graph), so they are float16 numbers and take 2 bytes each."""
     bits: int
     block: int = 0
+    dim: int = 0
+    half: bool = False
 
     def __post_init__(self):
         if self.bits not in (2, 3, 4, 8):
             raise ValueError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
         if self.block < 0:
             raise ValueError(f"block must be >= 0, got {self.block}")
+        if self.dim < 0 or (self.dim and (self.bits != 8 or self.block or self.half)):
+            raise ValueError(f"a codebook format has 8-bit codes, no block and dim >= 1, got {self}")
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}" + (f"/b{self.block}" if self.block else "/channel")
+        if self.dim:
+            return f"pq{self.bits}/d{self.dim}"
+        return f"int{self.bits}" + (f"/b{self.block}" if self.block else "/channel") + ("/f16" if self.half else "")
 
     @property
     def qmax(self) -> int:
@@ -75,7 +84,13 @@ class Format:
 
     def bytes(self, out: int, inputs: int, kernel: tuple[int, ...] = (), scale_bytes: int = SCALE_BYTES) -> int:
         """Stored bytes: codes packed at `bits` per entry (whole bytes per tensor) + one scale of
-        `scale_bytes` per (row, group) (the weight's float type: 4 for float32, 2 for float16)."""
+        `scale_bytes` per (row, group) (the weight's float type: 4 for float32, 2 for float16).
+        A codebook format: out x (inputs / dim) codes + (inputs / dim) 2^bits dim codebook floats.
+        `half`: 2 bytes per scale whatever `scale_bytes` says."""
+        scale_bytes = 2 if self.half else scale_bytes
+        if self.dim:
+            parts = inputs // self.dim
+            return -(-out * parts * self.bits // 8) + parts * 2 ** self.bits * self.dim * scale_bytes
         return -(-out * inputs * self.bits // 8) + out * self.ngroups(inputs, kernel) * scale_bytes
 
     def ngroups(self, inputs: int, kernel: tuple[int, ...] = ()) -> int:
@@ -138,13 +153,13 @@ def scales_for(W, fmt: Format, group: np.ndarray, weights=None, clip: int = 0) -
     amax = np.zeros((out, ngroups))
     for k, cols in enumerate(members):
         amax[:, k] = np.max(np.abs(w[:, cols]), axis=1) if len(cols) else 0.0
-    base = np.where(amax > 0, amax / fmt.qmax, 1.0)
+    base = _representable(np.where(amax > 0, amax / fmt.qmax, 1.0), fmt)
     if not clip:
         return base
     h = np.ones(inputs) if weights is None else np.maximum(np.asarray(weights, dtype=np.float64), 0)
     best, best_err = base, None
     for f in np.linspace(1.0, 0.5, clip):
-        s = base * f
+        s = _representable(base * f, fmt)
         d = w - _round(w, s[:, group], fmt) * s[:, group]
         dd = d * d * h
         err = np.stack([np.sum(dd[:, cols], axis=1) for cols in members], axis=1)
@@ -154,6 +169,14 @@ def scales_for(W, fmt: Format, group: np.ndarray, weights=None, clip: int = 0) -
             better = err < best_err
             best, best_err = np.where(better, s, best), np.where(better, err, best_err)
     return best
+
+
+def _representable(s: np.ndarray, fmt: Format) -> np.ndarray:
+    """Scales as they will be stored: float16 numbers (at least its smallest positive one) for a
+    `half` format, else unchanged."""
+    if not fmt.half:
+        return s
+    return np.maximum(s.astype(np.float16).astype(np.float64), float(np.finfo(np.float16).smallest_subnormal))
 
 
 def _round(w: np.ndarray, s: np.ndarray, fmt: Format) -> np.ndarray:

@@ -10,6 +10,11 @@ itself for a Gather (`solvers.quantize_embedding`). The stored constant Wc relat
 * Conv:            Wc = W as (out, in, k...); per channel: axis 0; blocks of input channels at
                    each kernel offset: axis 1, scale (out, in/B, k...)
 * Gather(Wc, idx): Wc = E (vocab x d); per token: axis 0; blocks along d: axis 1, scale (vocab, d/B)
+* `Format.half`: the scales are a float16 initializer and a Cast to the weight's type feeds
+                   DequantizeLinear (exact: the scales are float16 numbers, `solvers.scales_for`)
+* Gather, codebook format (`Format.dim` = p): Wc = the table decoded from uint8 codes (vocab x d/p)
+                   and stacked codebooks (d/p 2^bits x p) by Cast, Add, Gather, Reshape
+                   (`codebook.nodes`); no DequantizeLinear
 
 Per-axis int8 DequantizeLinear needs opset 13; int4 and block_size need opset 21 (IR 10).
 `upgrade_opset` converts a model with onnx's version converter and accepts the result only if it
@@ -26,6 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ...ops.edits import Layer
 from ...ops.surgery import drop_value_info, fresh_name
+from . import codebook
 from .solvers import Format, Quantized
 
 #: opsets at which DequantizeLinear takes per-axis scales, and int4 / block_size
@@ -40,8 +46,9 @@ class QuantEdit:
 
 
 def format_opset(fmt: Format) -> int:
-    """The opset DequantizeLinear needs for `fmt`: int8 per channel 13; int4 or blocks 21."""
-    return PER_AXIS_OPSET if fmt.bits == 8 and not fmt.block else BLOCKED_OPSET
+    """The opset DequantizeLinear needs for `fmt`: int8 per channel 13; int4 or blocks 21; a
+    codebook (Cast, Add, Gather, Reshape: `codebook.nodes`) 13."""
+    return PER_AXIS_OPSET if fmt.dim or (fmt.bits == 8 and not fmt.block) else BLOCKED_OPSET
 
 
 def required_opset(q: Quantized) -> int:
@@ -214,6 +221,17 @@ def apply(model: onnx.ModelProto, edits, format: str = "onnx") -> onnx.ModelProt
         if layer.weight not in inits:
             raise ValueError(f"layer {layer.key!r}: weight {layer.weight!r} is not an initializer")
         dtype = helper.tensor_dtype_to_np_dtype(inits[layer.weight].data_type)
+        if q.format.dim:
+            if layer.kind != "gather":
+                raise ValueError(f"layer {layer.key!r}: a codebook format is for Gather tables only")
+            names = [fresh_name(f"{layer.weight}_{s}", taken) for s in ("codes", "codebooks", "offsets", "shape",
+                                                                          "decoded")]
+            new_nodes, inits_ = codebook.nodes(node.name or layer.key, q.codes, q.scales, dtype, names[:4], names[4])
+            before.setdefault(index, []).extend(new_nodes)
+            new_inits += inits_
+            node.input[0] = names[4]
+            dropped.add(layer.weight)
+            continue
         names = [fresh_name(f"{layer.weight}_{s}", taken) for s in ("quantized", "scale", "dequantized")]
         if contrib[id(e)]:
             new, inits_ = _ort_nodes(node, layer, q, names, dtype)
@@ -222,10 +240,18 @@ def apply(model: onnx.ModelProto, edits, format: str = "onnx") -> onnx.ModelProt
             dropped.add(layer.weight)
             continue
         codes, scales, axis, block = layout(node, layer, q)
-        new_inits += [int_tensor(names[0], codes, q.format.bits),
-                      numpy_helper.from_array(scales.astype(dtype), names[1])]
+        new_inits.append(int_tensor(names[0], codes, q.format.bits))
+        scale = names[1]
+        if q.format.half and dtype != np.float16:
+            scale = fresh_name(f"{names[1]}_cast", taken)
+            new_inits.append(numpy_helper.from_array(scales.astype(np.float16), names[1]))
+            before.setdefault(index, []).append(helper.make_node(
+                "Cast", [names[1]], [scale], name=f"{node.name or layer.key}/scale_cast",
+                to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype))))
+        else:
+            new_inits.append(numpy_helper.from_array(scales.astype(dtype), names[1]))
         before.setdefault(index, []).append(
-            dequantize_node(f"{node.name or layer.key}/dequantize", names[0], names[1], names[2], axis, block))
+            dequantize_node(f"{node.name or layer.key}/dequantize", names[0], scale, names[2], axis, block))
         for k, x in enumerate(node.input):
             if x == layer.weight:
                 node.input[k] = names[2]
