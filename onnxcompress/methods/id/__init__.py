@@ -3,7 +3,9 @@
 Sites are channel groups (`groups.py`); a group of C channels has candidates k = C, C-1, ..., 1
 (index j = C - k). Its local error at k is the normalized residual energy of the pivoted
 Cholesky of the consumer-weighted selection Gram (`select.py`), i.e. the relative calibration
-output error energy of the group's exits at k channels. Every weight the group slices or mixes
+output error energy of the group's exits at k channels; for a group kept in whole blocks
+(attention heads) it is the consumers' exact output error of the best set of blocks found for
+each size (`search.py`). Every weight the group slices or mixes
 scales with k / C (params, bytes), as does every node whose weight it edits (FLOPs).
 """
 from __future__ import annotations
@@ -68,8 +70,7 @@ class IdMethod:
     def realize(self, g: GraphIndex, curve: Curve, index: int, config: Config) -> GroupPlan:
         grp, state = curve.site.target, curve.state
         k = int(curve.sizes[index])
-        order = state.order if config.select == "id" else norm_order(g, grp)
-        keep = grp.kept_channels(order, k)
+        keep = state.keep(k) if config.select == "id" else grp.kept_channels(norm_order(g, grp), k)
         interp, intercept = {}, {}
         for e in grp.exits:
             gram = state.grams[e.tensor]
