@@ -94,3 +94,62 @@ def test_swap_search_never_does_worse_than_greedy_growth():
         grown = min(e(channels((*sets[m - 1], u), 2)) for u in range(7) if u not in sets[m - 1])
         best = min(e(channels(s, 2)) for s in itertools.combinations(range(7), m))
         assert best * (1 - 1e-9) <= energy[m] <= grown * (1 + 1e-9)
+
+
+# ---- the consumer as the error sees it: through a post-LN residual join ----
+
+def test_layer_norm_after_a_residual_join_reweighs_the_consumer():
+    """In a post-LN block the error W e of an exit's consumer lands in LN(x + W e + b); to first
+    order that moves the output by Gamma (P - u u^T) W e / sigma (P removes the mean over the
+    outputs, u is the token's normalized x / sqrt(C)), so both the attention and the FFN group
+    weigh their consumer by Gamma P W (the per-token 1 / sigma and u u^T left out); in `attention`,
+    whose residual Add is the graph output, the consumer is W itself."""
+    from onnxcompress.api import shapes_at
+    from onnxcompress.core.graph import GraphIndex
+    from onnxcompress.core.normalize import normalize
+    from onnxcompress.methods.id.groups import find_groups
+    from onnxcompress.methods.id.select import consumer_gram, consumer_norms
+    import graphs
+
+    def index(model, feed):
+        norm = normalize(model)
+        return GraphIndex(norm, *shapes_at(norm, feed))
+
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.standard_normal((1, 5, 8)).astype(np.float32), "mask": np.zeros((1, 1, 1, 5), np.float32)}
+    g = index(graphs.post_ln_encoder(), feed)
+    groups = find_groups(g).groups
+    assert len(groups) == 2
+    for grp in groups:
+        (e,) = grp.exits
+        (mix,) = grp.mixes(e.tensor)
+        w = np.moveaxis(g.const(mix.tensor), mix.axis, -1).astype(np.float64)      # out x C
+        lns = [n for n in g.nodes if n.op_type == "LayerNormalization"]   # after attn.add, after ffn.add
+        ln = lns[0] if "attn.q" in grp.producers else lns[1]
+        gamma = g.const(ln.input[1]).astype(np.float64)
+        seen = gamma[:, None] * (w - w.mean(axis=0))
+        np.testing.assert_allclose(consumer_gram(g, grp, e.tensor), seen.T @ seen, rtol=1e-10)
+        np.testing.assert_allclose(consumer_norms(g, grp, e.tensor), np.linalg.norm(seen, axis=0), rtol=1e-10)
+    feed = {"x": rng.standard_normal((1, 5, 16)).astype(np.float32), "mask": np.zeros((1, 1, 1, 5), np.float32)}
+    g = index(graphs.attention(), feed)
+    (grp,) = find_groups(g).groups
+    (e,) = grp.exits
+    (mix,) = grp.mixes(e.tensor)
+    w = np.moveaxis(g.const(mix.tensor), mix.axis, -1).astype(np.float64)
+    np.testing.assert_allclose(consumer_gram(g, grp, e.tensor), w.T @ w, rtol=1e-10)
+
+
+def test_layer_norm_moves_by_gamma_p_w_e_over_sigma_to_first_order():
+    """The linearization the reweighting rests on: LN(x + d) - LN(x) = Gamma (P - u u^T) d /
+    sigma(x) + O(|d|^2), u = (x - mean) / (sigma sqrt(C)) (LayerNormalization over the last
+    axis, no epsilon); u is orthogonal to the means, so the rank-one term only removes the
+    component of P d along the token's own normalized x."""
+    rng = np.random.default_rng(1)
+    x, d, gamma = rng.standard_normal(16) * 3 + 1, rng.standard_normal(16) * 1e-5, rng.standard_normal(16)
+
+    def ln(v):
+        return gamma * (v - v.mean()) / v.std()
+
+    u = (x - x.mean()) / (x.std() * np.sqrt(16))
+    pd = d - d.mean()
+    np.testing.assert_allclose(ln(x + d) - ln(x), gamma * (pd - u * (u @ pd)) / x.std(), rtol=1e-3, atol=1e-12)

@@ -72,10 +72,8 @@ def consumer_norms(g: GraphIndex, group: Group, source: str) -> np.ndarray:
     """Per input channel, the norm of the consumer weights reading it (all exits of `source`)."""
     sq = np.zeros(group.channels)
     for mix in group.mixes(source):
-        w = np.moveaxis(g.const(mix.tensor), mix.axis, -1)
         window = slice(mix.offset, mix.offset + (mix.width or group.channels))
-        for block in _row_blocks(w):  # in float64 a block at a time, not the whole weight
-            block = block.astype(np.float64).reshape(-1, mix.width or group.channels, mix.spatial)
+        for block in _consumer_rows(g, group, mix):
             sq[window] += np.einsum("rcs,rcs->c", block, block)
     return np.sqrt(sq)
 
@@ -86,12 +84,68 @@ def consumer_gram(g: GraphIndex, group: Group, source: str) -> np.ndarray:
     the output error energy of an interpolation residual with Gram R is tr(Q R)."""
     q = np.zeros((group.channels, group.channels))
     for mix in group.mixes(source):
-        w = np.moveaxis(g.const(mix.tensor), mix.axis, -1)
         window = slice(mix.offset, mix.offset + (mix.width or group.channels))
-        for block in _row_blocks(w):
-            block = block.astype(np.float64).reshape(-1, mix.width or group.channels, mix.spatial)
+        for block in _consumer_rows(g, group, mix):
             q[window, window] += np.einsum("rcs,rds->cd", block, block)
     return q
+
+
+def _consumer_rows(g: GraphIndex, group: Group, mix):
+    """The consumer's weight as the error sees it, out x C x spatial in float64 blocks of rows:
+    W itself, or Gamma P W where the consumer's outputs reach a LayerNormalization over them
+    (`_normalized_by`). To first order LN(x + W e) - LN(x) = Gamma (P - u u^T) W e / sigma(x),
+    P = I - 1 1^T / out removing the mean over the outputs, u = (x - mean) / (sigma sqrt(out))
+    the token's own direction; the terms that depend on the token (1 / sigma, u u^T) are left
+    out, so the error there weighs W's rows by gamma and loses their mean."""
+    w = np.moveaxis(g.const(mix.tensor), mix.axis, -1)
+    width = mix.width or group.channels
+    gamma = _normalized_by(g, mix)
+    if gamma is not None and mix.spatial == 1 and w.ndim == 2 and len(gamma) == w.shape[0]:
+        w = w.astype(np.float64)
+        yield ((w - w.mean(axis=0)) * gamma[:, None]).reshape(-1, width, 1)
+        return
+    for block in _row_blocks(w):  # in float64 a block at a time, not the whole weight
+        yield block.astype(np.float64).reshape(-1, width, mix.spatial)
+
+
+def _normalized_by(g: GraphIndex, mix) -> np.ndarray | None:
+    """The scale gamma (out,) of a LayerNormalization over the last axis that is the only reader
+    of the consumer's (MatMul or Gemm) output after an Add of a constant (its bias) and an Add
+    of another activation (a residual join), as in a post-LN transformer block; else None."""
+    node = g.nodes[mix.node]
+    if node.op_type not in ("MatMul", "Gemm"):
+        return None
+    add = _only_add(g, node.output[0])
+    if add is not None and g.const(add[1]) is not None:     # the consumer's bias
+        add = _only_add(g, g.nodes[add[0]].output[0])
+    if add is None or g.const(add[1]) is not None:          # not a residual join
+        return None
+    tensor = g.nodes[add[0]].output[0]
+    users = g.users(tensor)
+    if not users or tensor in g.graph_outputs:
+        return None
+    gammas = []
+    for j, pos in users:
+        ln = g.nodes[j]
+        if ln.op_type != "LayerNormalization" or pos != 0 or g.attr(j, "axis", -1) != -1 or len(ln.input) < 2:
+            return None
+        gamma = g.const(ln.input[1])
+        if gamma is None or gamma.ndim != 1:
+            return None
+        gammas.append(gamma.astype(np.float64))
+    return np.sqrt(np.mean(np.square(gammas), axis=0))
+
+
+def _only_add(g: GraphIndex, tensor: str) -> tuple[int, str] | None:
+    """(node, other input) when an Add is the only reader of `tensor`, which is no graph output."""
+    users = g.users(tensor)
+    if len(users) != 1 or tensor in g.graph_outputs:
+        return None
+    j, pos = users[0]
+    node = g.nodes[j]
+    if node.op_type != "Add" or len(node.input) != 2:
+        return None
+    return j, node.input[1 - pos]
 
 
 def _row_blocks(w: np.ndarray, elements: int = 2**22):
