@@ -153,3 +153,17 @@ def test_layer_norm_moves_by_gamma_p_w_e_over_sigma_to_first_order():
     u = (x - x.mean()) / (x.std() * np.sqrt(16))
     pd = d - d.mean()
     np.testing.assert_allclose(ln(x + d) - ln(x), gamma * (pd - u * (u @ pd)) / x.std(), rtol=1e-3, atol=1e-12)
+
+
+def test_a_fixed_size_searches_only_that_size():
+    """With `search` = {3}, size 3 gets the optimum and every other size the first blocks of the
+    given order, each with its own E (so the curve says what each kept set costs)."""
+    g, q = instance(0)
+    e = SubsetError(g, q, ridge=0.0)
+    order = np.array([4, 1, 3, 0, 2])
+    sets, energy = block_subsets(e, e.total, 5, 2, limit=256, order=order, search={3})
+    brute = min(itertools.combinations(range(5), 3), key=lambda s: direct(g, q, channels(s, 2)))
+    assert sets[3] == brute
+    for m in (1, 2, 4):
+        assert sets[m] == tuple(sorted(order[:m]))
+        assert energy[m] == pytest.approx(direct(g, q, channels(order[:m], 2)), rel=1e-7)

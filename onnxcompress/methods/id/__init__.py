@@ -45,12 +45,14 @@ class IdMethod:
 
     def curve(self, g: GraphIndex, site: Site, stats: dict, config: Config, flops: dict) -> Curve:
         grp = site.target
-        state = group_curve(g, grp, {r.tensor: stats[r] for r in self.requests(site)}, config)
         c = grp.channels
+        n = math.lcm(grp.block, rounding.multiple(config.round, _kind(g, grp)))  # whole blocks, hardware widths
+        rule, value = config.size_rule
+        focus = {-(-rounding.keep_size(value * c, c, n) // grp.block)} if rule == "keep" else None
+        state = group_curve(g, grp, {r.tensor: stats[r] for r in self.requests(site)}, config, focus)
         sizes = np.arange(c, 0, -1)
         error = np.maximum(state.residual[sizes], 0.0)
         floor = max(1, math.ceil(config.min_keep * c))
-        n = math.lcm(grp.block, rounding.multiple(config.round, _kind(g, grp)))  # whole blocks, hardware widths
         steps = rounding.grid(sizes, n, floor)
         return Curve(site, sizes, error, tuple(group_costs(g, grp, sizes / c, flops)), state, steps, n)
 

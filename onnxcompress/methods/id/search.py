@@ -67,14 +67,17 @@ class SubsetError:
         return max(float(np.sum(_spd_solve(pdd, self.q[np.ix_(drop, drop)]).diagonal())), 0.0)
 
 
-def block_subsets(error, total: float, blocks: int, block: int, limit: int = 256) -> tuple[list, np.ndarray]:
+def block_subsets(error, total: float, blocks: int, block: int, limit: int = 256, *,
+                  order=None, search=None) -> tuple[list, np.ndarray]:
     """For m = 0..blocks, a set of m blocks (block indices, sorted) with low `error`, and its
     error. `error(channels)` is E of a sorted array of kept channels (a `SubsetError`, or a sum
     of them over several exits), `total` its value for the empty set.
 
     Exhaustive where C(blocks, m) <= limit, else greedy growth from the set for m - 1 and swap
     refinement (module docstring). Returns (sets, energy), energy[m] = E(sets[m]),
-    non-increasing, energy[blocks] = 0."""
+    non-increasing, energy[blocks] = 0. With `search` (a set of sizes m) only those sizes are
+    searched; every other size keeps the first m blocks of `order` (a block pivot order), and
+    energy[m] is still E of the set kept, so it need not be monotone."""
     def channels(units) -> np.ndarray:
         return (np.asarray(sorted(units), dtype=np.int64)[:, None] * block + np.arange(block)).ravel()
 
@@ -83,7 +86,10 @@ def block_subsets(error, total: float, blocks: int, block: int, limit: int = 256
 
     sets, energy = [()], [total]
     for m in range(1, blocks + 1):
-        if math.comb(blocks, m) <= limit:
+        if search is not None and m not in search:
+            best = tuple(int(u) for u in order[:m])
+            value = cost(best)
+        elif math.comb(blocks, m) <= limit:
             best = min(itertools.combinations(range(blocks), m), key=cost)
             value = cost(best)
         else:
@@ -94,7 +100,8 @@ def block_subsets(error, total: float, blocks: int, block: int, limit: int = 256
         sets.append(tuple(sorted(best)))
         energy.append(value)
     energy[-1] = 0.0
-    return sets, np.minimum.accumulate(np.asarray(energy))
+    energy = np.asarray(energy)
+    return sets, (np.minimum.accumulate(energy) if search is None else energy)
 
 
 def _swap(chosen: set, value: float, blocks: int, cost) -> tuple[tuple, float]:

@@ -155,12 +155,13 @@ def _row_blocks(w: np.ndarray, elements: int = 2**22):
         yield w[start:start + step]
 
 
-def group_curve(g: GraphIndex, group: Group, stats: dict, config: Config) -> GroupStats:
+def group_curve(g: GraphIndex, group: Group, stats: dict, config: Config, focus=None) -> GroupStats:
     """The selection Gram sums each exit's Gram, trace-normalized, with one per-channel weight
     shared by all exits: the rms over exits of each exit's (rms-normalized) consumer norms.
     Exit-specific weights would break the collinearity the exits share (a channel that copies
     another in every exit tensor would no longer look like a copy), so the pivots could keep
-    both copies and lose a channel."""
+    both copies and lose a channel. `focus`: the numbers of blocks a block group's search must
+    cover (None: every size; a rule that fixes the size needs one)."""
     gsel = np.zeros((group.channels, group.channels))
     weights, grams, means = {}, {}, {}
     for e in group.exits:
@@ -181,17 +182,19 @@ def group_curve(g: GraphIndex, group: Group, stats: dict, config: Config) -> Gro
     norm = residual / residual[0] if residual[0] > 0 else residual
     sets = None
     if group.block > 1 and config.select == "id":
-        sets, norm = _block_search(g, group, grams, config)
+        sets, norm = _block_search(g, group, grams, config, order, focus)
     rows = min((stats[e.tensor].rows for e in group.exits), default=0)
     return GroupStats(group, gsel, weights, grams, means, order, norm, rows, sets)
 
 
-def _block_search(g: GraphIndex, group: Group, grams: dict, config: Config) -> tuple[tuple, np.ndarray]:
+def _block_search(g: GraphIndex, group: Group, grams: dict, config: Config, order: np.ndarray,
+                  focus=None) -> tuple[tuple, np.ndarray]:
     """Sets of whole blocks minimizing the consumers' output error (`search.py`):
     E(S) = mean over exits e of tr(Q_e R_e(S)) / tr(Q_e G_e), R_e(S) the Schur complement of
     G_e[S,S] in G_e, Q_e = W_e^T W_e over the exit's consumers (the identity without `weighted`).
     Returns (sets, residual): sets[m] the m blocks kept, residual[k] = E of the set for
-    ceil(k / block) blocks, k = 0..C."""
+    ceil(k / block) blocks, k = 0..C. Sizes outside `focus` (when given) keep the first blocks
+    of the pivot `order` instead of being searched."""
     parts = []
     for tensor, gram in grams.items():
         q = consumer_gram(g, group, tensor) if config.weighted else np.eye(group.channels)
@@ -201,7 +204,8 @@ def _block_search(g: GraphIndex, group: Group, grams: dict, config: Config) -> t
     if not parts:
         return None, np.zeros(group.channels + 1)
     error = lambda keep: sum(p(keep) / p.total for p in parts) / len(parts)   # noqa: E731
-    sets, energy = block_subsets(error, 1.0, group.channels // group.block, group.block, EXHAUSTIVE)
+    sets, energy = block_subsets(error, 1.0, group.channels // group.block, group.block, EXHAUSTIVE,
+                                 order=np.asarray(order)[::group.block] // group.block, search=focus)
     units = -(-np.arange(group.channels + 1) // group.block)   # ceil(k / block)
     return tuple(sets), energy[units]
 
