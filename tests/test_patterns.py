@@ -398,6 +398,36 @@ def test_attention_partial_keep_matches_the_maths(tmp_path):
     np.testing.assert_allclose(run(out, val)[0], expected, rtol=1e-4, atol=1e-4)
 
 
+def test_attention_keeps_the_heads_with_the_least_output_error(tmp_path):
+    """4 of 8 heads: the kept heads are, of all 70 sets, the one minimizing the output
+    projection's calibration error tr(Q R_S), R_S the Schur complement of the centered context
+    Gram in the kept heads' channels and Q = W_o W_o^T (brute force over the calibration
+    activations); the model's outputs are (ctx[:, S] T + c0) W_o + b_o + x."""
+    import itertools
+    model = graphs.attention(heads=8, size=2)
+    path = save(tmp_path, model)
+    calib, val, out = att_feeds(96, 1), att_feeds(8, 2), tmp_path / "out.onnx"
+    report = compress(path, out, config=Config(keep=0.5, force=True), calib=calib, val=val)
+    gp = report.plan.groups[0]
+    o = next(n for n in model.graph.node if n.name == "attn.o")
+    z = run(with_outputs(model, [o.input[0]]), calib)[1].astype(np.float64).reshape(-1, 16)
+    g = z.T @ z - np.outer(z.sum(0), z.sum(0)) / len(z)
+    wo = weight_of(path, "attn.o").astype(np.float64)
+    q = wo @ wo.T
+
+    def error(heads):
+        s = (np.asarray(heads)[:, None] * 2 + np.arange(2)).ravel()
+        return np.trace(q @ (g - g[:, s] @ np.linalg.solve(g[np.ix_(s, s)], g[s, :])))
+
+    best = min(itertools.combinations(range(8), 4), key=error)
+    assert tuple(np.asarray(gp.keep)[::2] // 2) == best
+    keep = np.asarray(gp.keep)
+    ctx = run(with_outputs(model, [o.input[0]]), val)[1].astype(np.float64)
+    bo = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name.startswith("bo"))
+    expected = (ctx[..., keep] @ gp.interpolation[o.input[0]] + gp.intercept[o.input[0]]) @ wo + bo + val["x"]
+    np.testing.assert_allclose(run(out, val)[0], expected, rtol=1e-4, atol=1e-4)
+
+
 def test_attention_score_and_context_flops_are_counted_per_sample_and_shrink_with_the_heads(tmp_path):
     """FLOPs per sample (batch 1, S = 5, C = 16 in 4 heads of d = 4): the projections
     4 x 2 S C^2 = 10240, Q K^T and P V 2 H S^2 d = 800 each. The head group's cost items scale

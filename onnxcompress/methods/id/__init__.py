@@ -3,7 +3,9 @@
 Sites are channel groups (`groups.py`); a group of C channels has candidates k = C, C-1, ..., 1
 (index j = C - k). Its local error at k is the normalized residual energy of the pivoted
 Cholesky of the consumer-weighted selection Gram (`select.py`), i.e. the relative calibration
-output error energy of the group's exits at k channels. Every weight the group slices or mixes
+output error energy of the group's exits at k channels; for a group kept in whole blocks
+(attention heads) it is the consumers' exact output error of the best set of blocks found for
+each size (`search.py`). Every weight the group slices or mixes
 scales with k / C (params, bytes), as does every node whose weight it edits (FLOPs).
 """
 from __future__ import annotations
@@ -43,12 +45,14 @@ class IdMethod:
 
     def curve(self, g: GraphIndex, site: Site, stats: dict, config: Config, flops: dict) -> Curve:
         grp = site.target
-        state = group_curve(g, grp, {r.tensor: stats[r] for r in self.requests(site)}, config)
         c = grp.channels
+        n = math.lcm(grp.block, rounding.multiple(config.round, _kind(g, grp)))  # whole blocks, hardware widths
+        rule, value = config.size_rule
+        focus = {-(-rounding.keep_size(value * c, c, n) // grp.block)} if rule == "keep" else None
+        state = group_curve(g, grp, {r.tensor: stats[r] for r in self.requests(site)}, config, focus)
         sizes = np.arange(c, 0, -1)
         error = np.maximum(state.residual[sizes], 0.0)
         floor = max(1, math.ceil(config.min_keep * c))
-        n = math.lcm(grp.block, rounding.multiple(config.round, _kind(g, grp)))  # whole blocks, hardware widths
         steps = rounding.grid(sizes, n, floor)
         return Curve(site, sizes, error, tuple(group_costs(g, grp, sizes / c, flops)), state, steps, n)
 
@@ -68,8 +72,7 @@ class IdMethod:
     def realize(self, g: GraphIndex, curve: Curve, index: int, config: Config) -> GroupPlan:
         grp, state = curve.site.target, curve.state
         k = int(curve.sizes[index])
-        order = state.order if config.select == "id" else norm_order(g, grp)
-        keep = grp.kept_channels(order, k)
+        keep = state.keep(k) if config.select == "id" else grp.kept_channels(norm_order(g, grp), k)
         interp, intercept = {}, {}
         for e in grp.exits:
             gram = state.grams[e.tensor]
