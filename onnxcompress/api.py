@@ -183,7 +183,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
             if new is None:  # (the block path has rewritten already)
                 with timer("rewrite"):
                     new, late_sites = _rewrite(norm, g, methods, sites, plan, sample)
-                if planned is None and config.latency_check:
+                if planned is None and config.latency_check and not large:  # (see `_guard_splits`)
                     with timer("latency_guard"):
                         new, plan, undone = _guard_splits(src, norm, g, methods, sites, plan, new, sample, flops,
                                                           report)
@@ -239,7 +239,9 @@ def _guard_splits(src, norm, g, methods, sites, plan, new, sample, flops, report
     """Low-rank splits the whole model cannot afford: when the compressed model runs slower than
     the original at one sample on one thread or on all cores (`latency.guard`, timed in ONNX
     Runtime), the splits saving the fewest FLOPs are undone until it does not. Returns (model,
-    plan, the undone splits as `Skipped`)."""
+    plan, the undone splits as `Skipped`). Not for models past LARGE_MODEL bytes of weights: two
+    sessions of the model at once would double the memory a large model is compressed in, and
+    each timing would take minutes."""
     splits = [e for e in plan.entries if e.method == "lowrank" and not getattr(e, "after", False)]
     if not splits:
         return new, plan, []
