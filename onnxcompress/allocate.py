@@ -249,7 +249,8 @@ def per_site(curves: list[Curve], choose: Callable[[Curve], int | str]) -> tuple
 def budget(curves: list[Curve], costs: CostModel, metric: str, fraction: float,
            weights: list[float]) -> tuple[list[int], Path]:
     """The allocation that walks down to `fraction` of the full model's `metric`."""
-    path = walk(curves, costs, metric, weights, goal=fraction * costs.total(metric, [0] * len(curves)))
+    goal = fraction * costs.total(metric, [0] * len(curves))
+    path = refill(curves, costs, metric, weights, walk(curves, costs, metric, weights, goal=goal), goal)
     full = path.start[metric]
     reached = path.cost(len(path.steps), metric)
     if reached > fraction * full + 1e-9 * full:
@@ -257,6 +258,49 @@ def budget(curves: list[Curve], costs: CostModel, metric: str, fraction: float,
                     {"bytes": "size_target"}.get(metric, metric + "_target"), fraction,
                     reached / full if full else 0.0)
     return path.at(len(path.steps)), path
+
+
+def refill(curves: list[Curve], costs: CostModel, metric: str, weights: list[float], path: Path,
+           goal: float) -> Path:
+    """Spend what the walk left under `goal`. The walk's moves can be coarse (a table from int8
+    straight to a codebook, a group by a rounded width), so its last move may land well below
+    the goal. Then, repeatedly, one site moves back to a larger candidate of its grid (or to its
+    full size) that keeps the total within the goal: the move removing the most weighted error
+    per unit of `metric` it adds, until none fits. Each move is appended to the path as a step,
+    so `path.at(len(path.steps))`, its cost and its error are the final allocation's."""
+    n = len(curves)
+    idx = path.at(len(path.steps))
+    err = [weights[i] * np.asarray(c.error, dtype=np.float64) for i, c in enumerate(curves)]
+    grids = [np.asarray(c.steps if c.steps is not None else np.arange(len(c.sizes)), dtype=np.int64)
+             for c in curves]
+    steps = list(path.steps)
+    total_err = path.error(len(steps))
+    current = costs.total(metric, idx)
+    while current < goal:
+        slack = goal - current
+        best = None
+        for ci in range(n):
+            if idx[ci] == 0:
+                continue
+            grid = grids[ci]
+            earlier = np.unique(np.concatenate([[0], grid[grid < idx[ci]]]))
+            cost = costs.site_costs(metric, ci, idx)
+            added = cost[earlier] - cost[idx[ci]]
+            gain = err[ci][idx[ci]] - err[ci][earlier]
+            ok = np.nonzero((added <= slack) & (gain > 0))[0]
+            for k in ok:
+                rate = gain[k] / max(added[k], 1e-12 * max(1.0, abs(goal)))
+                if best is None or rate > best[0]:
+                    best = (rate, ci, int(earlier[k]), float(gain[k]))
+        if best is None:
+            break
+        _, ci, j, gain = best
+        idx[ci] = j
+        total_err -= gain
+        step = Step(ci, j, {m: costs.total(m, idx) for m in METRICS}, total_err)
+        steps.append(step)
+        current = step.cost[metric]
+    return Path(path.start, tuple(steps), n) if len(steps) > len(path.steps) else path
 
 
 # ------------------------------------------------------------------------------------------

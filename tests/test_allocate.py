@@ -79,6 +79,39 @@ def test_budget_stops_at_the_goal_and_counts_fixed_costs():
     assert idx == [3] and path.cost(len(path.steps), "params") == pytest.approx(21)
 
 
+def test_a_coarse_last_move_is_refilled_to_the_budget():
+    """b is shrunk first (the least error per unit saved); then a's only move, a big one, passes
+    the goal by far. The refill gives b back its full size, which the budget now affords: the
+    brute-force optimum within the budget, and the path ends there."""
+    a = curve("a", [0, 1.0], [10, 0.001])
+    b = curve("b", [0, 0.1], [10, 8])
+    c = curve("c", [0, 5.0], [10, 9])
+    costs = CostModel([a, b, c], {"params": 30})
+    walked = walk([a, b, c], costs, "params", [1.0] * 3, goal=22)
+    assert walked.at(len(walked.steps)) == [1, 1, 0]   # the walk alone: 18 of 22, error 1.1
+    idx, path = budget([a, b, c], costs, "params", 22 / 30, [1.0] * 3)
+    assert idx == [1, 0, 0]
+    assert path.cost(len(path.steps), "params") == pytest.approx(20.001)
+    assert path.error(len(path.steps)) == pytest.approx(1.0)
+    best = min(e for cost, e in brute_force([a, b, c]) if cost <= 22 + 1e-9)
+    assert path.error(len(path.steps)) == pytest.approx(best)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_refill_never_leaves_the_budget_nor_adds_error(seed):
+    rng = np.random.default_rng(seed)
+    curves = random_curves(rng, sites=3, points=5, convex=False)
+    total = sum(c.costs[0].base for c in curves)
+    costs = CostModel(curves, {"params": total})
+    for fraction in (0.3, 0.5, 0.7):
+        walked = walk(curves, costs, "params", [1.0] * 3, goal=fraction * total)
+        idx, path = budget(curves, costs, "params", fraction, [1.0] * 3)
+        reached = path.cost(len(path.steps), "params")
+        assert reached <= max(fraction * total, walked.cost(len(walked.steps), "params")) + 1e-9
+        assert path.error(len(path.steps)) <= walked.error(len(walked.steps)) + 1e-9
+        assert path.error(len(path.steps)) == pytest.approx(sum(c.error[j] for c, j in zip(curves, idx)))
+
+
 def test_shared_items_multiply():
     """A weight between two sites (a Conv between two channel groups) scales with both."""
     sa, sb = Site("id", "a", "group", frozenset(), None), Site("id", "b", "group", frozenset(), None)
