@@ -185,7 +185,7 @@ def accumulate(model: onnx.ModelProto, reqs: list[Request], feeds: Iterable[tupl
 
     for group in _groups(feeds, batch if state["merge"] else 1):
         consume(group)
-    out = Statistics({r: a.result() for r, a in acc.items()})
+    out = Statistics(zip(acc, parallel_map(lambda a: a.result(), list(acc.values()))))  # last flushes side by side
     out.padding = {**pad, "excluded": sorted(pad["excluded"]), "counted": sorted(pad["counted"])}
     return out
 
