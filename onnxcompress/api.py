@@ -259,7 +259,12 @@ def _guard_splits(src, norm, g, methods, sites, plan, new, sample, flops, report
                                  Plan(plan.method, plan.select, tuple(e for e in plan.entries if id(e) not in gone)),
                                  sample)[0]
         return models[k]
-    k, probes = latency_mod.guard(len(order), lambda k: latency_mod.model_ratios(str(src), without(k), sample))
+    try:
+        k, probes = latency_mod.guard(len(order), lambda k: latency_mod.model_ratios(str(src), without(k), sample))
+    except Exception as e:  # a model the timing sessions cannot load as they are (the rest of the run can)
+        log.warning("latency: the whole model could not be timed (%s); its splits are kept unchecked",
+                    str(e).splitlines()[0][:200])
+        return new, plan, []
     undone = order[:k]
     report.allocation["latency_guard"] = {"slack": latency_mod.GUARD_SLACK, "probes": probes,
                                           "undone": [e.layer for e in undone]}

@@ -397,3 +397,14 @@ def test_an_embedding_split_is_left_to_the_whole_model_guard(tmp_path, monkeypat
     slow = compress(path, tmp_path / "p.onnx", config=Config(method="svd", keep=0.5), calib=feeds(32), val=feeds(8, 5))
     assert not slow.layers and slow.allocation["latency_guard"]["undone"] == ["embed"]
     assert "whole model ran slower" in reasons(slow)["embed"]
+
+
+def test_a_model_the_guard_cannot_time_keeps_its_splits(tmp_path, monkeypatch, caplog):
+    def broken(original, compressed, feed):
+        raise RuntimeError("cannot load")
+    monkeypatch.setattr(latency, "model_ratios", broken)
+    m, data = wide_mlp((40, 24))
+    report = compress(_save(tmp_path, m), tmp_path / "o.onnx", config=Config(method="svd", keep=0.5),
+                      calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
+    assert len(report.layers) == 3 and "latency_guard" not in report.allocation
+    assert "could not be timed" in caplog.text
