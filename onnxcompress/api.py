@@ -12,7 +12,6 @@ from contextlib import nullcontext
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from . import blocks as blocks_mod, latency as latency_mod
@@ -250,15 +249,17 @@ def _guard_splits(src, norm, g, methods, sites, plan, new, sample, flops, report
         i = g.index_of(e.layer)
         return flops.get(i, 0.0) * (1.0 - e.rank * (e.out + e.inputs) / max(e.out * e.inputs, 1))
     order = sorted(splits, key=saved)
-    models = {0: new}
+
+    def plan_without(k: int) -> Plan:
+        gone = {id(e) for e in order[:k]}
+        return Plan(plan.method, plan.select, tuple(e for e in plan.entries if id(e) not in gone))
+    built = {0: new}  # the model as rewritten, and the last one timed: not one per probe
 
     def without(k: int):
-        if k not in models:
-            gone = {id(e) for e in order[:k]}
-            models[k] = _rewrite(norm, g, methods, sites,
-                                 Plan(plan.method, plan.select, tuple(e for e in plan.entries if id(e) not in gone)),
-                                 sample)[0]
-        return models[k]
+        if k not in built:
+            built.clear()
+            built.update({0: new, k: _rewrite(norm, g, methods, sites, plan_without(k), sample)[0]})
+        return built[k]
     try:
         k, probes = latency_mod.guard(len(order), lambda k: latency_mod.model_ratios(str(src), without(k), sample))
     except Exception as e:  # a model the timing sessions cannot load as they are (the rest of the run can)
@@ -271,10 +272,9 @@ def _guard_splits(src, norm, g, methods, sites, plan, new, sample, flops, report
     if not k:
         return new, plan, []
     log.info("latency: %d of %d low-rank splits undone: the whole model ran slower with them", k, len(order))
-    gone = {id(e) for e in undone}
     why = (f"low rank: undone, the whole model ran slower than the original with it "
            f"(at one sample, ratios above {latency_mod.GUARD_SLACK})")
-    return (without(k), Plan(plan.method, plan.select, tuple(e for e in plan.entries if id(e) not in gone)),
+    return (without(k), plan_without(k),
             [Skipped(e.layer, g.nodes[g.index_of(e.layer)].op_type, why) for e in undone])
 
 

@@ -112,7 +112,6 @@ def fold_constants(graph: onnx.GraphProto, opset: int) -> int:
     """Replace FOLDABLE nodes whose inputs are all initializers (and whose outputs are not graph
     outputs) by initializers holding their results; initializers only those nodes read are
     dropped. Returns the number of nodes folded."""
-    from onnx.reference import ReferenceEvaluator
 
     values = {t.name: t for t in graph.initializer}
     outputs = {vi.name for vi in graph.output}
@@ -124,10 +123,9 @@ def fold_constants(graph: onnx.GraphProto, opset: int) -> int:
                 or sum(np.prod(values[n].dims, dtype=np.int64) for n in inputs) > FOLD_LIMIT):
             keep.append(node)
             continue
-        try:
-            feed = {n: np.array(weights.array(values[n])) for n in inputs}
-            results = [np.asarray(v) for v in ReferenceEvaluator(node, opsets={"": opset}).run(None, feed)]
-        except Exception:  # an op the reference cannot evaluate stays as it is
+        feed = {n: np.array(weights.array(values[n])) for n in inputs}
+        results = _evaluate(node, feed, opset)
+        if results is None:
             keep.append(node)
             continue
         size = sum(r.size for r in results)
@@ -145,6 +143,16 @@ def fold_constants(graph: onnx.GraphProto, opset: int) -> int:
         graph.node.extend(keep)
         _drop_unused_initializers(graph, used_by_folded)
     return folded
+
+
+def _evaluate(node: onnx.NodeProto, feed: dict, opset: int) -> list[np.ndarray] | None:
+    """The node's outputs for constant inputs `feed` (onnx's reference evaluator), or None for an
+    op the reference cannot evaluate (the node then stays as it is)."""
+    from onnx.reference import ReferenceEvaluator
+    try:
+        return [np.asarray(v) for v in ReferenceEvaluator(node, opsets={"": opset}).run(None, feed)]
+    except Exception:
+        return None
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
@@ -292,8 +300,6 @@ def _fold_shape_values(skel: onnx.ModelProto, shapes: dict, types: dict, opset: 
     each). The next inference then reads the Reshape, Slice, Expand ... arguments as constants,
     which data propagation alone does not always do (a Slice `ends` from Shape -> Gather ->
     Unsqueeze). Records the folded tensors' shapes and types; returns how many nodes were folded."""
-    from onnx.reference import ReferenceEvaluator
-
     graph = skel.graph
     values = {t.name: weights.array(t) for t in graph.initializer if np.prod(t.dims, dtype=np.int64) <= SHAPE_VALUE_LIMIT}
     protected = {vi.name for vi in graph.output}
@@ -311,11 +317,7 @@ def _fold_shape_values(skel: onnx.ModelProto, shapes: dict, types: dict, opset: 
                         attrs = {a.name: a.i for a in node.attribute}  # start / end: Python's slice rules
                         result = [np.array(shape, dtype=np.int64)[attrs.get("start", 0):attrs.get("end")]]
             elif node.op_type in SHAPE_OPS and inputs and all(n in values for n in inputs):
-                try:
-                    result = [np.asarray(v) for v in ReferenceEvaluator(node, opsets={"": opset}).run(
-                        None, {n: values[n] for n in inputs})]
-                except Exception:  # an op the reference cannot evaluate stays as it is
-                    result = None
+                result = _evaluate(node, {n: values[n] for n in inputs}, opset)
         if result is None or len(result) != len(node.output) or any(r.size > SHAPE_VALUE_LIMIT for r in result):
             keep.append(node)
             continue

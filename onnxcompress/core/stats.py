@@ -122,13 +122,10 @@ class GramAccumulator:
         self._buffer.append(np.asarray(z, dtype=np.float64))
         self._buffered += z.size
         if self.due and not self.deferred:
-            self._flush()
+            self.flush()
 
     def flush(self) -> None:
         """Add the buffered rows now (`deferred` accumulators: when `due`)."""
-        self._flush()
-
-    def _flush(self) -> None:
         if not self._buffer:
             return
         z = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
@@ -139,7 +136,7 @@ class GramAccumulator:
         self._gram = blas.dsyrk(1.0, z.T, beta=1.0, c=self._gram, trans=0, lower=0, overwrite_c=1)
 
     def result(self) -> Stats:
-        self._flush()
+        self.flush()
         # dsyrk updates only the upper triangle; the strict lower one is still the zeros it
         # started as, so G = U + U^T less the diagonal counted twice
         gram = self._gram + self._gram.T

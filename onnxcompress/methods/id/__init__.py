@@ -61,7 +61,6 @@ class IdMethod:
         return c - rounding.keep_size(fraction * c, c, curve.multiple)
 
     def tolerance_index(self, curve: Curve, eps: float):
-        c, b = curve.site.target.channels, curve.site.target.block
         rel = np.sqrt(np.clip(curve.error, 0, None))
         ok = np.nonzero(rel <= eps)[0]
         if not len(ok):
