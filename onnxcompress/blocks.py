@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 def applies(config) -> bool:
     """Runs that can be calibrated block by block: ID with a per-site size rule."""
-    return config.method == "id" and config.size_rule[0] in ("keep", "tolerance")
+    return config.method == "id" and config.per_site
 
 
 def budget(config) -> int:

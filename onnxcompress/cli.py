@@ -99,6 +99,7 @@ SUBCOMMANDS = {"inspect": ".inspect", "sweep": ".sweep"}
 @click.option("--val", type=click.Path(), help="Validation inputs, same formats (default: a held-out share of --calib).")
 @click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
 @click.option("--keep", type=float, help="Fraction of channels kept in every group (default 0.75).")
+@click.option("--spread", is_flag=True, help="With --keep F: keep F of the attention heads, of the other channels, and of each low-rank method's parameters over the whole model, spread across layers by estimated error (one sensitivity probe per site), rather than F in every group.")
 @click.option("--tolerance", type=float, help="Per group, the smallest size whose relative ID error is at most this.")
 @click.option("--flops-target", type=float, help="Keep at most this fraction of the model's FLOPs (greedy allocation).")
 @click.option("--params-target", type=float, help="Keep at most this fraction of the model's parameters (greedy allocation).")
@@ -147,7 +148,7 @@ SUBCOMMANDS = {"inspect": ".inspect", "sweep": ".sweep"}
 @click.option("--ray-workers", type=int, help="With --ray: the number of shards (one worker task each) the calibration feeds are cut into, and the CPUs of a local instance (default: every CPU of the cluster).")
 @click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True, help="ONNX Runtime execution provider for calibration and for the compressed model in validation (cuda needs onnxruntime-gpu and a GPU); the original's reference outputs are computed on the CPU.")
 @click.version_option(package_name="onnxcompress")
-def main(model, output, calib, val, report_path, keep, tolerance, flops_target, params_target, size_target, target,
+def main(model, output, calib, val, report_path, keep, spread, tolerance, flops_target, params_target, size_target, target,
          minimize, sensitivity, probe_feeds, min_keep,
          select, method, include, p, lp_weighted, smoothing, max_patch, intercept, best, exclude, min_agreement, keep_failed, batch_size, max_rows, stats_memory, holdout, save_plan, plan_path,
          force, quiet, verbose, allow_nonfinite, solver, seed, val_labels, round_, latency_target, latency_check,
@@ -159,7 +160,7 @@ def main(model, output, calib, val, report_path, keep, tolerance, flops_target, 
     txn = files.Transaction()
     with _signals_raise():
         try:
-            config = Config(keep=keep, tolerance=tolerance, flops_target=flops_target, params_target=params_target,
+            config = Config(keep=keep, spread=spread, tolerance=tolerance, flops_target=flops_target, params_target=params_target,
                             size_target=size_target, target=target, minimize=minimize, sensitivity=sensitivity,
                             probe_feeds=probe_feeds, min_keep=min_keep, select=select, method=method, intercept=intercept, best=best, exclude=exclude,
                             include=include, p=p, lp_weighted=lp_weighted, smoothing=smoothing, max_patch=max_patch,

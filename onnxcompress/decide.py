@@ -2,6 +2,8 @@
 needs (sensitivity probes for budgets and targets, validation passes for a target).
 
 * `keep` / `tolerance`: per site, in each method's own sense (`allocate.per_site`);
+* `keep` with `spread`: per kind of site, the parameters the per-site `keep` leaves, spread over
+  that kind's sites by the shared greedy walk over sensitivity-weighted curves (`_spread`);
 * `params_target` / `flops_target` / `size_target`: the shared greedy walk (`allocate.budget`)
   over sensitivity-weighted curves;
 * `target`: the walk to the end, then `allocate.search_path` over it, each probe a real
@@ -14,6 +16,7 @@ as left alone, with the reason.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from itertools import islice
 
 import numpy as np
@@ -41,13 +44,11 @@ def decide(norm, g, methods: dict, curves: list, config, before: dict, *, calib_
     validated (else None). `sample`: one feed at batch 1, the shapes `--quantize` indexes at."""
     rule, value = config.size_rule
     report.allocation = {"rule": rule, "value": value}
+    if rule == "keep" and config.spread:
+        return _spread(norm, g, methods, curves, config, value, calib_src, report, timer, progress)
     if rule in ("keep", "tolerance"):
-        def choose(c):
-            m = methods[c.site.method]
-            j = m.keep_index(c, value) if rule == "keep" else m.tolerance_index(c, value)
-            return c.dropped.get(j, j) if not isinstance(j, str) else j
         with timer("decide"):
-            idx, reasons = per_site(curves, choose)
+            idx, reasons = per_site(curves, _choice(methods, rule, value))
             entries, left = _realize(g, methods, curves, idx, config, reasons)
         return entries, left, None
     costs = CostModel(curves, {m: before[m] for m in ("params", "flops", "bytes", "latency") if before.get(m) is not None})
@@ -64,6 +65,63 @@ def decide(norm, g, methods: dict, curves: list, config, before: dict, *, calib_
         return entries, left, None
     return _search(norm, g, methods, curves, costs, weights, config, reference, report, timer, progress,
                    calib_src, sample)
+
+
+def _choice(methods: dict, rule: str, value: float):
+    """`per_site`'s choice for `keep` / `tolerance`: each method's own index for the value."""
+    def choose(c):
+        m = methods[c.site.method]
+        j = m.keep_index(c, value) if rule == "keep" else m.tolerance_index(c, value)
+        return c.dropped.get(j, j) if not isinstance(j, str) else j
+    return choose
+
+
+def kind(site) -> str:
+    """The kind of a site, within which `--spread` moves parameters: attention heads (channel
+    groups kept in whole blocks), other channel groups, or the sites of one other method."""
+    if getattr(site.target, "block", 1) > 1:
+        return "attention heads"
+    return LABELS.get(site.method, site.method)
+
+
+def _spread(norm, g, methods, curves, config, fraction, calib_src, report, timer, progress):
+    """`keep` F with `spread`: for each kind of site (`kind`), the parameters P_F that keeping F
+    in every site of that kind leaves, now allocated across those sites by the budget walk,
+
+        minimize sum_s w_s e_s(j_s)  subject to  sum_s params_s(j_s) <= P_F  (per kind),
+
+    so a layer whose channels matter less gives more of them up; the kind's total (heads,
+    neurons, ranks) stays that of the uniform F. Each kind is a separate budget: the model
+    keeps F of its heads and F of its other channels, not a mix the walk prefers."""
+    uniform, reasons = per_site(curves, _choice(methods, "keep", fraction))
+    weights = _weights(norm, g, methods, curves, config, calib_src, report, timer, progress)
+    kinds: dict[str, list[int]] = {}
+    for ci, c in enumerate(curves):
+        if ci not in reasons:
+            kinds.setdefault(kind(c.site), []).append(ci)
+    idx, rows = [0] * len(curves), []
+    with timer("decide"):
+        for name, members in kinds.items():
+            # plain keep's size is on every site's grid (the walk's steps may be thinned)
+            sub = [c if c.steps is None else replace(c, steps=np.union1d(c.steps, [uniform[ci]]).astype(np.int64))
+                   for ci, c in ((ci, curves[ci]) for ci in members)]
+            costs = CostModel(sub, {})
+            full = costs.total("params", [0] * len(sub))
+            goal = costs.total("params", [uniform[ci] for ci in members]) / full if full else 1.0
+            found, path = budget(sub, costs, "params", goal, [weights[ci] for ci in members])
+            for ci, j in zip(members, found):
+                idx[ci] = j
+            rows.append({"kind": name, "sites": len(members), "params": goal,
+                         "reached": path.cost(len(path.steps), "params") / full if full else 1.0,
+                         "estimated_error": path.error(len(path.steps)),
+                         "uniform_estimated_error": float(sum(weights[ci] * curves[ci].error[uniform[ci]]
+                                                              for ci in members))})
+        report.allocation["spread"] = rows
+        why = f"--keep {fraction} --spread keeps it whole"
+        entries, left = _realize(g, methods, curves, idx, config,
+                                 {**{ci: _no_candidate(curves[ci]) or why for ci in range(len(curves))
+                                     if idx[ci] == 0}, **reasons})
+    return entries, left, None
 
 
 def _weights(norm, g, methods, curves, config, calib_src, report, timer, progress) -> list[float]:

@@ -37,3 +37,15 @@ def test_decoder_block_compresses_end_to_end(tmp_path, exported, keep):
     heads_kept = np.asarray(plan["/q/MatMul"].keep).reshape(-1, size)
     assert np.array_equal(heads_kept, heads_kept[:, :1] + np.arange(size)) and np.all(heads_kept[:, 0] % size == 0)
     assert_valid_output(exported, out, val, same=keep == 1.0, rtol=1e-4, atol=1e-5)
+
+
+def test_spread_budgets_heads_and_gated_channels_apart(tmp_path, exported):
+    """One heads group and one gated-FFN group: with `--spread` each is the only site of its
+    kind, so each keeps exactly plain `--keep`'s share (one budget for both would trade them)."""
+    out = tmp_path / "out.onnx"
+    report = compress(exported, out, config=Config(keep=0.5, spread=True, force=True),
+                      calib=decoder_block.feeds(24, 1), val=decoder_block.feeds(4, 2))
+    width, hidden = decoder_block.WIDTH, decoder_block.HIDDEN
+    assert kept(report) == {"/q/MatMul": (width // 2, width), "/gate/MatMul": (hidden // 2, hidden)}
+    assert sorted(r["kind"] for r in report.allocation["spread"]) == ["attention heads", "channel group"]
+    assert_valid_output(exported, out, decoder_block.feeds(4, 2))

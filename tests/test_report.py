@@ -44,7 +44,7 @@ def flatten(value, prefix: str, wild: set[str]) -> set[str]:
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> list[dict]:
     """Real reports covering every field: ID with a gate and labels, low rank on a CNN, a target,
-    ID on a model with external data (block by block), --quantize, sparse quantized factors, a
+    ID on a model with external data (block by block), --spread with --quantize, sparse quantized factors, a
     codebook table and float16 block scales."""
     tmp = tmp_path_factory.mktemp("reports")
     a = compress(MODELS / "digits_mlp.onnx", tmp / "a.onnx", config=Config(min_agreement=0.5, best=True),
@@ -59,7 +59,7 @@ def reports(tmp_path_factory) -> list[dict]:
     onnx.save(onnx.load(str(MODELS / "digits_mlp.onnx")), str(ext), save_as_external_data=True,
               location="mlp.onnx.data", size_threshold=0)
     d = compress(ext, tmp / "d.onnx", config=Config(keep=0.5, stats_memory=1), calib=MODELS / "digits_calib.npz")
-    e = compress(MODELS / "digits_mlp.onnx", tmp / "e.onnx", config=Config(keep=0.6, quantize="int8"),
+    e = compress(MODELS / "digits_mlp.onnx", tmp / "e.onnx", config=Config(keep=0.6, spread=True, quantize="int8", probe_feeds=4),
                  calib=MODELS / "digits_calib.npz")
     f = compress(MODELS / "digits_mlp.onnx", tmp / "f.onnx", config=Config(method="sqf", size_target=0.6, probe_feeds=4),
                  calib=MODELS / "digits_calib.npz")

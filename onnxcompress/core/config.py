@@ -41,6 +41,10 @@ class Config:
                      largest-norm producer channels with no correction (a baseline).
     keep:            fraction of channels kept in every group (id), or of parameters kept in
                      every split layer (low rank), in (0, 1].
+    spread:          with `keep` F: keep F of each kind of site's parameters over the whole model
+                     (attention heads, other channel groups, each low-rank method's layers)
+                     rather than F in every site; the budget walk over sensitivity-weighted
+                     curves decides how much each site keeps (one sensitivity probe per site).
     tolerance:       per group, the smallest size whose relative ID error is at most this.
     flops_target:    keep at most this fraction of the model's Conv/Gemm/MatMul FLOPs, sizes chosen
                      greedily by estimated error per FLOP saved.
@@ -130,6 +134,7 @@ class Config:
     method: str | None = None
     select: str = "id"
     keep: float | None = None
+    spread: bool = False
     tolerance: float | None = None
     flops_target: float | None = None
     params_target: float | None = None
@@ -203,6 +208,9 @@ class Config:
                 parse_target(self.target)
             except ValueError as e:
                 raise UsageError(f"{_named('target')} {self.target!r}: {e}") from None
+        if self.spread and self.size_rule[0] != "keep":
+            raise UsageError(f"{_named('spread')} spreads {_named('keep')} over the model; "
+                             f"{_named(self.size_rule[0])} has its own allocation")
         if self.minimize not in MINIMIZE:
             raise UsageError(f"{_named('minimize')} must be one of {', '.join(MINIMIZE)}, got {self.minimize!r}")
         if self.probe_feeds < 1:
@@ -242,6 +250,13 @@ class Config:
         return "keep", 0.75
 
     @property
+    def per_site(self) -> bool:
+        """Whether each site's size follows from its own curve alone (`keep` without `spread`,
+        `tolerance`), so the sites can be calibrated and decided a block at a time."""
+        rule = self.size_rule[0]
+        return rule == "tolerance" or (rule == "keep" and not self.spread)
+
+    @property
     def quality_target(self):
         """The parsed `target` (`core.target.Target`), or None."""
         return parse_target(self.target) if self.target is not None else None
@@ -264,7 +279,7 @@ _KINDS = {"a number": (("keep", "tolerance", "flops_target", "params_target", "s
           "an integer": (("batch_size", "max_rows", "seed", "max_patch", "probe_feeds", "ray_workers",
                          "stats_memory"),
                          lambda v: isinstance(v, numbers.Integral)),
-          "True or False": (("weighted", "intercept", "best", "keep_failed", "force", "lp_weighted", "allow_nonfinite",
+          "True or False": (("weighted", "intercept", "best", "spread", "keep_failed", "force", "lp_weighted", "allow_nonfinite",
                              "sensitivity"), lambda v: True),
           "a string": (("method", "select", "exclude", "include", "target", "minimize", "solver", "quantize", "ray",
                         "provider"),

@@ -34,8 +34,7 @@ class IdMethod:
 
     def sites(self, g: GraphIndex, config: Config):
         # per-site rules calibrate in blocks (`blocks.py`): no budget over all groups at once
-        per_site = config.size_rule[0] in ("keep", "tolerance")
-        analysis = find_groups(g, exclude=config.exclude, include=config.include, total_budget=not per_site)
+        analysis = find_groups(g, exclude=config.exclude, include=config.include, total_budget=not config.per_site)
         sites = [Site(self.name, grp.id, "group", _claims(grp), grp) for grp in analysis.groups]
         return sites, list(analysis.skipped)
 
@@ -48,7 +47,7 @@ class IdMethod:
         c = grp.channels
         n = math.lcm(grp.block, rounding.multiple(config.round, _kind(g, grp)))  # whole blocks, hardware widths
         rule, value = config.size_rule
-        focus = {-(-rounding.keep_size(value * c, c, n) // grp.block)} if rule == "keep" else None
+        focus = {-(-rounding.keep_size(value * c, c, n) // grp.block)} if rule == "keep" and config.per_site else None
         state = group_curve(g, grp, {r.tensor: stats[r] for r in self.requests(site)}, config, focus)
         sizes = np.arange(c, 0, -1)
         error = np.maximum(state.residual[sizes], 0.0)
