@@ -115,7 +115,7 @@ def measure(model, g, methods: dict, curves: list[Curve], feeds: list[dict], con
             out.append(Sensitivity(curve.id, int(curve.sizes[0]), 0.0, 0.0, 1.0))
         else:
             method = methods[curve.site.method]
-            decision = method.realize(g, curve, j, config)
+            decision = getattr(method, "probe", method.realize)(g, curve, j, config)  # `LowRankMethod.probe`
             probe = method.rewrite(model, g, [curve.site], [decision])
             measured = output_error(probe, feeds, names, reference, mask)
             local = _local_error(decision, float(curve.error[j]))

@@ -76,17 +76,25 @@ class LayerPlan:
     error: float = 0.0        # relative calibration output error of A B (NaN: no statistic)
     best_error: float = 0.0   # the activation-aware optimum at this rank, same measure
     statistic: str = ""       # what the input statistic was: channels / patches / counts / none
+    # a table only: the tokens whose rows are stored exactly (sorted ids) and their residual rows
+    # R = E[rows] - (A B)^T[rows] (len(rows) x out), added back by an index map (`lowrank/rewrite.py`)
+    rows: np.ndarray | None = field(default=None, compare=False)
+    residual: np.ndarray | None = field(default=None, compare=False)
 
     @property
     def site(self) -> str:
         return self.layer
 
     def to_dict(self, *, matrices: bool = True) -> dict:
+        exact = 0 if self.rows is None else len(self.rows)
         d = {"layer": self.layer, "kind": self.kind, "shape": [self.out, self.inputs], "rank": self.rank,
-             "params_before": self.out * self.inputs, "params_after": self.rank * (self.out + self.inputs),
-             "error": _finite(self.error), "best_error": _finite(self.best_error), "statistic": self.statistic}
+             "params_before": self.out * self.inputs, "params_after": self.rank * (self.out + self.inputs)
+             + exact * self.out, "error": _finite(self.error), "best_error": _finite(self.best_error),
+             "statistic": self.statistic, "exact_rows": exact}
         if matrices:
             d["left"], d["right"] = _encode(self.left), _encode(self.right)
+            if self.rows is not None:
+                d["rows"], d["residual"] = _encode(np.asarray(self.rows, dtype=np.int64)), _encode(self.residual)
         return d
 
     @classmethod
@@ -94,7 +102,9 @@ class LayerPlan:
         return cls(layer=d["layer"], kind=d["kind"], out=int(d["shape"][0]), inputs=int(d["shape"][1]),
                    rank=int(d["rank"]), left=_decode(d["left"]), right=_decode(d["right"]),
                    error=_float(d.get("error", 0.0)), best_error=_float(d.get("best_error", 0.0)),
-                   statistic=d.get("statistic", ""))
+                   statistic=d.get("statistic", ""),
+                   rows=_decode(d["rows"]).astype(np.int64) if d.get("rows") is not None else None,
+                   residual=_decode(d["residual"]) if d.get("residual") is not None else None)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ with these verbs, called in this order by `compress()`:
   method's own sense of "keep" (channels for ID, parameters for low rank).
 * `realize(g, curve, index, config) -> decision`: the plan entry for one size; a decision is
   data (`to_dict` / `from_dict`) with a `method` and a `site` key.
+* `probe(g, curve, index, config) -> decision` (optional, default `realize`): the entry a
+  sensitivity probe measures, where that must differ (low rank: a table without exact rows).
 * `rewrite(model, g, sites, decisions) -> model`: the only verb that changes a graph. Methods
   rewrite in registry order, each on the previous one's output; a method only reads nodes and
   weights it owns from `g` (no two sites of a plan edit the same weight, see `Site.claims`).

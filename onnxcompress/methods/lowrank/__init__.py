@@ -22,6 +22,7 @@ from ...core.plan import LayerPlan, Plan
 from ..base import Cost, Curve, Site
 from .. import rounding
 from .layers import find_layers
+from . import solvers as lowrank
 from .ranks import errors, factors, layer_curve
 from .rewrite import split
 
@@ -96,6 +97,24 @@ class LowRankMethod:
         return layer.max_rank - r + 1
 
     def realize(self, g: GraphIndex, curve: Curve, index: int, config: Config) -> LayerPlan:
+        """The split at the curve's rank r; for a table under aasvd, the split with exact rows for
+        the tokens calibration saw (`frequent_rows`) where it fits in r's parameters and its
+        Good-Turing held-out error is the lower (its `error` is then that estimate)."""
+        plan = self.probe(g, curve, index, config)
+        layer, state = curve.site.target, curve.state
+        if layer.kind != "gather" or state.counts is None or self._config(config).method != "aasvd":
+            return plan
+        table = state.w.T
+        split = lowrank.frequent_rows(table, state.counts, plan.rank, config.smoothing)
+        plain = lowrank.smoothed_error(table, state.counts, config.smoothing, plan.right.T, plan.left.T)
+        if split is None or split.error >= plain:
+            return plan
+        return dataclasses.replace(plan, rank=split.right.shape[0], left=split.right.T, right=split.left.T,
+                                   error=math.sqrt(max(split.error, 0.0)), rows=split.rows, residual=split.residual)
+
+    def probe(self, g: GraphIndex, curve: Curve, index: int, config: Config) -> LayerPlan:
+        """The plain split at the curve's rank: what a sensitivity probe measures (exact rows
+        would hide a table's error from calibration feeds, whose tokens they all cover)."""
         layer, state = curve.site.target, curve.state
         rank = int(curve.sizes[index])
         a, b = factors(state, rank, self._config(config))

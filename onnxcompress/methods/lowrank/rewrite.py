@@ -6,7 +6,11 @@
                MatMul(B, X) then MatMul(A, .);
 * Conv:        Conv(X, B as (r, in, k...), same strides, pads, dilations, auto_pad), then
                Conv(., A as (out, r, 1...), bias);
-* Gather:      Gather(B^T, idx) then MatMul(., A^T).
+* Gather:      Gather(B^T, idx) then MatMul(., A^T); with exact rows S (`LayerPlan.rows`), plus
+               Gather(R0, Gather(map, idx)) added to it, where map (V, int32) sends token v to
+               its row of R0 = [R; 0] (the residual rows of S, then a zero row for every other
+               token): E[v] = (A B)^T[v] + R0[map[v]], exact for v in S. Negative indices
+               count from the end in all three Gathers alike.
 
 The original weight is removed (`layers.py` only splits weights no other node reads).
 Weights keep their dtype (the maths runs in float64). Stale `value_info` of every changed tensor is
@@ -92,7 +96,32 @@ def _split_nodes(g: GraphIndex, layer, lp, dtype, fresh) -> tuple[list, list]:
     elif kind == "gather":
         w1, w2 = init(names[0], b.T), init(names[1], a.T)
         first = helper.make_node("Gather", [names[0], node.input[1]], [mid], name=first_name, axis=0)
+        if lp.rows is not None:
+            return _with_rows(node, lp, (first, w1, w2), mid, names, init, fresh)
         second = helper.make_node("MatMul", [mid, names[1]], list(node.output), name=second_name)
     else:
         raise TypeError(f"unknown layer kind {kind!r}")
     return [first, second], [w1, w2]
+
+
+def _with_rows(node, lp, split, mid, names, init, fresh) -> tuple[list, list]:
+    """The table's low-rank lookup plus its exact rows: MatMul(Gather(B^T, idx), A^T) +
+    Gather(R0, Gather(map, idx)) (see the module docstring)."""
+    first, w1, w2 = split
+    vocab, rows = lp.inputs, np.asarray(lp.rows, dtype=np.int64)
+    if rows.ndim != 1 or len(np.unique(rows)) != len(rows) or (len(rows) and not 0 <= rows.min() <= rows.max() < vocab) \
+            or np.shape(lp.residual) != (len(rows), lp.out):
+        raise UsageError(f"plan: layer {lp.layer!r}: its exact rows do not match a {vocab} x {lp.out} table")
+    index = np.full(vocab, len(rows), dtype=np.int32)
+    index[rows] = np.arange(len(rows), dtype=np.int32)
+    table = np.concatenate([np.asarray(lp.residual, dtype=np.float64), np.zeros((1, lp.out))])
+    names = (*names, fresh(f"{names[0]}.rows_index"), fresh(f"{names[0]}.rows"))
+    low, slot, fix = fresh(f"{node.output[0]}.lowrank_part"), fresh(f"{node.output[0]}.row_slot"), \
+        fresh(f"{node.output[0]}.exact_part")
+    stem = node.name or names[0]
+    nodes = [first,
+             helper.make_node("MatMul", [mid, names[1]], [low], name=f"{stem}/lowrank_out"),
+             helper.make_node("Gather", [names[2], node.input[1]], [slot], name=f"{stem}/row_slot", axis=0),
+             helper.make_node("Gather", [names[3], slot], [fix], name=f"{stem}/exact_rows", axis=0),
+             helper.make_node("Add", [low, fix], list(node.output), name=f"{stem}/lowrank_sum")]
+    return nodes, [w1, w2, numpy_helper.from_array(index, names[2]), init(names[3], table)]

@@ -27,6 +27,7 @@ When there is nothing to lose (W = 0, or W x = 0 on every calibration row) the c
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -267,3 +268,55 @@ def lp_factors(X, rank: int, p: float, row_weights=None, **kw) -> tuple[np.ndarr
     """A = X V (n x k), B = V^T (k x d) with V = lp_subspace(X, rank, p, row_weights, **kw)."""
     v = lp_subspace(X, rank, p, row_weights, **kw)
     return _matrix(X, "X") @ v, v.T
+
+
+@dataclass(frozen=True)
+class TableSplit:
+    """An embedding table E (vocab x d) as E ~ A B + R_S: rank-r factors for every token, plus the
+    exact residual rows R = E[S] - A[S] B of the tokens in S (the ones calibration saw).
+
+    `error` is the Good-Turing estimate of the held-out error energy (`token_weights`): with
+    w_v = counts_v + alpha N / V, sum_{v not in S} w_v ||e_v - a_v B||^2 / sum_v w_v ||e_v||^2.
+    The tokens of S contribute nothing to it; the others, mostly tokens calibration never saw,
+    carry the smoothed mass alpha N that held-out text is expected to spend on unseen tokens."""
+    left: np.ndarray      # A (vocab x r)
+    right: np.ndarray     # B (r x d)
+    rows: np.ndarray      # S, sorted token ids (int64)
+    residual: np.ndarray  # R (|S| x d)
+    error: float
+
+
+def smoothed_error(E, counts, smoothing, a, b, rows=()) -> float:
+    """The Good-Turing held-out error energy of E ~ A B (+ exact rows `rows`), as `TableSplit.error`."""
+    e = _matrix(E, "E")
+    w = token_weights(counts, smoothing)
+    d = e - a @ b
+    per = np.einsum("ij,ij->i", d, d)
+    per[np.asarray(rows, dtype=np.int64)] = 0.0
+    total = float(np.dot(w, np.einsum("ij,ij->i", e, e)))
+    return float(np.dot(w, per)) / total if total > 0 else 0.0
+
+
+def frequent_rows(E, counts, rank: int, smoothing: float | None = None) -> TableSplit | None:
+    """The table split with exact rows for the tokens calibration saw, at no more parameters and
+    bytes than the plain rank-`rank` split: the factors drop to rank
+
+        r' = rank - ceil((|S| d + V) / (V + d))
+
+    (|S| rows of d, and the int32 index map of V entries that points each token at its row or at
+    a zero row), and are the frequency-weighted SVD of the other tokens' rows (weights w_v with
+    w_S = 0: the rows of S are exact whatever the factors give them). None when r' < 1."""
+    e = _matrix(E, "E")
+    n, d = e.shape
+    c = np.asarray(counts, dtype=np.float64)
+    rows = np.flatnonzero(c > 0)
+    low = rank - math.ceil((len(rows) * d + n) / (n + d))
+    if low < 1 or not len(rows):
+        return None
+    w = token_weights(c, smoothing)
+    w[rows] = 0.0
+    _, vt = _weighted_svd(e, w)
+    b = vt[:low]
+    a = e @ b.T
+    residual = e[rows] - a[rows] @ b
+    return TableSplit(a, b, rows.astype(np.int64), residual, smoothed_error(e, c, smoothing, a, b, rows))
