@@ -58,7 +58,7 @@ def _check_arguments(model, output, config, calib, val, plan) -> tuple[Config, P
     if plan is not None:
         if not isinstance(plan, Plan):
             raise UsageError(f"plan must be an onnxcompress.Plan, got {type(plan).__name__}")
-        given = [n for n in SIZE_RULES if getattr(config, n) is not None]
+        given = [n for n in SIZE_RULES if getattr(config, n) is not None] + (["spread"] if config.spread else [])
         if given:
             raise UsageError(f"--plan fixes the sizes; {flag(given[0])} contradicts it")
         if config.quantize and any(getattr(e, "after", False) for e in plan.entries):

@@ -111,9 +111,9 @@ def _spread(norm, g, methods, curves, config, fraction, calib_src, report, timer
             found, path = budget(sub, costs, "params", goal, [weights[ci] for ci in members])
             for ci, j in zip(members, found):
                 idx[ci] = j
-            rows.append({"kind": name, "sites": len(members), "params": goal,
-                         "reached": path.cost(len(path.steps), "params") / full if full else 1.0,
-                         "estimated_error": path.error(len(path.steps)),
+            rows.append({"kind": name, "sites": len(members), "params": float(goal),
+                         "reached": float(path.cost(len(path.steps), "params") / full) if full else 1.0,
+                         "estimated_error": float(path.error(len(path.steps))),
                          "uniform_estimated_error": float(sum(weights[ci] * curves[ci].error[uniform[ci]]
                                                               for ci in members))})
         report.allocation["spread"] = rows

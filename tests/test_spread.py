@@ -79,6 +79,28 @@ def test_heads_are_a_kind_of_their_own():
     assert kind(Site("lowrank", "fc2", "layer", frozenset(), object())) == "low rank"
 
 
+def test_a_plan_fixes_the_sizes_spread_included(tmp_path):
+    src = save(tmp_path, two_groups())
+    report = compress(src, tmp_path / "a.onnx", config=Config(keep=0.5, round=1, force=True), calib=feeds(100, 1))
+    with pytest.raises(UsageError, match="--plan fixes the sizes; --spread"):
+        compress(src, tmp_path / "b.onnx", config=Config(spread=True, force=True), calib=feeds(100, 1),
+                 plan=report.plan)
+
+
+def test_spread_with_every_method(tmp_path):
+    """`--method auto --spread`: every kind keeps its own share (here channel groups and low-rank
+    layers), and the model runs."""
+    src = save(tmp_path, two_groups())
+    out = tmp_path / "auto.onnx"
+    report = compress(src, out, config=Config(method="auto", keep=0.6, spread=True, round=1, probe_feeds=8,
+                                              force=True), calib=feeds(200, 1), val=feeds(50, 2))
+    rows = {r["kind"]: r for r in report.allocation["spread"]}
+    assert "channel group" in rows
+    for r in rows.values():
+        assert r["reached"] <= r["params"] + 1e-9
+    assert_valid_output(src, out, feeds(20, 3))
+
+
 @pytest.mark.parametrize("rule", [{"params_target": 0.5}, {"tolerance": 0.1}, {"target": "cosine>=0.99"}])
 def test_spread_needs_keep(rule):
     with pytest.raises(UsageError, match="--spread"):
