@@ -26,6 +26,7 @@ from .core.errors import AgreementError, UsageError
 from .core.threads import parallel_map
 from .core.validate import output_error
 from .methods.base import Skipped
+from .methods.id import activation_products
 from .methods.quant import stage as quant_stage
 from .sensitivity import measure
 
@@ -76,10 +77,11 @@ def _choice(methods: dict, rule: str, value: float):
     return choose
 
 
-def kind(site) -> str:
+def kind(g, site) -> str:
     """The kind of a site, within which `--spread` moves parameters: attention heads (channel
-    groups kept in whole blocks), other channel groups, or the sites of one other method."""
-    if getattr(site.target, "block", 1) > 1:
+    groups kept in whole heads that pass the Q K^T and P V products), other channel groups, or the
+    sites of one other method."""
+    if site.method == "id" and getattr(site.target, "block", 1) > 1 and activation_products(g, site.target):
         return "attention heads"
     return LABELS.get(site.method, site.method)
 
@@ -94,11 +96,17 @@ def _spread(norm, g, methods, curves, config, fraction, calib_src, report, timer
     neurons, ranks) stays that of the uniform F. Each kind is a separate budget: the model
     keeps F of its heads and F of its other channels, not a mix the walk prefers."""
     uniform, reasons = per_site(curves, _choice(methods, "keep", fraction))
-    weights = _weights(norm, g, methods, curves, config, calib_src, report, timer, progress)
     kinds: dict[str, list[int]] = {}
     for ci, c in enumerate(curves):
         if ci not in reasons:
-            kinds.setdefault(kind(c.site), []).append(ci)
+            kinds.setdefault(kind(g, c.site), []).append(ci)
+    # only the sites a budget can trade between are probed
+    traded = [ci for members in kinds.values() if len(members) > 1 and any(uniform[ci] for ci in members)
+              for ci in members]
+    weights = [1.0] * len(curves)
+    for ci, w in zip(traded, _weights(norm, g, methods, [curves[ci] for ci in traded], config, calib_src, report,
+                                      timer, progress)):
+        weights[ci] = w
     idx, rows = [0] * len(curves), []
     with timer("decide"):
         for name, members in kinds.items():
@@ -117,10 +125,12 @@ def _spread(norm, g, methods, curves, config, fraction, calib_src, report, timer
                          "uniform_estimated_error": float(sum(weights[ci] * curves[ci].error[uniform[ci]]
                                                               for ci in members))})
         report.allocation["spread"] = rows
+        # a site the walk leaves whole is reported as plain keep reports it (an ID group: an entry
+        # keeping all its channels; a layer: left alone, with the reason)
         why = f"--keep {fraction} --spread keeps it whole"
-        entries, left = _realize(g, methods, curves, idx, config,
-                                 {**{ci: _no_candidate(curves[ci]) or why for ci in range(len(curves))
-                                     if idx[ci] == 0}, **reasons})
+        whole = {ci: _no_candidate(curves[ci]) or why for ci in range(len(curves))
+                 if idx[ci] == 0 and not methods[curves[ci].site.method].entry_at_full}
+        entries, left = _realize(g, methods, curves, idx, config, {**whole, **reasons})
     return entries, left, None
 
 

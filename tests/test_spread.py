@@ -12,7 +12,11 @@ from checks import assert_valid_output, kept, run, save
 from onnxcompress import Config, compress
 from onnxcompress.core.errors import UsageError
 from onnxcompress.decide import kind
+from onnxcompress.api import shapes_at
+from onnxcompress.core.graph import GraphIndex
+from onnxcompress.core.normalize import normalize
 from onnxcompress.methods.base import Site
+from onnxcompress.methods.id import IdMethod
 
 WIDTH = 24
 
@@ -64,19 +68,24 @@ def test_spread_at_full_size_reproduces_the_outputs(tmp_path):
     out = tmp_path / "out.onnx"
     report = compress(src, out, config=Config(keep=1.0, spread=True, force=True), calib=feeds(100, 1),
                       val=feeds(50, 2))
-    assert all(k == c for k, c in kept(report).values())
+    assert kept(report) == {"up0": (WIDTH, WIDTH), "up1": (WIDTH, WIDTH)}   # entries at full size, as plain keep
+    assert report.allocation["sensitivity"] is None                          # nothing to trade: no probe
     assert_valid_output(src, out, feeds(50, 3), same=True)
 
 
-def test_heads_are_a_kind_of_their_own():
-    """Attention heads (groups kept in whole blocks) are budgeted apart from other channel
-    groups, and each other method's sites apart from the channel groups."""
-    class Group:
-        def __init__(self, block):
-            self.block = block
-    assert kind(Site("id", "q", "group", frozenset(), Group(8))) == "attention heads"
-    assert kind(Site("id", "fc1", "group", frozenset(), Group(1))) == "channel group"
-    assert kind(Site("lowrank", "fc2", "layer", frozenset(), object())) == "low rank"
+@pytest.mark.parametrize("model, spec, want", [
+    (graphs.attention, [("x", (5, 16)), ("mask", (1, 1, 5))], "attention heads"),
+    (graphs.group_norm, [("x", (3, 8, 8))], "channel group"),      # whole groups, but no heads
+    (graphs.grouped_conv, [("x", (3, 8, 8))], "channel group"),
+])
+def test_heads_are_a_kind_of_their_own(model, spec, want):
+    """Attention heads (whole heads through Q K^T and P V) are budgeted apart from other channel
+    groups, GroupNormalization and grouped-Conv groups (kept in whole blocks too) among them."""
+    norm = normalize(model())
+    g = GraphIndex(norm, *shapes_at(norm, graphs.sample_inputs(spec, 2)))
+    sites, _ = IdMethod().sites(g, Config())
+    assert sites and {kind(g, s) for s in sites} == {want}
+    assert kind(g, Site("lowrank", "fc2", "layer", frozenset(), object())) == "low rank"
 
 
 def test_a_plan_fixes_the_sizes_spread_included(tmp_path):
@@ -88,14 +97,15 @@ def test_a_plan_fixes_the_sizes_spread_included(tmp_path):
 
 
 def test_spread_with_every_method(tmp_path):
-    """`--method auto --spread`: every kind keeps its own share (here channel groups and low-rank
-    layers), and the model runs."""
+    """`--method auto --spread`: the sites other methods lose to the channel groups (their weights
+    are the groups') are neither traded nor probed; the groups keep their share; the model runs."""
     src = save(tmp_path, two_groups())
     out = tmp_path / "auto.onnx"
     report = compress(src, out, config=Config(method="auto", keep=0.6, spread=True, round=1, probe_feeds=8,
                                               force=True), calib=feeds(200, 1), val=feeds(50, 2))
     rows = {r["kind"]: r for r in report.allocation["spread"]}
-    assert "channel group" in rows
+    assert list(rows) == ["channel group"] and rows["channel group"]["sites"] == 2
+    assert sorted(s["site"] for s in report.allocation["sensitivity"]) == ["id group up0", "id group up1"]
     for r in rows.values():
         assert r["reached"] <= r["params"] + 1e-9
     assert_valid_output(src, out, feeds(20, 3))

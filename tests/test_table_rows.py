@@ -34,9 +34,11 @@ def test_seen_rows_are_exact_within_the_plain_budget():
     approx = split.left @ split.right
     np.testing.assert_allclose(approx[seen] + split.residual, e[seen], atol=1e-12)
     low = split.right.shape[0]
-    # rank r' = r - ceil((|S| d + V) / (V + d)): rows and the int32 index map paid by lost ranks
-    assert low == rank - math.ceil((SEEN * WIDTH + VOCAB) / (VOCAB + WIDTH))
-    assert low * (VOCAB + WIDTH) + SEEN * WIDTH + VOCAB <= rank * (VOCAB + WIDTH)
+    # rank r' = r - ceil(((|S| + 1) d + V) / (V + d)) for float32: the rows, a zero row and the int32
+    # index map paid by lost ranks, in parameters and in bytes
+    assert low == rank - math.ceil(((SEEN + 1) * WIDTH + VOCAB) / (VOCAB + WIDTH))
+    assert low * (VOCAB + WIDTH) + (SEEN + 1) * WIDTH <= rank * (VOCAB + WIDTH)
+    assert 4 * (low * (VOCAB + WIDTH) + (SEEN + 1) * WIDTH) + 4 * VOCAB <= 4 * rank * (VOCAB + WIDTH)
     # the Good-Turing estimate, by its formula: only the unseen rows count, with smoothed weights
     w = lr.token_weights(counts)
     d = np.sum((e - approx) ** 2, axis=1)
@@ -46,6 +48,25 @@ def test_seen_rows_are_exact_within_the_plain_budget():
     spec = lr.frequency_weighted(e, counts)
     a, b = spec.factors(rank)
     assert split.error < lr.smoothed_error(e, counts, None, a, b)
+
+
+@pytest.mark.parametrize("itemsize, multiple", [(2, 1), (4, 4), (8, 1)])
+def test_the_rows_fit_in_the_plain_split_bytes_at_any_precision_and_rounding(itemsize, multiple):
+    rng = np.random.default_rng(4)
+    e = rng.standard_normal((VOCAB, WIDTH))
+    counts = zipf_counts(rng)
+    found = 0
+    for rank in range(1, WIDTH):
+        split = lr.frequent_rows(e, counts, rank, itemsize=itemsize, multiple=multiple, floor=2)
+        if split is None:
+            continue
+        found += 1
+        low = split.right.shape[0]
+        assert low >= 2 and low % multiple == 0
+        params = low * (VOCAB + WIDTH) + (SEEN + 1) * WIDTH
+        assert params <= rank * (VOCAB + WIDTH)
+        assert params * itemsize + 4 * VOCAB <= rank * (VOCAB + WIDTH) * itemsize
+    assert found
 
 
 def test_no_room_for_the_rows_means_no_split():
@@ -106,6 +127,9 @@ def test_plain_svd_and_the_sensitivity_probe_split_without_rows(tmp_path, table)
     report = compress(src, tmp_path / "svd.onnx", config=Config(method="svd", keep=0.5, round=1, include="emb",
                                                                 force=True), calib=calib)
     assert next(r for r in report.layers if r["layer"] == "emb")["exact_rows"] == 0
+    report = compress(src, tmp_path / "q.onnx", config=Config(method="aasvd", keep=0.5, round=1, include="emb",
+                                                              quantize="int8", force=True), calib=calib)
+    assert next(r for r in report.layers if r["layer"] == "emb")["exact_rows"] == 0   # rows would be rounded
     report = compress(src, tmp_path / "budget.onnx", config=Config(method="aasvd", params_target=0.6, round=1,
                                                                    probe_feeds=8, force=True), calib=calib)
     probe = next(s for s in report.allocation["sensitivity"] if s["site"].endswith("emb"))

@@ -87,9 +87,10 @@ class LayerPlan:
 
     def to_dict(self, *, matrices: bool = True) -> dict:
         exact = 0 if self.rows is None else len(self.rows)
+        rows = 0 if self.rows is None else (exact + 1) * self.out    # the residual rows and the zero row
         d = {"layer": self.layer, "kind": self.kind, "shape": [self.out, self.inputs], "rank": self.rank,
              "params_before": self.out * self.inputs, "params_after": self.rank * (self.out + self.inputs)
-             + exact * self.out, "error": _finite(self.error), "best_error": _finite(self.best_error),
+             + rows, "error": _finite(self.error), "best_error": _finite(self.best_error),
              "statistic": self.statistic, "exact_rows": exact}
         if matrices:
             d["left"], d["right"] = _encode(self.left), _encode(self.right)

@@ -101,6 +101,18 @@ class IdMethod:
                 "error_ratio": (decision.error / decision.best_error) if decision.best_error > 0 else None}
 
 
+def activation_products(g: GraphIndex, grp) -> list[int]:
+    """The MatMuls of two activations the group passes through (an attention head group's
+    Q K^T and P V)."""
+    found = []
+    for key in grp.nodes:
+        i = g.index_of(key)
+        node = g.nodes[i]
+        if node.op_type == "MatMul" and len(node.input) == 2 and all(g.const(n) is None for n in node.input):
+            found.append(i)
+    return found
+
+
 def _kind(g: GraphIndex, grp) -> str:
     """"conv" when a Conv produces the group's channels (its width is a Conv channel count),
     else "gemm" (`rounding.multiple`)."""
@@ -117,12 +129,7 @@ def group_costs(g: GraphIndex, grp, fraction: np.ndarray, flops: dict) -> list[C
     weight it edits (or whose group attribute it sets), each scaling with k / C. An attention
     head group also scales the products of two activations it passes through, Q K^T
     (2 H S^2 d per sample) and P V (2 H S^2 d), with the kept heads h / H = k / C."""
-    out, tensors, nodes = [], set(), set()
-    for key in grp.nodes:
-        i = g.index_of(key)
-        node = g.nodes[i]
-        if node.op_type == "MatMul" and len(node.input) == 2 and all(g.const(n) is None for n in node.input):
-            nodes.add(i)
+    out, tensors, nodes = [], set(), set(activation_products(g, grp))
     for e in grp.edits:
         if isinstance(e, (Slice, Mix)):
             tensors.add(e.tensor)

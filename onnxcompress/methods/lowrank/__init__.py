@@ -98,14 +98,19 @@ class LowRankMethod:
 
     def realize(self, g: GraphIndex, curve: Curve, index: int, config: Config) -> LayerPlan:
         """The split at the curve's rank r; for a table under aasvd, the split with exact rows for
-        the tokens calibration saw (`frequent_rows`) where it fits in r's parameters and its
-        Good-Turing held-out error is the lower (its `error` is then that estimate)."""
+        the tokens calibration saw (`frequent_rows`) where it fits in r's parameters and bytes, its
+        rank still a multiple of `--round` and above `--min-keep`, and its Good-Turing held-out
+        error is the lower (its `error` is then that estimate). Not with `--quantize`, which would
+        round the exact rows and leave the index map at 4 bytes a token."""
         plan = self.probe(g, curve, index, config)
         layer, state = curve.site.target, curve.state
-        if layer.kind != "gather" or state.counts is None or self._config(config).method != "aasvd":
+        if (layer.kind != "gather" or state.counts is None or self._config(config).method != "aasvd"
+                or config.quantize):
             return plan
         table = state.w.T
-        split = lowrank.frequent_rows(table, state.counts, plan.rank, config.smoothing)
+        split = lowrank.frequent_rows(table, state.counts, plan.rank, config.smoothing,
+                                      itemsize=g.const(layer.weight).dtype.itemsize, multiple=curve.multiple,
+                                      floor=math.ceil(config.min_keep * min(layer.out, layer.inputs)))
         plain = lowrank.smoothed_error(table, state.counts, config.smoothing, plan.right.T, plan.left.T)
         if split is None or split.error >= plain:
             return plan

@@ -297,21 +297,26 @@ def smoothed_error(E, counts, smoothing, a, b, rows=()) -> float:
     return float(np.dot(w, per)) / total if total > 0 else 0.0
 
 
-def frequent_rows(E, counts, rank: int, smoothing: float | None = None) -> TableSplit | None:
+def frequent_rows(E, counts, rank: int, smoothing: float | None = None, *, itemsize: int = 4,
+                  multiple: int = 1, floor: int = 1) -> TableSplit | None:
     """The table split with exact rows for the tokens calibration saw, at no more parameters and
     bytes than the plain rank-`rank` split: the factors drop to rank
 
-        r' = rank - ceil((|S| d + V) / (V + d))
+        r' = rank - ceil(((|S| + 1) d s + 4 V) / ((V + d) s))
 
-    (|S| rows of d, and the int32 index map of V entries that points each token at its row or at
-    a zero row), and are the frequency-weighted SVD of the other tokens' rows (weights w_v with
-    w_S = 0: the rows of S are exact whatever the factors give them). None when r' < 1."""
+    (s the table's bytes per element: |S| residual rows and a zero row of d, and the int32 index
+    map of V entries that points each token at its row or at the zero row), rounded down to a
+    multiple of `multiple`, and are the frequency-weighted SVD of the other tokens' rows (weights
+    w_v with w_S = 0: the rows of S are exact whatever the factors give them). None when r' is
+    below `floor` (or 1)."""
     e = _matrix(E, "E")
     n, d = e.shape
     c = np.asarray(counts, dtype=np.float64)
     rows = np.flatnonzero(c > 0)
-    low = rank - math.ceil((len(rows) * d + n) / (n + d))
-    if low < 1 or not len(rows):
+    low = rank - math.ceil(((len(rows) + 1) * d * itemsize + 4 * n) / ((n + d) * itemsize))
+    if multiple > 1:
+        low = multiple * (low // multiple)
+    if low < max(1, floor) or not len(rows):
         return None
     w = token_weights(c, smoothing)
     w[rows] = 0.0
