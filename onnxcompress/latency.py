@@ -408,14 +408,18 @@ def guard(splits: int, ratios: Callable[[int], dict]) -> tuple[int, list[dict]]:
     k = 0 is timed first, and nothing else when the model is not slower. Otherwise k = `splits`
     (no split left) is timed: when that is slower too, the splits are not the cause and k = 0;
     else a bisection for the smallest k that is not slower, taking the slowdown to shrink as
-    splits are undone: at most 2 + log2(splits) timings. Returns (k, the timings as
-    {"undone", "ratios"})."""
+    splits are undone. A model counts as slower only when a second timing agrees: a burst of
+    other load on the machine can slow one side of one timing, rarely two in a row. At most
+    2 (2 + log2(splits)) timings. Returns (k, every timing as {"undone", "ratios"}, in order)."""
     probes = []
 
-    def slower(k: int) -> bool:
+    def timed(k: int) -> bool:
         found = ratios(k)
         probes.append({"undone": k, "ratios": {str(t): round(r, 4) for t, r in found.items()}})
         return any(r > GUARD_SLACK for r in found.values())
+
+    def slower(k: int) -> bool:
+        return timed(k) and timed(k)
 
     if splits == 0 or not slower(0) or slower(splits):  # not slower, or not for the splits' sake
         return 0, probes
