@@ -111,8 +111,9 @@ def _spread(norm, g, methods, curves, config, fraction, calib_src, report, timer
     with timer("decide"):
         for name, members in kinds.items():
             # plain keep's size is on every site's grid (the walk's steps may be thinned)
-            sub = [c if c.steps is None else replace(c, steps=np.union1d(c.steps, [uniform[ci]]).astype(np.int64))
-                   for ci, c in ((ci, curves[ci]) for ci in members)]
+            sub = [curves[ci] if curves[ci].steps is None
+                   else replace(curves[ci], steps=np.union1d(curves[ci].steps, [uniform[ci]]).astype(np.int64))
+                   for ci in members]
             costs = CostModel(sub, {})
             full = costs.total("params", [0] * len(sub))
             goal = costs.total("params", [uniform[ci] for ci in members]) / full if full else 1.0

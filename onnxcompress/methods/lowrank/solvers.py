@@ -289,9 +289,12 @@ class TableSplit:
 def smoothed_error(E, counts, smoothing, a, b, rows=()) -> float:
     """The Good-Turing held-out error energy of E ~ A B (+ exact rows `rows`), as `TableSplit.error`."""
     e = _matrix(E, "E")
-    w = token_weights(counts, smoothing)
-    d = e - a @ b
-    per = np.einsum("ij,ij->i", d, d)
+    return _held_out(e, token_weights(counts, smoothing), e - a @ b, rows)
+
+
+def _held_out(e: np.ndarray, w: np.ndarray, diff: np.ndarray, rows) -> float:
+    """sum_{v not in rows} w_v ||diff_v||^2 / sum_v w_v ||e_v||^2."""
+    per = np.einsum("ij,ij->i", diff, diff)
     per[np.asarray(rows, dtype=np.int64)] = 0.0
     total = float(np.dot(w, np.einsum("ij,ij->i", e, e)))
     return float(np.dot(w, per)) / total if total > 0 else 0.0
@@ -318,10 +321,11 @@ def frequent_rows(E, counts, rank: int, smoothing: float | None = None, *, items
         low = multiple * (low // multiple)
     if low < max(1, floor) or not len(rows):
         return None
-    w = token_weights(c, smoothing)
+    weights = token_weights(c, smoothing)
+    w = weights.copy()
     w[rows] = 0.0
     _, vt = _weighted_svd(e, w)
     b = vt[:low]
     a = e @ b.T
-    residual = e[rows] - a[rows] @ b
-    return TableSplit(a, b, rows.astype(np.int64), residual, smoothed_error(e, c, smoothing, a, b, rows))
+    diff = e - a @ b    # the residual rows of S are stored; the others are the split's error
+    return TableSplit(a, b, rows.astype(np.int64), diff[rows], _held_out(e, weights, diff, rows))
