@@ -97,7 +97,7 @@ def test_mixed_plan_round_trips_through_save_plan_and_plan(path, tmp_path):
     assert main([str(path), str(out), "--calib", str(_npz(tmp_path, data)), "--method", "auto",
                  "--params-target", "0.45", "--save-plan", str(plan_file), "-q"], standalone_mode=False) is None
     saved = json.loads(plan_file.read_text())
-    assert saved["version"] == 2 and {e["method"] for e in saved["entries"]} == {"id", "lowrank"}
+    assert saved["version"] == 3 and {e["method"] for e in saved["entries"]} == {"id", "lowrank"}
     plan = Plan.load(plan_file)
     again = compress(path, tmp_path / "b.onnx", plan=plan, calib=data, val=data)
     assert [e.site for e in again.plan.entries] == [e.site for e in plan.entries]

@@ -9,6 +9,7 @@ from onnx import numpy_helper
 
 import graphs
 from onnxcompress import Config, Plan, compress
+from onnxcompress.core.errors import UsageError
 
 PATTERNS = sorted(graphs.BUILDERS)
 
@@ -225,6 +226,36 @@ def test_plan_round_trips_through_json(tmp_path):
     out2 = tmp_path / "again.onnx"
     compress(path, out2, plan=plan, calib=val, val=val)
     assert_same_outputs(out, out2, val, rtol=1e-6, atol=1e-6)
+
+
+def test_plan_stores_only_the_dropped_columns_and_reads_older_full_matrices(tmp_path):
+    import json
+
+    from onnxcompress.core.plan import _encode
+
+    *_, report, _ = compress_pattern(tmp_path, "residual", dup=False, keep=0.5)
+    plan_file = tmp_path / "plan.json"
+    report.plan.save(plan_file)
+    saved = json.loads(plan_file.read_text())
+    entry = saved["entries"][0]
+    group = report.plan.groups[0]
+    for name, m in entry["interpolation"].items():
+        assert m["columns"] == "dropped" and m["shape"] == [group.kept, group.channels]
+        assert len(m["float64"]) == 4 * (-(-8 * group.kept * (group.channels - group.kept) // 3))
+    loaded = Plan.load(plan_file).groups[0]
+    for name, t in group.interpolation.items():
+        assert np.array_equal(loaded.interpolation[name], t)
+    # a version-2 plan (the whole k x C matrix) still loads to the same T
+    entry["interpolation"] = {k: _encode(v) for k, v in group.interpolation.items()}
+    plan_file.write_text(json.dumps({**saved, "version": 2}))
+    for name, t in group.interpolation.items():
+        assert np.array_equal(Plan.load(plan_file).groups[0].interpolation[name], t)
+    # dropped columns whose data is one value short are refused
+    m = next(iter(saved["entries"][0]["interpolation"].values()))
+    m.update(columns="dropped", float64=_encode(np.zeros(group.kept * (group.channels - group.kept) - 1))["float64"])
+    plan_file.write_text(json.dumps(saved))
+    with pytest.raises(UsageError, match="does not hold"):
+        Plan.load(plan_file)
 
 
 def test_input_file_is_untouched(tmp_path):

@@ -2,7 +2,9 @@
 to the same model without calibrating again.
 
 Per group (ID): the kept channels (sorted, so channel order is preserved) and, per exit tensor,
-the interpolation matrix T (k x C) that the consumers' weights absorb (W' -> W' T^T).
+the interpolation matrix T (k x C) that the consumers' weights absorb (W' -> W' T^T). Where
+T[:, keep] is the identity (a kept channel passes through), only the other C - k columns are
+written (`"columns": "dropped"`): a plan keeping 3/4 of the channels holds a quarter of T.
 Per layer (low rank): the rank and the factors A (out x r), B (r x in) with W ~ A B, W viewed as
 `layers.weight_matrix` defines it.
 """
@@ -21,7 +23,7 @@ import numpy as np
 from . import files
 from .errors import UsageError
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3  # 3: interpolation matrices may hold only their dropped columns; entries as in 2
 
 
 @dataclass(frozen=True)
@@ -50,14 +52,15 @@ class GroupPlan:
         d = {"group": self.group, "channels": self.channels, "kept": self.kept,
              "keep": list(self.keep), "error": self.error, "best_error": _finite(self.best_error)}
         if matrices:
-            d["interpolation"] = {k: _encode(v) for k, v in self.interpolation.items()}
+            d["interpolation"] = {k: _encode_interpolation(v, self.keep) for k, v in self.interpolation.items()}
             d["intercept"] = {k: _encode(v) for k, v in self.intercept.items()}
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "GroupPlan":
         return cls(group=d["group"], channels=int(d["channels"]), keep=tuple(int(k) for k in d["keep"]),
-                   interpolation={k: _decode(v) for k, v in d.get("interpolation", {}).items()},
+                   interpolation={k: _decode_interpolation(v, d["keep"], int(d["channels"]))
+                                  for k, v in d.get("interpolation", {}).items()},
                    error=float(d.get("error", 0.0)), best_error=_float(d.get("best_error")),
                    intercept={k: _decode(v) for k, v in d.get("intercept", {}).items()})
 
@@ -136,7 +139,7 @@ class Plan:
         version = d.get("version")
         if version == 1:  # one method per plan: ID groups, then low-rank layers
             entries = [GroupPlan.from_dict(g) for g in d["groups"]] + [LayerPlan.from_dict(x) for x in d.get("layers", [])]
-        elif version == PLAN_VERSION:
+        elif version in (2, PLAN_VERSION):
             entries = []
             for e in d["entries"]:
                 if e.get("method") not in REGISTRY:
@@ -177,7 +180,7 @@ def check_plan_dict(d) -> None:
     _need(isinstance(d, dict), "the file does not hold a JSON object")
     for key, known in (("method", METHODS), ("select", SELECTIONS)):
         _need(d.get(key) in known, f"{key!r} must be one of {', '.join(known)}, not {d.get(key)!r}")
-    _need(d.get("version") in (1, PLAN_VERSION), f"unsupported plan version {d.get('version')!r}")
+    _need(d.get("version") in (1, 2, PLAN_VERSION), f"unsupported plan version {d.get('version')!r}")
     if d["version"] == 1:
         groups, layers = d.get("groups"), d.get("layers", [])
         _need(isinstance(groups, list) and isinstance(layers, list), "'groups' and 'layers' must be lists")
@@ -214,7 +217,8 @@ def _check_group(g, where: str) -> None:
         mats = g.get(key, {})
         _need(isinstance(mats, dict), f"{where}: {key!r} must be an object")
         for name, m in mats.items():
-            _check_matrix(m, f"{where}.{key}[{name!r}]", want)
+            dropped = key == "interpolation" and isinstance(m, dict) and m.get("columns") == "dropped"
+            _check_matrix(m, f"{where}.{key}[{name!r}]", want, stored=(want[0], want[1] - len(keep)) if dropped else None)
     _check_numbers(g, where)
 
 
@@ -245,14 +249,15 @@ def _check_numbers(entry: dict, where: str) -> None:
         _need(v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool)), f"{where}: {key!r} must be a number")
 
 
-def _check_matrix(m, where: str, want: tuple | None) -> None:
+def _check_matrix(m, where: str, want: tuple | None, stored: tuple | None = None) -> None:
+    """`stored`: the shape the data holds when it is not `shape` (an interpolation's dropped columns)."""
     _need(isinstance(m, dict) and isinstance(m.get("shape"), list) and isinstance(m.get("float64"), str),
           f"{where} must hold 'shape' and 'float64'")
     shape = m["shape"]
     _need(all(_whole(v) and v >= 0 for v in shape), f"{where}: the shape must be non-negative integers")
     _need(want is None or tuple(shape) == want, f"{where}: shape {shape}, expected {list(want or ())}")
     count = 1
-    for v in shape:
+    for v in stored or shape:
         count *= v
     _need(len(m["float64"]) == 4 * (-(-8 * count // 3)), f"{where}: the data does not hold {shape} float64 values")
     try:
@@ -275,6 +280,27 @@ def _float(x) -> float:
 def _encode(a: np.ndarray) -> dict:
     a = np.ascontiguousarray(a, dtype="<f8")
     return {"shape": list(a.shape), "float64": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def _encode_interpolation(t: np.ndarray, keep) -> dict:
+    """T (k x C) as `_encode` writes it, or only its columns outside `keep` where T[:, keep] is
+    exactly the identity (`"columns": "dropped"`)."""
+    keep = np.asarray(keep, dtype=np.int64)
+    if t.shape != (len(keep), t.shape[1]) or not np.array_equal(t[:, keep], np.eye(len(keep))):
+        return _encode(t)
+    rest = np.setdiff1d(np.arange(t.shape[1]), keep)
+    return {**_encode(t[:, rest]), "shape": list(t.shape), "columns": "dropped"}
+
+
+def _decode_interpolation(d: dict, keep, channels: int) -> np.ndarray:
+    if d.get("columns") != "dropped":
+        return _decode(d)
+    keep = np.asarray(keep, dtype=np.int64)
+    rest = np.setdiff1d(np.arange(channels), keep)
+    t = np.zeros((len(keep), channels))
+    t[np.arange(len(keep)), keep] = 1.0
+    t[:, rest] = np.frombuffer(base64.b64decode(d["float64"]), dtype="<f8").reshape(len(keep), len(rest))
+    return t
 
 
 def _decode(d: dict) -> np.ndarray:
