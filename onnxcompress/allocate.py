@@ -29,7 +29,11 @@ Rules:
   decreasing cost; `search_path` picks the most compressed one that the real model confirms.
 
 Two sites of different methods that claim the same initializer (`Site.claims`) exclude each
-other: once one moves off its full size, the other stays whole (for per-site rules the earlier
+other: once one moves off its full size, the other is frozen whole. The walk may still switch:
+a frozen site's move takes its own step and puts the sites that froze it back to their full
+size, at an added error of E_s(j') - sum of theirs, per unit of cost saved by both together;
+it is taken when that rate is the best. So an early small step (a low-rank split of one Conv)
+does not lock out a channel group that would save far more (for per-site rules the earlier
 method in the registry wins).
 """
 from __future__ import annotations
@@ -109,6 +113,7 @@ class Step:
     index: int
     cost: dict
     error: float
+    resets: tuple = ()   # sites put back to their full size by this move (a switch, `walk`)
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,8 @@ class Path:
     def at(self, n: int) -> list[int]:
         idx = [0] * self.sites
         for s in self.steps[:n]:
+            for r in s.resets:
+                idx[r] = 0
             idx[s.site] = s.index
         return idx
 
@@ -160,26 +167,35 @@ def walk(curves: list[Curve], costs: CostModel, metric: str, weights: list[float
     best: dict[int, tuple[float, float, int] | None] = {}
 
     def candidate(ci: int):
-        if frozen[ci]:
-            return None
         grid = grids[ci]
         later = grid[grid > idx[ci]]
         if not len(later):
             return None
-        cost = costs.site_costs(metric, ci, idx)
-        saved = cost[idx[ci]] - cost[later]
-        added = err[ci][later] - err[ci][idx[ci]]
+        resets = tuple(sorted(o for o in clash[ci] if idx[o] != 0)) if frozen[ci] else ()
+        if frozen[ci] and not resets:
+            return None
+        if resets:   # a switch: the sites that froze this one go back to their full size
+            base = list(idx)
+            for o in resets:
+                base[o] = 0
+            cost = costs.site_costs(metric, ci, base)
+            saved = costs.total(metric, idx) - (costs.total(metric, base) - cost[idx[ci]] + cost[later])
+            added = err[ci][later] - err[ci][idx[ci]] - sum(err[o][idx[o]] - err[o][0] for o in resets)
+        else:
+            cost = costs.site_costs(metric, ci, idx)
+            saved = cost[idx[ci]] - cost[later]
+            added = err[ci][later] - err[ci][idx[ci]]
         ok = saved > 1e-12 * max(1.0, abs(cost[idx[ci]]))
         if not np.any(ok):
             return None
         ratio = np.where(ok, added / np.where(ok, saved, 1.0), np.inf)
         j = int(np.argmin(ratio))
-        return float(ratio[j]), float(saved[j]), int(later[j])
+        return float(ratio[j]), float(saved[j]), int(later[j]), resets, float(added[j])
 
-    def _finish(ci: int, j: int, saved: float, need: float):
+    def _finish(ci: int, j: int, saved: float, resets: tuple, added: float, need: float):
         """The last move: of all single moves that save at least `need`, the one adding the least
         error (coarse steps, such as rounded widths, would otherwise overshoot the goal)."""
-        choice, least = (ci, j, saved), err[ci][j] - err[ci][idx[ci]]
+        choice, least = (ci, j, saved, resets, added), added
         for cj in range(n):
             if frozen[cj]:
                 continue
@@ -194,7 +210,7 @@ def walk(curves: list[Curve], costs: CostModel, metric: str, weights: list[float
             if len(ok):
                 k = ok[int(np.argmin(added[ok]))]
                 if added[k] < least:
-                    choice, least = (cj, int(later[k]), float(gain[k])), added[k]
+                    choice, least = (cj, int(later[k]), float(gain[k]), (), float(added[k])), added[k]
         return choice
 
     start = {m: costs.total(m, idx) for m in METRICS}
@@ -209,20 +225,26 @@ def walk(curves: list[Curve], costs: CostModel, metric: str, weights: list[float
         if not options:
             break
         _, _, ci = min(options)
-        _, saved, j = best[ci]
+        _, saved, j, resets, added = best[ci]
         if goal is not None and current - saved < goal:
-            ci, j, saved = _finish(ci, j, saved, current - goal)
-        total_err += float(err[ci][j] - err[ci][idx[ci]])
-        idx[ci] = j
+            ci, j, saved, resets, added = _finish(ci, j, saved, resets, added, current - goal)
+        total_err += added
+        moved = {ci, *resets}
+        for o in resets:
+            idx[o], frozen[o] = 0, True
+        idx[ci], frozen[ci] = j, False
         current -= saved
-        dirty = costs.neighbours(metric, ci) | {ci}
+        dirty = set(moved)
+        for m in moved:
+            dirty |= costs.neighbours(metric, m)
         for other in clash[ci]:
             if idx[other] == 0 and not frozen[other]:
                 frozen[other] = True
-                dirty.add(other)
+        # a frozen site's switch depends on the sites that froze it and on their neighbours
+        dirty |= {f for f in range(n) if frozen[f] and (clash[f] & dirty or f in dirty)}
         for d in dirty:
             best.pop(d, None)
-        steps.append(Step(ci, j, {m: costs.total(m, idx) for m in METRICS}, total_err))
+        steps.append(Step(ci, j, {m: costs.total(m, idx) for m in METRICS}, total_err, tuple(resets)))
         current = steps[-1].cost[metric]
     return Path(start, tuple(steps), n)
 

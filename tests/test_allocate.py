@@ -135,6 +135,28 @@ def test_sites_of_two_methods_claiming_one_weight_exclude_each_other():
     assert idx == [1, 0, 1] and "compressed by id toy g" in reasons[1]
 
 
+def test_an_early_small_step_does_not_lock_out_a_site_that_saves_more():
+    """A low-rank step that is cheap in error but saves little comes first; the channel group
+    claiming the same weight saves far more. The walk switches: the group takes its step and the
+    layer goes back to its full size, in one move, and the budget is met at the group's error."""
+    lay = curve("l", [0, 0.001, 0.5], [10, 9, 8.5], method="lowrank", claims={"w"})
+    grp = curve("g", [0, 0.1, 0.2], [10, 5, 2], method="id", claims={"w"})
+    curves = [lay, grp]
+    costs = CostModel(curves, {"params": 20})
+    idx, path = budget(curves, costs, "params", 0.75, [1, 1])
+    assert path.steps[0].site == 0                      # the small step is still taken first
+    switch = next(s for s in path.steps if s.resets)
+    assert switch.site == 1 and switch.resets == (0,)
+    assert idx == [0, 1] and costs.total("params", idx) <= 15
+    assert path.error(len(path.steps)) == pytest.approx(0.1)
+    # every position of the path is a consistent allocation: cost and error replay from `at`
+    for n in range(len(path.steps) + 1):
+        at = path.at(n)
+        assert not (at[0] and at[1])
+        assert path.cost(n, "params") == pytest.approx(costs.total("params", at))
+        assert path.error(n) == pytest.approx(sum(c.error[j] for c, j in zip(curves, at)))
+
+
 def test_search_finds_the_last_passing_position_within_the_passes():
     curves = [curve(f"s{i}", np.linspace(0, 1, 30) ** 2, np.linspace(30, 1, 30)) for i in range(3)]
     costs = CostModel(curves, {"params": 90})

@@ -49,18 +49,19 @@ def test_quantized_plan_replays_exactly(path, tmp_path):
 
 
 def test_one_budget_mixes_channel_pruning_and_quantization(tmp_path):
-    """The example CNN at 20% of its bytes: the allocator quantizes the convolutions and prunes
-    the hidden units of the head, one method per weight."""
+    """The example CNN at 12% of its bytes (below what int4 alone reaches): the allocator
+    quantizes some layers and prunes or splits others, one method per weight."""
     out = tmp_path / "m.onnx"
-    report = compress(MODELS / "digits_cnn.onnx", out, config=Config(method="auto", size_target=0.2),
+    report = compress(MODELS / "digits_cnn.onnx", out, config=Config(method="auto", size_target=0.12),
                       calib=MODELS / "digits_cnn_calib.npz", val=MODELS / "digits_cnn_val.npz")
     methods = {e.method for e in report.plan.entries}
-    assert {"id", "quant"} <= methods
+    assert "quant" in methods and len(methods) >= 2
     quantized = {x["layer"] for x in report.sections["quantized"]}
     shrunk = {p for g in report.groups if g["kept"] < g["channels"] for p in g["producers"]}
+    shrunk |= {x["layer"] for x in report.layers}
     assert quantized and shrunk and not (quantized & shrunk)
-    assert report.allocation["reached"] <= 0.2
-    assert report.file_size["after"] < 0.25 * report.file_size["before"]
+    assert report.allocation["reached"] <= 0.12
+    assert report.file_size["after"] < 0.15 * report.file_size["before"]
     onnx.checker.check_model(str(out), full_check=True)
     assert report.agreement[0]["top1"] >= 0.95
 
