@@ -173,6 +173,20 @@ def test_concat_into_a_residual_join(tmp_path, keep, dup):
     assert_valid_output(path, out, val, same=True, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("build", [lambda: graphs.concat_neck(se=False), graphs.nested_concat, graphs.concat_residual])
+@pytest.mark.parametrize("target", [0.5, 0.75])
+def test_the_allocator_counts_a_concat_group_by_what_each_window_keeps(tmp_path, build, target):
+    """A producer before the Concat scales with the share of its own window that is kept, not
+    with k / C: the allocator's FLOPs and parameters at its allocation are the written model's."""
+    path = save(tmp_path, build())
+    out = tmp_path / "out.onnx"
+    for rule, metric in (("flops_target", "flops"), ("params_target", "params")):
+        report = compress(path, out, config=Config(force=True, **{rule: target}), calib=feeds(IMG, 96, 1),
+                          val=feeds(IMG, 8, 2))
+        actual = getattr(report, metric)
+        assert report.allocation["reached"] == pytest.approx(actual["after"] / actual["before"], rel=1e-9)
+
+
 def test_concat_with_a_constant_is_left_alone():
     """(Analysis only: a constant of batch 1 fixes the batch.)"""
     model = graphs.concat_neck(se=False, second="const")

@@ -53,7 +53,9 @@ class IdMethod:
         error = np.maximum(state.residual[sizes], 0.0)
         floor = max(1, math.ceil(config.min_keep * c))
         steps = rounding.grid(sizes, n, floor)
-        return Curve(site, sizes, error, tuple(group_costs(g, grp, sizes / c, flops)), state, steps, n)
+        windows = window_fractions(grp, sizes, state if config.select == "id" else None,
+                                   norm_order(g, grp) if config.select != "id" else None)
+        return Curve(site, sizes, error, tuple(group_costs(g, grp, sizes / c, flops, windows)), state, steps, n)
 
     def keep_index(self, curve: Curve, fraction: float):
         c = curve.site.target.channels
@@ -124,26 +126,77 @@ def _claims(grp) -> frozenset:
     return frozenset(e.tensor for e in grp.edits if isinstance(e, (Slice, Mix, Shift)))
 
 
-def group_costs(g: GraphIndex, grp, fraction: np.ndarray, flops: dict) -> list[Cost]:
+def window_fractions(grp, sizes: np.ndarray, state=None, order=None) -> dict | None:
+    """For a group that passes a Concat along the channels: per window (offset, width), the
+    share of the window's channels kept at each size k of `sizes`, |S_k within the window| /
+    width, with S_k the channels `realize` keeps (`state.keep(k)`, or the first k of `order` for
+    the norm selection, every window keeping at least one block). A producer or consumer in one
+    window scales with that share, not with k / C: a selection may keep most of an expensive
+    window and little of a cheap one. None when the group has no windows."""
+    if not grp.windows:
+        return None
+    out = {w: np.empty(len(sizes)) for w in grp.windows}
+    b = grp.block
+    if state is None or state.sets is None:
+        # kept_channels in closed form: the required first block of every window, then the
+        # first units of the order until n = max(ceil(k / b), #required) units are chosen
+        ordered = np.asarray(order if order is not None else state.order)
+        units = ordered[::b] // b
+        required = []
+        for offset, width in grp.windows:
+            if not any(offset <= u * b < offset + width for u in required):
+                required.append(int(next(u for u in units if offset <= u * b < offset + width)))
+        extra = ~np.isin(units, required)
+        cum = np.concatenate([[0], np.cumsum(extra)])
+        need = np.maximum(-(-np.asarray(sizes) // b), len(required)) - len(required)
+        first = np.searchsorted(cum, need, side="left")      # units[:first] hold `need` extra ones
+        for (offset, width), f in out.items():
+            inside = (units * b >= offset) & (units * b < offset + width)
+            cum_w = np.concatenate([[0], np.cumsum(inside & extra)])
+            req_w = sum(offset <= u * b < offset + width for u in required)
+            f[:] = (cum_w[first] + req_w) * b / width
+        return out
+    for j, k in enumerate(sizes):
+        keep = state.keep(int(k))
+        for (offset, width), f in out.items():
+            f[j] = np.count_nonzero((keep >= offset) & (keep < offset + width)) / width
+    return out
+
+
+def group_costs(g: GraphIndex, grp, fraction: np.ndarray, flops: dict, windows: dict | None = None) -> list[Cost]:
     """Parameters and bytes of every weight the group slices or mixes, FLOPs of every node whose
-    weight it edits (or whose group attribute it sets), each scaling with k / C. An attention
-    head group also scales the products of two activations it passes through, Q K^T
-    (2 H S^2 d per sample) and P V (2 H S^2 d), with the kept heads h / H = k / C."""
-    out, tensors, nodes = [], set(), set(activation_products(g, grp))
+    weight it edits (or whose group attribute it sets), each scaling with k / C, or, for an edit
+    in one window of a Concat along the channels, with that window's kept share (`windows`,
+    from `window_fractions`); a weight edited on two axes (sliced as a producer, mixed as an
+    exit) with the product of both. An attention head group also scales the products of two
+    activations it passes through, Q K^T (2 H S^2 d per sample) and P V (2 H S^2 d), with the
+    kept heads h / H = k / C."""
+    def share(e) -> np.ndarray:
+        return windows.get((e.offset, e.width), fraction) if windows and e.width else fraction
+
+    axes: dict[str, dict[int, np.ndarray]] = {}   # tensor -> axis -> kept share along it
+    weights, attrs = {}, {}
     for e in grp.edits:
         if isinstance(e, (Slice, Mix)):
-            tensors.add(e.tensor)
+            axes.setdefault(e.tensor, {}).setdefault(e.axis, share(e))
             node = g.nodes[e.node]
             weight_pos = 0 if node.op_type == "Gather" else 1
             if len(node.input) > weight_pos and node.input[weight_pos] == e.tensor:
-                nodes.add(e.node)
+                weights[e.node] = e.tensor
         elif isinstance(e, SetAttr):
-            nodes.add(e.node)
+            attrs.setdefault(e.node, share(e))
+    # a weight the group slices on one axis and mixes on another (a Conv that reads the group
+    # and writes into it, through a residual join) scales with both shares
+    tensors = {t: np.prod(list(by_axis.values()), axis=0) for t, by_axis in axes.items()}
+    nodes = {i: fraction for i in activation_products(g, grp)}
+    nodes.update(attrs)
+    nodes.update({i: tensors[t] for i, t in weights.items()})
+    out = []
     for t in sorted(tensors):
         value = g.const(t)
-        out.append(Cost("params", t, float(value.size), fraction))
-        out.append(Cost("bytes", t, float(value.nbytes), fraction))
+        out.append(Cost("params", t, float(value.size), tensors[t]))
+        out.append(Cost("bytes", t, float(value.nbytes), tensors[t]))
     for i in sorted(nodes):
         if i in flops:
-            out.append(Cost("flops", g.key(i), flops[i], fraction))
+            out.append(Cost("flops", g.key(i), flops[i], nodes[i]))
     return out
