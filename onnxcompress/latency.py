@@ -247,15 +247,17 @@ def _interp(sizes: np.ndarray, points: np.ndarray, times: list[float]) -> np.nda
                      np.asarray(times)[order])
 
 
-def _sides(g, grp) -> dict[int, tuple[str, int]]:
-    """Per node whose weight the group edits: which side it sets ("in", "out", "both" for a
-    depthwise Conv) and how many weight columns one group channel is (a Flatten's spatial size)."""
+def _sides(g, grp) -> dict[int, dict]:
+    """Per node whose weight the group edits: the sides it narrows ("in", "out", "both" for a
+    depthwise Conv), each with the Concat window it is in ((offset, width), width 0: the whole
+    group), and how many weight columns one group channel is (`spatial`, a Flatten's size). A
+    Conv that reads the group and writes into it narrows both its input and its output."""
     from .ops.edits import Mix, SetAttr, Slice
-    out = {}
+    out: dict[int, dict] = {}
     for e in grp.edits:
         if isinstance(e, SetAttr):
-            out[e.node] = ("both", 1)
-        elif isinstance(e, (Slice, Mix)) and e.node not in out:
+            out.setdefault(e.node, {"spatial": 1}).setdefault("both", (e.offset, e.width))
+        elif isinstance(e, (Slice, Mix)):
             node = g.nodes[e.node]
             pos = 0 if node.op_type == "Gather" else 1
             if len(node.input) <= pos or node.input[pos] != e.tensor:
@@ -268,22 +270,39 @@ def _sides(g, grp) -> dict[int, tuple[str, int]]:
                 side = "out"
             else:
                 side = "in" if e.axis == 0 else "out"
-            spatial = int(w.shape[e.axis]) // grp.channels if grp.channels else 1
-            out[e.node] = (side, max(1, spatial))
+            width = e.width or grp.channels
+            spatial = int(w.shape[e.axis]) // width if width else 1
+            entry = out.setdefault(e.node, {"spatial": max(1, spatial)})
+            entry.setdefault(side, (e.offset, e.width))
     return out
 
 
 def id_costs(g, curve: Curve, timings: Timings) -> list[Cost]:
-    """One "latency" item per node the group's edits narrow (see the module docstring)."""
+    """One "latency" item per node the group's edits narrow (see the module docstring), timed at
+    the widths the node really gets: k for the whole group, or the kept channels of its own
+    window of a Concat (`GroupStats.windows`)."""
     grp = curve.site.target
     sizes = np.asarray(curve.sizes)
+    index = {int(k): j for j, k in enumerate(sizes)}
+    shares = getattr(curve.state, "windows", None) or {}
     points = _points(sizes, curve.steps)
+
+    def width(window, k: int, spatial: int) -> int | None:
+        if window is None:
+            return None
+        offset, span = window
+        if span and (offset, span) in shares:
+            return max(1, int(round(shares[(offset, span)][index[int(k)]] * span))) * spatial
+        return int(k) * spatial
+
     out = []
-    for i, (side, spatial) in sorted(_sides(g, grp).items()):
+    for i, sides in sorted(_sides(g, grp).items()):
+        spatial = sides["spatial"]
         times = []
         for k in points:
-            w = int(k) * spatial
-            probe = node_probe(g, i, w if side == "in" else None, w if side in ("out", "both") else None)
+            w_in = width(sides.get("in"), k, spatial)
+            w_out = width(sides.get("out", sides.get("both")), k, spatial)
+            probe = node_probe(g, i, w_in, w_out)
             if probe is None:
                 break
             times.append(timings(probe))

@@ -255,6 +255,33 @@ def test_latency_items_scale_with_the_timed_widths():
     assert by["fc2"].factor[16] == pytest.approx((1000 + 24 * 24) / (1000 + 24 * 40))
 
 
+def test_latency_items_of_a_concat_group_time_each_producer_at_its_own_window():
+    """conv_a (8) and conv_b (6) meet at a Concat read by the head: at a size where the
+    selection keeps 6 of conv_a's channels and 1 of conv_b's, conv_a is timed with 6 outputs and
+    conv_b with 1, not both with the group's 7; the head reads all 7."""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+    sys.path.insert(0, str(Path(__file__).parent))
+    import graphs
+    from onnxcompress.core.normalize import normalize
+    from onnxcompress.methods.base import Curve
+    from onnxcompress.methods.id import IdMethod
+    m = normalize(graphs.concat_neck(se=False))
+    g = _graph(m, {"x": np.zeros((1, 3, 8, 8), np.float32)})
+    site = next(s for s in IdMethod().sites(g, Config())[0] if "conv_a" in s.target.producers)
+    sizes = np.arange(14, 0, -1)
+    shares = {(0, 8): np.clip(sizes - 1, 1, 8) / 8, (8, 6): np.clip(sizes - 8 + 1, 1, 6) / 6}
+    shares[(0, 8)][sizes == 7], shares[(8, 6)][sizes == 7] = 6 / 8, 1 / 6
+    curve = Curve(site, sizes, np.zeros(14), (), SimpleNamespace(windows=shares), np.array([0, 7]), 1)
+    seen = []
+    latency.id_costs(g, curve, latency.Timings(1, timer=lambda p, t: seen.append(p) or _overhead_timer(p, t)))
+    widths = {p.nodes[0][2][0][:2] for p in seen}
+    assert (6, 3) in widths and (1, 3) in widths            # conv_a at 6 outputs, conv_b at 1
+    assert (4, 7) in widths                                 # the head reads the 7 kept channels
+    assert (7, 3) not in widths
+
+
 def test_latency_target_and_minimize_latency(tmp_path, monkeypatch):
     monkeypatch.setattr(latency, "time_probe", _overhead_timer)
     m, data = wide_mlp((40, 24))

@@ -11,6 +11,7 @@ scales with k / C (params, bytes), as does every node whose weight it edits (FLO
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
@@ -55,6 +56,7 @@ class IdMethod:
         steps = rounding.grid(sizes, n, floor)
         windows = window_fractions(grp, sizes, state if config.select == "id" else None,
                                    norm_order(g, grp) if config.select != "id" else None)
+        state = replace(state, windows=windows)
         return Curve(site, sizes, error, tuple(group_costs(g, grp, sizes / c, flops, windows)), state, steps, n)
 
     def keep_index(self, curve: Curve, fraction: float):

@@ -47,6 +47,8 @@ class GroupStats:
     residual: np.ndarray      # residual[k] / residual[0], k = 0..C
     rows: int = 0             # the fewest calibration rows behind any exit's Gram
     sets: tuple | None = None  # block groups: sets[m] = the m blocks kept (`search.block_subsets`)
+    # groups through a Concat: (offset, width) -> kept share of that window at each curve size
+    windows: dict | None = None
 
     def keep(self, k: int) -> np.ndarray:
         """The channels kept at size k (sorted): the searched set of ceil(k / block) blocks where
