@@ -244,7 +244,7 @@ def walk(curves: list[Curve], costs: CostModel, metric: str, weights: list[float
         dirty |= {f for f in range(n) if frozen[f] and (clash[f] & dirty or f in dirty)}
         for d in dirty:
             best.pop(d, None)
-        steps.append(Step(ci, j, {m: costs.total(m, idx) for m in METRICS}, total_err, tuple(resets)))
+        steps.append(Step(ci, j, {m: costs.total(m, idx) for m in METRICS}, total_err, resets))
         current = steps[-1].cost[metric]
     return Path(start, tuple(steps), n)
 

@@ -144,10 +144,7 @@ def window_fractions(grp, sizes: np.ndarray, state=None, order=None) -> dict | N
         # first units of the order until n = max(ceil(k / b), #required) units are chosen
         ordered = np.asarray(order if order is not None else state.order)
         units = ordered[::b] // b
-        required = []
-        for offset, width in grp.windows:
-            if not any(offset <= u * b < offset + width for u in required):
-                required.append(int(next(u for u in units if offset <= u * b < offset + width)))
+        required = grp.required_units(units)
         extra = ~np.isin(units, required)
         cum = np.concatenate([[0], np.cumsum(extra)])
         need = np.maximum(-(-np.asarray(sizes) // b), len(required)) - len(required)

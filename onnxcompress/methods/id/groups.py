@@ -96,10 +96,7 @@ class Group:
         are more windows than k allows)."""
         b = self.block
         units = [int(c) // b for c in np.asarray(order)[::b]]
-        required: list[int] = []
-        for offset, width in self.windows:
-            if not any(offset <= u * b < offset + width for u in required):
-                required.append(next(u for u in units if offset <= u * b < offset + width))
+        required = self.required_units(units)
         n = max(-(-k // b), len(required))
         chosen = set(required)
         for u in units:
@@ -107,6 +104,15 @@ class Group:
                 break
             chosen.add(u)
         return np.sort(np.concatenate([np.arange(u * b, (u + 1) * b) for u in chosen]))
+
+    def required_units(self, units) -> list[int]:
+        """Of `units` (block indices in pivot order), the first of every window: the blocks a
+        selection keeps whatever its size, so that no producer loses all its channels."""
+        b, required = self.block, []
+        for offset, width in self.windows:
+            if not any(offset <= u * b < offset + width for u in required):
+                required.append(int(next(u for u in units if offset <= u * b < offset + width)))
+        return required
 
     def can_shift(self, source: str) -> bool:
         """Every consumer reading `source` has a bias to take an intercept."""
