@@ -134,23 +134,36 @@ def test_selection_error_is_the_weighted_residual(how):
 
 def test_deferred_flushes_give_the_same_gram_to_the_bit(monkeypatch):
     """A deferred accumulator flushed by its caller when `due` makes the same dsyrk updates as
-    one that flushes itself: the Gram is identical, and equal to Z^T Z, over several flushes."""
+    one that flushes itself: an update every `capacity` rows, wherever the added blocks begin and
+    end (a block that does not fit is split). The Gram is identical, and equal to Z^T Z."""
     import onnxcompress.core.stats as stats_mod
-    monkeypatch.setattr(stats_mod, "_BUFFER_ELEMENTS", 60)  # a flush every dozen rows of 5
+    monkeypatch.setattr(stats_mod, "_BUFFER_ELEMENTS", 60)  # a flush every 12 rows of 5
+    updates = []
+    dsyrk = stats_mod.blas.dsyrk
+
+    def counted(alpha, a, **kw):
+        updates.append(a.shape[1])  # rows in this update
+        return dsyrk(alpha, a, **kw)
+    monkeypatch.setattr(stats_mod.blas, "dsyrk", counted)
     rng = np.random.default_rng(7)
-    blocks = [rng.standard_normal((n, 5)).astype(np.float32) for n in (7, 9, 3, 12, 5, 8)]
+    blocks = [rng.standard_normal((n, 5)).astype(np.float32) for n in (7, 9, 3, 12, 5, 8, 30)]
     auto, deferred = GramAccumulator(5), GramAccumulator(5, deferred=True)
-    flushes = 0
+    assert auto.capacity == 12
+    by_caller = 0
     for b in blocks:
         auto.add(b)
         deferred.add(b)
         if deferred.due:
             deferred.flush()
-            flushes += 1
+            by_caller += 1
         assert not auto.due and not deferred.due
-    assert flushes >= 3
     a, d = auto.result(), deferred.result()
+    assert by_caller >= 1
+    total = sum(len(b) for b in blocks)
+    assert updates.count(12) == 2 * (total // 12) and sum(updates) == 2 * total   # full updates, then the rest
     np.testing.assert_array_equal(a.gram, d.gram)
     z = np.concatenate(blocks).astype(np.float64)
     np.testing.assert_allclose(d.gram, z.T @ z, rtol=1e-12)
     np.testing.assert_array_equal(d.gram, d.gram.T)
+    assert a.rows == d.rows == total
+    np.testing.assert_allclose(d.sums, z.sum(axis=0), rtol=1e-12)

@@ -11,9 +11,9 @@ A request names a tensor and the statistic to accumulate over it:
 * `TokenCounts` (Gather inputs): how often each row of the table is read (the one-hot Gram is
   diag(counts)).
 
-Grams are float64; rows are buffered up to a fixed budget and folded in with one symmetric rank-k
-update (BLAS `dsyrk`), so memory is bounded by the statistics and the buffer, never by the sample
-count. Feature maps with more positions than `max_rows` contribute a uniform random subset.
+Grams are float64; rows are buffered up to a fixed budget (one buffer per Gram, reused) and folded
+in with one symmetric rank-k update (BLAS `dsyrk`) each time it fills, so memory is bounded by the
+statistics and the buffer, never by the sample count. Feature maps with more positions than `max_rows` contribute a uniform random subset.
 
 Partial results merge by addition: the statistics of disjoint sets of rows Z_1, Z_2 are those of
 their union, G = Z_1^T Z_1 + Z_2^T Z_2, sums and row counts adding likewise (token counts too).
@@ -95,23 +95,28 @@ def merge(parts: list[dict]) -> dict:
 class GramAccumulator:
     """partial_fit-style accumulator of Z^T Z for row blocks Z (rows x C).
 
-    Rows are buffered and added in dsyrk updates of about _BUFFER_ELEMENTS; with `deferred`, a
-    full buffer waits for the caller's `flush()` (`due` says it is full), so the caller can run
-    several accumulators' updates side by side. Either way the updates are the same, in the same
-    order, so the result does not depend on it."""
+    Rows are copied (as float64) into one buffer of about _BUFFER_ELEMENTS, allocated once and
+    reused, and every full buffer is added in one dsyrk update: the updates fall every
+    `capacity` rows, wherever the blocks passed to `add` begin and end. With `deferred`, a full
+    buffer waits for the caller's `flush()` (`due` says it is full; rows that do not fit flush
+    it at once), so the caller can run several accumulators' updates side by side. Either way
+    the updates are the same rows in the same order, so the result does not depend on it.
+    Reusing the buffer matters: a fresh buffer of tens of MB per update is mapped and faulted
+    in anew each time, which costs as much as the update itself."""
 
     def __init__(self, channels: int, *, deferred: bool = False):
         self.channels = channels
         self.deferred = deferred
+        self.capacity = max(1, _BUFFER_ELEMENTS // max(channels, 1))  # rows per dsyrk update
         self._gram = np.zeros((channels, channels), order="F")
         self._sums = np.zeros(channels)
         self._rows = 0
-        self._buffer: list[np.ndarray] = []
-        self._buffered = 0
+        self._buffer: np.ndarray | None = None   # grown up to `capacity` rows as they come
+        self._buffered = 0                       # rows waiting in it
 
     @property
     def due(self) -> bool:
-        return self._buffered >= _BUFFER_ELEMENTS
+        return self._buffered >= self.capacity
 
     def add(self, z: np.ndarray) -> None:
         if z.shape[1] != self.channels:
@@ -119,17 +124,32 @@ class GramAccumulator:
         finite = np.isfinite(z).all(axis=1)
         if not finite.all():  # only with allow_nonfinite: such rows carry no statistic
             z = z[finite]
-        self._buffer.append(np.asarray(z, dtype=np.float64))
-        self._buffered += z.size
+        start = 0
+        while start < len(z):
+            if self.due:
+                self.flush()
+            need = self._buffered + len(z) - start
+            if self._buffer is None or (len(self._buffer) < need and len(self._buffer) < self.capacity):
+                self._grow(min(self.capacity, max(need, 2 * (0 if self._buffer is None else len(self._buffer)))))
+            take = min(len(z) - start, len(self._buffer) - self._buffered)
+            self._buffer[self._buffered:self._buffered + take] = z[start:start + take]
+            self._buffered += take
+            start += take
         if self.due and not self.deferred:
             self.flush()
 
+    def _grow(self, rows: int) -> None:
+        grown = np.empty((rows, self.channels))
+        if self._buffered:
+            grown[:self._buffered] = self._buffer[:self._buffered]
+        self._buffer = grown
+
     def flush(self) -> None:
         """Add the buffered rows now (`deferred` accumulators: when `due`)."""
-        if not self._buffer:
+        if not self._buffered:
             return
-        z = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
-        self._buffer, self._buffered = [], 0
+        z = self._buffer[:self._buffered]
+        self._buffered = 0
         self._rows += z.shape[0]
         self._sums += z.sum(axis=0)
         # dsyrk on Z^T (C x rows, Fortran order = Z in C order): gram += Z^T Z, upper triangle
@@ -137,6 +157,7 @@ class GramAccumulator:
 
     def result(self) -> Stats:
         self.flush()
+        self._buffer = None  # the buffer's memory goes back now, not with the accumulator
         # dsyrk updates only the upper triangle; the strict lower one is still the zeros it
         # started as, so G = U + U^T less the diagonal counted twice
         gram = self._gram + self._gram.T
