@@ -15,13 +15,19 @@ Sites get a "latency" `Cost` item per node (base t_n, the node's full-size time)
   producer, input channels of a consumer, both for a depthwise Conv), t_n(w) interpolated
   linearly between the timed widths (at most `POINTS` per side, multiples of the curve's N);
   a node between two groups scales with the product of both factors, as its FLOPs do.
+  Every other node the group's channels pass through (activations, normalizations, residual
+  Adds, Resize, pooling, Concat, attention's products of two activations) is memory-bound work
+  over those channels: base t_n from ONNX Runtime's profiler on the whole original model at
+  the sample (`node_times`), factor_j = k_j / C, or the kept share of its own Concat window.
+  On a CNN such as a text detector at 320 x 320 these nodes take more than half the time.
 * low rank: factor_j = t_split(r_j) / t_n, interpolated the same way over timed ranks; a
   candidate with factor >= 1 (the split is not faster than the layer) is dropped from the curve
   with the reason, except for a Gather (a lookup, which any split slows: its split saves bytes,
   and the whole-model guard judges it).
 
 Latency is thus the product of per-op timings, not a FLOP count; what the model does not see
-(layout conversions between ops, fusion) is left to `--benchmark` and `tools/bench_latency.py`.
+(layout conversions between ops that ONNX Runtime inserts, fusion) is left to `--benchmark` and
+`tools/bench_latency.py`.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import json
 import logging
 import os
 import platform
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +111,88 @@ def time_probe(probe: Probe, threads: int) -> float:
         session.run(None, feed)
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+NODE_RUNS = 10
+
+
+def node_times(model: onnx.ModelProto, feed: dict, threads: int, *, runs: int = NODE_RUNS) -> dict[int, float]:
+    """Seconds per call of each node of `model` (by its index in the graph) at `feed`, from ONNX
+    Runtime's profiler (CPU, `threads` intra-op threads): the mean kernel time over `runs` calls
+    after two warm-up calls, scaled so that the nodes add up to the median wall time of the same
+    calls (the profiler's own overhead is spread in proportion). The profiler knows nodes by
+    name, so unnamed or twice-named nodes are named by their index while the session is built
+    (and given their names back). Nodes ONNX Runtime fuses or renames are missing: their time
+    stays with the node they were fused into, or in the model's unattributed rest."""
+    import onnxruntime as ort
+    nodes = model.graph.node
+    counts: dict[str, int] = {}
+    for n in nodes:
+        counts[n.name] = counts.get(n.name, 0) + 1
+    renamed = {i: (n.name if n.HasField("name") else None) for i, n in enumerate(nodes)
+               if not n.name or counts[n.name] > 1}
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-profile-") as tmp:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "profile")
+        try:
+            for i in renamed:
+                nodes[i].name = f"onnxcompress_node_{i}"
+            names = {n.name: i for i, n in enumerate(nodes)}
+            session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        finally:
+            for i, name in renamed.items():
+                if name is None:
+                    nodes[i].ClearField("name")
+                else:
+                    nodes[i].name = name
+        walls = []
+        for k in range(2 + runs):
+            start = time.perf_counter()
+            session.run(None, feed)
+            if k >= 2:
+                walls.append(time.perf_counter() - start)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    seen: dict[str, list[float]] = {}
+    for e in events:
+        name = e.get("name", "")
+        if e.get("cat") == "Node" and name.endswith("_kernel_time"):
+            seen.setdefault(name[:-len("_kernel_time")], []).append(float(e.get("dur", 0)) * 1e-6)
+    per_run = max(runs, 1)
+    times = {n: sum(v[-per_run:]) / per_run for n, v in seen.items()}   # the last `runs` calls
+    total = sum(times.values())
+    scale = float(np.median(walls)) / total if total > 0 and walls else 1.0
+    out: dict[int, float] = {}
+    for name, t in times.items():
+        i = names.get(name)
+        if i is None and name.endswith(NCHWC):
+            i = _fused_into(model, name[:-len(NCHWC)])
+        if i is not None:
+            out[i] = out.get(i, 0.0) + t * scale
+    return out
+
+
+NCHWC = "_nchwc"   # ONNX Runtime's blocked-layout Conv, named after the tensor it writes
+FUSED = ("BatchNormalization", "Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh")
+
+
+def _fused_into(model: onnx.ModelProto, tensor: str) -> int | None:
+    """The Conv that ONNX Runtime's blocked-layout node writing `tensor` stands for: the node
+    producing `tensor`, or, when that is a normalization or an activation ONNX Runtime folds
+    into the Conv before it, that Conv (up to a few such nodes back). None if `tensor` has no
+    producer."""
+    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+    i = producer.get(tensor)
+    for _ in range(4):
+        if i is None or model.graph.node[i].op_type not in FUSED:
+            return i
+        j = producer.get(model.graph.node[i].input[0])
+        if j is None or model.graph.node[j].op_type not in ("Conv", *FUSED):
+            return i
+        i = j
+    return i
 
 
 class Timings:
@@ -277,10 +366,12 @@ def _sides(g, grp) -> dict[int, dict]:
     return out
 
 
-def id_costs(g, curve: Curve, timings: Timings) -> list[Cost]:
+def id_costs(g, curve: Curve, timings: Timings, times: dict[int, float] | None = None) -> list[Cost]:
     """One "latency" item per node the group's edits narrow (see the module docstring), timed at
     the widths the node really gets: k for the whole group, or the kept channels of its own
-    window of a Concat (`GroupStats.windows`)."""
+    window of a Concat (`GroupStats.windows`). With `times` (`node_times` of the original
+    model), one more item per other node the group's channels pass through: its profiled time,
+    scaling with the kept share of the channels it carries."""
     grp = curve.site.target
     sizes = np.asarray(curve.sizes)
     index = {int(k): j for j, k in enumerate(sizes)}
@@ -296,20 +387,46 @@ def id_costs(g, curve: Curve, timings: Timings) -> list[Cost]:
         return int(k) * spatial
 
     out = []
-    for i, sides in sorted(_sides(g, grp).items()):
-        spatial = sides["spatial"]
-        times = []
+    sides = _sides(g, grp)
+    for i, node_sides in sorted(sides.items()):
+        spatial = node_sides["spatial"]
+        times_at = []
         for k in points:
-            w_in = width(sides.get("in"), k, spatial)
-            w_out = width(sides.get("out", sides.get("both")), k, spatial)
+            w_in = width(node_sides.get("in"), k, spatial)
+            w_out = width(node_sides.get("out", node_sides.get("both")), k, spatial)
             probe = node_probe(g, i, w_in, w_out)
             if probe is None:
                 break
-            times.append(timings(probe))
-        if len(times) != len(points) or times[-1] <= 0:
+            times_at.append(timings(probe))
+        if len(times_at) != len(points) or times_at[-1] <= 0:
             continue
-        full = times[list(points).index(sizes[0])]
-        out.append(Cost("latency", g.key(i), full, _interp(sizes, points, times) / full))
+        full = times_at[list(points).index(sizes[0])]
+        # the probes give how the node's time scales with the widths; the profile of the whole
+        # model, where there is one, its time there (a node alone also pays layout conversions)
+        base = times.get(i, full) if times else full
+        out.append(Cost("latency", g.key(i), base, _interp(sizes, points, times_at) / full))
+    if times:
+        out.extend(_through_costs(g, grp, sizes, shares, times, set(sides)))
+    return out
+
+
+def _through_costs(g, grp, sizes: np.ndarray, shares: dict, times: dict[int, float], timed: set) -> list[Cost]:
+    """Items for the group's nodes that hold no weight it edits (`timed` are those that do):
+    profiled time x the kept share of the channels of the node's output (the window's share
+    for a tensor before a Concat, k / C otherwise)."""
+    spans = {t: (o, w) for t, o, w in grp.spans}
+    fraction = sizes / grp.channels
+    out = []
+    for key in grp.nodes:
+        i = g.index_of(key)
+        if i in timed:
+            continue
+        t = times.get(i)
+        if not t or t <= 0:
+            continue
+        span = next((spans[o] for o in g.nodes[i].output if o in spans), None)
+        factor = shares.get(span, fraction) if span is not None else fraction
+        out.append(Cost("latency", g.key(i), float(t), np.asarray(factor, dtype=np.float64)))
     return out
 
 
@@ -347,16 +464,17 @@ def lowrank_costs(g, curve: Curve, timings: Timings, others: tuple = ()) -> tupl
 
 
 def attach(g, curves: list[Curve], timings: Timings, *, costs: bool, drop_slower: bool,
-           others: tuple = ()) -> list[Curve]:
-    """The curves with "latency" items (`costs`) and, for low-rank sites, splits slower than their
-    layer (at `timings`' thread count or any of `others`') dropped from the walk's steps and
-    listed in `Curve.dropped` (`drop_slower`)."""
+           others: tuple = (), times: dict[int, float] | None = None) -> list[Curve]:
+    """The curves with "latency" items (`costs`; `times`: the original's profiled node times,
+    `node_times`) and, for low-rank sites, splits slower than their layer (at `timings`' thread
+    count or any of `others`') dropped from the walk's steps and listed in `Curve.dropped`
+    (`drop_slower`)."""
     out = []
     for c in curves:
         if c.site.method == "lowrank":
             items, dropped = lowrank_costs(g, c, timings, others if drop_slower else ())
         elif costs and c.site.method == "id":
-            items, dropped = id_costs(g, c, timings), {}
+            items, dropped = id_costs(g, c, timings, times), {}
         else:
             items, dropped = [], {}
         new = {}
@@ -377,10 +495,12 @@ def needs_costs(config) -> bool:
     return config.latency_target is not None or (config.target is not None and config.minimize == "latency")
 
 
-def prepare(g, curves: list[Curve], config, model, sample: dict, *, timer=None) -> tuple[list[Curve], float | None]:
+def prepare(g, curves: list[Curve], config, model, sample: dict, *, timer=None,
+            times: dict[int, float] | None = None) -> tuple[list[Curve], float | None]:
     """The curves with latency items and slower splits dropped (as `config` asks), and the
     original model's measured latency at `sample` (the total of the "latency" metric; None when
-    the size rule does not read it). `timer` replaces the ONNX Runtime timing of probes (tests)."""
+    the size rule does not read it). `timer` replaces the ONNX Runtime timing of probes and
+    `times` the profiled node times (tests)."""
     costs = needs_costs(config)
     drop = config.latency_check and any(c.site.method == "lowrank" for c in curves)
     if not (costs or drop):
@@ -389,7 +509,9 @@ def prepare(g, curves: list[Curve], config, model, sample: dict, *, timer=None) 
     # a split must be faster on one thread and on all cores: the check times both
     cores = os.cpu_count() or 1
     others = tuple(Timings(n, timer=timer) for n in {1, cores} if n != config.latency_threads) if drop else ()
-    curves = attach(g, curves, timings, costs=costs, drop_slower=drop, others=others)
+    if costs and times is None and timer is None:
+        times = node_times(model, sample, config.latency_threads)
+    curves = attach(g, curves, timings, costs=costs, drop_slower=drop, others=others, times=times)
     if timings.measured:
         log.info("latency: timed %d probes (cached in %s)", timings.measured, timings.path)
     if not costs:

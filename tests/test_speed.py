@@ -449,3 +449,66 @@ def test_a_model_the_guard_cannot_time_keeps_its_splits(tmp_path, monkeypatch, c
                       calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
     assert len(report.layers) == 3 and "latency_guard" not in report.allocation
     assert "could not be timed" in caplog.text
+
+
+def test_nodes_without_a_weight_scale_with_the_channels_they_carry():
+    """concat_neck: conv_a (8) and conv_b (6) meet at a Concat. The profiled Relu after conv_a
+    and the Resize after conv_b each carry one window, so each scales with its own window's kept
+    share; the Concat carries the whole group and scales with k / C. The Convs are timed by
+    probes, never twice."""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+    sys.path.insert(0, str(Path(__file__).parent))
+    import graphs
+    from onnxcompress.core.normalize import normalize
+    from onnxcompress.methods.base import Curve
+    from onnxcompress.methods.id import IdMethod
+    m = normalize(graphs.concat_neck(se=False))
+    g = _graph(m, {"x": np.zeros((1, 3, 8, 8), np.float32)})
+    site = next(s for s in IdMethod().sites(g, Config())[0] if "conv_a" in s.target.producers)
+    assert dict(((t, (o, w)) for t, o, w in site.target.spans))["resize_17"] == (8, 6)
+    sizes = np.arange(14, 0, -1)
+    shares = {(0, 8): np.clip(sizes - 1, 1, 8) / 8, (8, 6): np.clip(sizes - 8 + 1, 1, 6) / 6}
+    curve = Curve(site, sizes, np.zeros(14), (), SimpleNamespace(windows=shares), np.array([0, 7]), 1)
+    idx = {n.op_type: i for i, n in enumerate(m.graph.node) if n.op_type in ("Relu", "Resize", "Concat")}
+    relu_a = next(i for i, n in enumerate(m.graph.node) if n.op_type == "Relu" and n.input[0] == "conv_3")
+    times = {relu_a: 2.0, idx["Resize"]: 5.0, idx["Concat"]: 3.0, g.index_of("conv_a"): 100.0}
+    items = latency.id_costs(g, curve, latency.Timings(1, timer=_overhead_timer), times)
+    by = {c.item: c for c in items}
+    key = lambda i: g.key(i)   # noqa: E731
+    assert by[key(relu_a)].base == 2.0 and np.allclose(by[key(relu_a)].factor, shares[(0, 8)])
+    assert by[key(idx["Resize"])].base == 5.0 and np.allclose(by[key(idx["Resize"])].factor, shares[(8, 6)])
+    assert by[key(idx["Concat"])].base == 3.0 and np.allclose(by[key(idx["Concat"])].factor, sizes / 14)
+    assert sum(c.item == "conv_a" for c in items) == 1
+    without = {c.item: c for c in latency.id_costs(g, curve, latency.Timings(1, timer=_overhead_timer))}
+    assert set(without) == set(by) - {key(relu_a), key(idx["Resize"]), key(idx["Concat"])}
+    # a profiled weight node: its time in the model, scaled by the probes' width curve
+    assert by["conv_a"].base == 100.0
+    assert without["conv_a"].base == pytest.approx(_overhead_timer(latency.node_probe(g, g.index_of("conv_a")), 1))
+    np.testing.assert_allclose(by["conv_a"].factor, without["conv_a"].factor)
+    assert by["conv_b"].base == without["conv_b"].base           # not profiled: the probe's time
+
+
+def test_node_times_come_from_the_profiler_and_leave_the_model_as_it_was():
+    """Real ONNX Runtime profiling: positive times keyed by node index, at most the nodes of the
+    graph; unnamed nodes are named only while the session is built."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    import graphs
+    from onnxcompress.core.normalize import normalize
+    for m, feed in ((normalize(graphs.concat_neck(se=False)), {"x": np.ones((1, 3, 8, 8), np.float32)}),
+                    (normalize(wide_mlp()[0]), {"x": np.ones((1, 16), np.float32)})):
+        before = m.SerializeToString()
+        times = latency.node_times(m, feed, 1, runs=3)
+        assert m.SerializeToString() == before
+        assert times and all(0 <= i < len(m.graph.node) and t > 0 for i, t in times.items())
+    # the blocked-layout Convs ONNX Runtime renames after their output are found again
+    m = normalize(graphs.concat_neck(se=False))
+    times = latency.node_times(m, {"x": np.ones((1, 3, 8, 8), np.float32)}, 1, runs=3)
+    convs = {i for i, n in enumerate(m.graph.node) if n.op_type == "Conv"}
+    assert convs <= set(times)          # conv_b's is found through the BatchNormalization and Relu fused into it
+    resize = next(i for i, n in enumerate(normalize(graphs.concat_neck(se=False)).graph.node) if n.op_type == "Resize")
+    assert resize in latency.node_times(normalize(graphs.concat_neck(se=False)),
+                                        {"x": np.ones((1, 3, 8, 8), np.float32)}, 1, runs=3)

@@ -75,6 +75,8 @@ class Group:
     edits: tuple
     weights: tuple[Slice, ...]  # main weight of each producer (norm-based selection)
     block: int = 1              # keep whole blocks of this many consecutive channels
+    # tensors before a Concat along the channels: (tensor, offset, width), the window they hold
+    spans: tuple[tuple[str, int, int], ...] = ()
 
     def mixes(self, source: str | None = None) -> list[Mix]:
         return [e for e in self.edits if isinstance(e, Mix) and (source is None or e.source == source)]
@@ -150,6 +152,7 @@ class _Draft:
     concat: int | None = None        # the Concat node whose output starts this draft
     block: int = 1                   # channels go in whole blocks (GroupNormalization, grouped Conv)
     enters: list[Enter] = field(default_factory=list)
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)   # tensor -> (offset, width)
 
     def stop(self, reason: str) -> None:
         if reason not in self.reasons:
@@ -369,6 +372,8 @@ def _combine(g: GraphIndex, ds: list[_Draft], offsets: list[int], conflicts: lis
             known = out.members.setdefault(name, m)
             if known != m:
                 out.stop(f"tensor {name!r} is reached with two channel layouts")
+            if window:
+                out.spans[name] = (o, d.channels)
         if d.concat is not None:
             enters = [e for x in ds for e in x.enters if e.node == d.concat]
             entered, start = {e.offset for e in enters}, 0
@@ -477,6 +482,7 @@ def _freeze(g: GraphIndex, d: _Draft) -> Group:
         exits=tuple(sorted(d.exits.values(), key=lambda e: e.tensor)),
         edits=tuple(sorted(d.edits, key=_edit_key)),
         weights=tuple(d.weights), block=d.block,
+        spans=tuple(sorted((name, o, w) for name, (o, w) in d.spans.items())),
     )
 
 
