@@ -43,8 +43,9 @@ def session(model, threads: int):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    src = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
-    return ort.InferenceSession(src, opts, providers=[PROVIDER])
+    from .core.runtime import session_source
+    with session_source(model) as src:
+        return ort.InferenceSession(src, opts, providers=[PROVIDER])
 
 
 def interleaved(sessions: list, feed: dict, *, repeats: int = REPEATS, warmup: int = WARMUP) -> list[float]:

@@ -47,6 +47,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .core.runtime import session_source
 from .methods.base import Cost, Curve
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,8 @@ def node_times(model: onnx.ModelProto, feed: dict, threads: int, *, runs: int = 
             for i in renamed:
                 nodes[i].name = f"onnxcompress_node_{i}"
             names = {n.name: i for i, n in enumerate(nodes)}
-            session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            with session_source(model) as src:
+                session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
         finally:
             for i, name in renamed.items():
                 if name is None:

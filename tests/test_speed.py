@@ -512,3 +512,22 @@ def test_node_times_come_from_the_profiler_and_leave_the_model_as_it_was():
     resize = next(i for i, n in enumerate(normalize(graphs.concat_neck(se=False)).graph.node) if n.op_type == "Resize")
     assert resize in latency.node_times(normalize(graphs.concat_neck(se=False)),
                                         {"x": np.ones((1, 3, 8, 8), np.float32)}, 1, runs=3)
+
+
+def test_latency_rules_take_a_model_with_external_data(tmp_path, monkeypatch):
+    """The latency model's sessions (whole-model timing, profile) get an external-data model
+    as a file with linked weights, not as bytes naming its weight file by an absolute path
+    (which ONNX Runtime refuses)."""
+    monkeypatch.setattr(latency, "time_probe", _overhead_timer)
+    monkeypatch.setattr(latency, "CACHE_DIR", tmp_path / "cache")
+    m, data = wide_mlp((40, 24))
+    src = tmp_path / "ext.onnx"
+    onnx.save_model(m, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.data", size_threshold=0)
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("ext.*")}
+    report = compress(src, tmp_path / "o.onnx", config=Config(latency_target=0.8, round=1),
+                      calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
+    assert report.allocation["metric"] == "latency"
+    assert report.allocation["reached"] <= 0.8 + 1e-9
+    assert any(g["kept"] < g["channels"] for g in report.groups)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("ext.*")} == before

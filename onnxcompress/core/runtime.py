@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -84,13 +85,40 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, outputs: Iterable[s
             values = _in_memory(inits, shell)
             return _session(shell.SerializeToString(), large=False, provider=provider, threads=threads,
                             initializers=values)
-        with tempfile.TemporaryDirectory(prefix=files.SYSTEM_PREFIX + "session-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            _write_external(inits, shell, path.with_name("model.onnx.data"))
-            onnx.save(weights.link(shell, Path(tmp)), str(path))
-            return _session(str(path), large=True, provider=provider, threads=threads)
+        with _linked_file(shell, inits) as path:
+            return _session(path, large=True, provider=provider, threads=threads)
     except Exception as e:
         raise ModelError(f"run: ONNX Runtime cannot load the model ({str(e).splitlines()[0][:300]})") from e
+
+
+@contextmanager
+def _linked_file(shell: onnx.ModelProto, initializers) -> Iterator[str]:
+    """The path of a temporary ONNX file of `shell` with `initializers`: external ones as hard
+    links to the files they are in, in-memory ones written beside it (`_write_external`). A
+    session built inside the `with` block keeps its mapped weights after the files are gone."""
+    with tempfile.TemporaryDirectory(prefix=files.SYSTEM_PREFIX + "session-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        _write_external(initializers, shell, path.with_name("model.onnx.data"))
+        onnx.save(weights.link(shell, Path(tmp)), str(path))
+        yield str(path)
+
+
+@contextmanager
+def session_source(model: onnx.ModelProto | str | os.PathLike) -> Iterator[str | bytes]:
+    """What `ort.InferenceSession` takes for `model`, for sessions with options of their own
+    (latency timings, profiling): a path as it is; a model whose weights are all in memory and
+    within LARGE_MODEL bytes, serialized; any other as a temporary file whose external data are
+    hard links to its weight files (`_linked_file`; serialized bytes would name the weight files
+    by absolute paths, which ONNX Runtime refuses). Build the session inside the `with` block."""
+    if isinstance(model, (str, os.PathLike)):
+        yield str(model)
+        return
+    inits = list(model.graph.initializer)
+    if weights_bytes(model) <= LARGE_MODEL and not any(weights.is_external(t) for t in inits):
+        yield model.SerializeToString()
+        return
+    with _linked_file(without_initializers(model), inits) as path:
+        yield path
 
 
 def _prune(graph: onnx.GraphProto) -> set[str]:
