@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -93,25 +94,37 @@ def build(probe: Probe) -> onnx.ModelProto:
 def time_probe(probe: Probe, threads: int) -> float:
     """Seconds per call of the probe in ONNX Runtime (CPU, `threads` intra-op threads): the
     fastest of REPEATS calls after warm-up, the figure least disturbed by other work."""
+    return time_probes([probe], threads)[0]
+
+
+def time_probes(probes: list[Probe], threads: int) -> list[float]:
+    """`time_probe` of several probes timed together: REPEATS rounds, each calling every probe
+    once in turn, the fastest call of each. Probes whose times are compared (one node at
+    several widths) are so timed under the same load: a burst of other work slows them alike
+    instead of inflating one of them."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    session = ort.InferenceSession(build(probe).SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    if probe.nodes[0][0] == "Gather":
-        vocab = probe.nodes[0][2][0][0]
-        x = np.random.default_rng(0).integers(0, vocab, size=probe.shape).astype(np.int64)
-    else:
-        x = np.random.default_rng(0).standard_normal(probe.shape).astype(np.float32)
-    feed = {"x": x}
-    for _ in range(2):
-        session.run(None, feed)
-    times = []
+    runs = []
+    for probe in probes:
+        session = ort.InferenceSession(build(probe).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        if probe.nodes[0][0] == "Gather":
+            vocab = probe.nodes[0][2][0][0]
+            x = np.random.default_rng(0).integers(0, vocab, size=probe.shape).astype(np.int64)
+        else:
+            x = np.random.default_rng(0).standard_normal(probe.shape).astype(np.float32)
+        feed = {"x": x}
+        for _ in range(2):
+            session.run(None, feed)
+        runs.append((session, feed))
+    best = [math.inf] * len(probes)
     for _ in range(REPEATS):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for k, (session, feed) in enumerate(runs):
+            start = time.perf_counter()
+            session.run(None, feed)
+            best[k] = min(best[k], time.perf_counter() - start)
+    return best
 
 
 NODE_RUNS = 10
@@ -166,11 +179,12 @@ def node_times(model: onnx.ModelProto, feed: dict, threads: int, *, runs: int = 
     times = {n: sum(v[-per_run:]) / per_run for n, v in seen.items()}   # the last `runs` calls
     total = sum(times.values())
     scale = float(np.median(walls)) / total if total > 0 and walls else 1.0
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
     out: dict[int, float] = {}
     for name, t in times.items():
         i = names.get(name)
         if i is None and name.endswith(NCHWC):
-            i = _fused_into(model, name[:-len(NCHWC)])
+            i = _fused_into(model, producer, name[:-len(NCHWC)])
         if i is not None:
             out[i] = out.get(i, 0.0) + t * scale
     return out
@@ -180,12 +194,11 @@ NCHWC = "_nchwc"   # ONNX Runtime's blocked-layout Conv, named after the tensor 
 FUSED = ("BatchNormalization", "Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh")
 
 
-def _fused_into(model: onnx.ModelProto, tensor: str) -> int | None:
+def _fused_into(model: onnx.ModelProto, producer: dict[str, int], tensor: str) -> int | None:
     """The Conv that ONNX Runtime's blocked-layout node writing `tensor` stands for: the node
-    producing `tensor`, or, when that is a normalization or an activation ONNX Runtime folds
-    into the Conv before it, that Conv (up to a few such nodes back). None if `tensor` has no
-    producer."""
-    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+    producing `tensor` (`producer`: tensor -> node index), or, when that is a normalization or
+    an activation ONNX Runtime folds into the Conv before it, that Conv (up to a few such nodes
+    back). None if `tensor` has no producer."""
     i = producer.get(tensor)
     for _ in range(4):
         if i is None or model.graph.node[i].op_type not in FUSED:
@@ -198,16 +211,22 @@ def _fused_into(model: onnx.ModelProto, tensor: str) -> int | None:
 
 
 class Timings:
-    """Probe timings of this machine, cached in `CACHE_DIR/latency-<machine>.json`."""
+    """Probe timings of this machine, cached in `CACHE_DIR/latency-<machine>.json`.
+
+    With `fresh`, cached figures are not read: every probe is timed once in this run (and the
+    cache updated). A latency budget compares a node's times at several widths, and figures
+    cached by runs under different load would give wrong ratios: a full-width MatMul cached
+    while the machine was busy at 1.4 times its quiet time makes every narrower width look 30%
+    cheaper than it is."""
 
     def __init__(self, threads: int = 1, timer: Callable[[Probe, int], float] | None = None,
-                 cache_dir: Path | None = None):
+                 cache_dir: Path | None = None, fresh: bool = False):
         import onnxruntime as ort
         self.threads = threads
-        self.timer = timer or time_probe
+        self.timer = timer
         self.machine = f"ort{ort.__version__}-{platform.machine()}-{_cpu()}"
         self.path = None if timer is not None else (cache_dir or CACHE_DIR) / f"latency-{_digest(self.machine)}.json"
-        self.values: dict[str, float] = self._load()
+        self.values: dict[str, float] = {} if fresh else self._load()
         self.measured = 0
 
     def _load(self) -> dict:
@@ -217,11 +236,21 @@ class Timings:
             return {}
 
     def __call__(self, probe: Probe) -> float:
-        key = f"{self.threads}|{probe.key()}"
-        if key not in self.values:
-            self.values[key] = float(self.timer(probe, self.threads))
-            self.measured += 1
-        return self.values[key]
+        return self.batch([probe])[0]
+
+    def batch(self, probes: list[Probe]) -> list[float]:
+        """The times of `probes`; those not known yet are timed together (`time_probes`)."""
+        keys = [f"{self.threads}|{p.key()}" for p in probes]
+        todo = {k: p for k, p in zip(keys, probes) if k not in self.values}
+        if todo:
+            if self.timer is not None:
+                found = [self.timer(p, self.threads) for p in todo.values()]
+            else:
+                found = time_probes(list(todo.values()), self.threads)
+            for k, t in zip(todo, found):
+                self.values[k] = float(t)
+            self.measured += len(todo)
+        return [self.values[k] for k in keys]
 
     def save(self) -> None:
         if self.path is None or not self.measured:
@@ -392,15 +421,12 @@ def id_costs(g, curve: Curve, timings: Timings, times: dict[int, float] | None =
     sides = _sides(g, grp)
     for i, node_sides in sorted(sides.items()):
         spatial = node_sides["spatial"]
-        times_at = []
-        for k in points:
-            w_in = width(node_sides.get("in"), k, spatial)
-            w_out = width(node_sides.get("out", node_sides.get("both")), k, spatial)
-            probe = node_probe(g, i, w_in, w_out)
-            if probe is None:
-                break
-            times_at.append(timings(probe))
-        if len(times_at) != len(points) or times_at[-1] <= 0:
+        probes = [node_probe(g, i, width(node_sides.get("in"), k, spatial),
+                             width(node_sides.get("out", node_sides.get("both")), k, spatial)) for k in points]
+        if any(p is None for p in probes):
+            continue
+        times_at = timings.batch(probes)
+        if times_at[-1] <= 0:
             continue
         full = times_at[list(points).index(sizes[0])]
         # the probes give how the node's time scales with the widths; the profile of the whole
@@ -450,10 +476,9 @@ def lowrank_costs(g, curve: Curve, timings: Timings, others: tuple = ()) -> tupl
         return [], {}
     items, dropped = [], {}
     for t in (timings, *others):
-        base = t(whole)
+        base, *times = t.batch([whole, *(node_probe(g, layer.node, rank=int(r)) for r in ranks)])
         if base <= 0:
             continue
-        times = [t(node_probe(g, layer.node, rank=int(r))) for r in ranks]
         factor = np.concatenate([[1.0], _interp(sizes[1:], np.asarray(ranks), times) / base])
         if t is timings:
             items = [Cost("latency", layer.key, base, factor)]
@@ -507,7 +532,7 @@ def prepare(g, curves: list[Curve], config, model, sample: dict, *, timer=None,
     drop = config.latency_check and any(c.site.method == "lowrank" for c in curves)
     if not (costs or drop):
         return curves, None
-    timings = Timings(config.latency_threads, timer=timer)
+    timings = Timings(config.latency_threads, timer=timer, fresh=costs)   # a budget compares widths: this run's timings
     # a split must be faster on one thread and on all cores: the check times both
     cores = os.cpu_count() or 1
     others = tuple(Timings(n, timer=timer) for n in {1, cores} if n != config.latency_threads) if drop else ()

@@ -32,7 +32,7 @@ def _portable_speed_defaults(monkeypatch, tmp_path_factory):
     from onnxcompress import latency
     from onnxcompress.methods import rounding
     monkeypatch.setattr(rounding, "defaults", lambda: {"conv": 1, "gemm": 1})
-    monkeypatch.setattr(latency, "time_probe", lambda probe, threads: _weights(probe))
+    monkeypatch.setattr(latency, "time_probes", lambda probes, threads: [_weights(p) for p in probes])
     monkeypatch.setattr(latency, "model_ratios", lambda original, compressed, feed: {1: 1.0})  # never slower
     monkeypatch.setattr(latency, "CACHE_DIR", tmp_path_factory.mktemp("latency-cache"))
 

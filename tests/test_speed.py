@@ -194,6 +194,11 @@ def test_timings_are_cached_per_probe(tmp_path):
     assert latency.Timings(2, cache_dir=tmp_path).values.get("2|" + probe.key()) is None
 
 
+def _each(timer):
+    """A `latency.time_probes` that times each probe with `timer(probe, threads)`."""
+    return lambda probes, threads: [timer(p, threads) for p in probes]
+
+
 def _overhead_timer(probe, threads):
     """Per node a fixed overhead plus its weights: a split (two nodes) is slower than its layer
     unless the rank is small."""
@@ -201,7 +206,7 @@ def _overhead_timer(probe, threads):
 
 
 def test_slower_splits_are_dropped_with_the_reason(tmp_path, monkeypatch):
-    monkeypatch.setattr(latency, "time_probe", _overhead_timer)
+    monkeypatch.setattr(latency, "time_probes", _each(_overhead_timer))
     m, data = wide_mlp((40, 24))
     report = compress(_save(tmp_path, m), tmp_path / "o.onnx", config=Config(method="svd", keep=0.9),
                       calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
@@ -220,7 +225,7 @@ def test_a_split_slower_on_all_cores_is_dropped_too(tmp_path, monkeypatch):
         cost = sum(float(np.prod(w)) for _, _, ws in probe.nodes for w in ws)
         return cost + (0.0 if threads == 1 else 5000.0 * len(probe.nodes))
 
-    monkeypatch.setattr(latency, "time_probe", timer)
+    monkeypatch.setattr(latency, "time_probes", _each(timer))
     monkeypatch.setattr(latency.os, "cpu_count", lambda: 4)
     monkeypatch.setattr(latency, "CACHE_DIR", tmp_path / "cache")
     m, data = wide_mlp((40, 24))
@@ -283,7 +288,7 @@ def test_latency_items_of_a_concat_group_time_each_producer_at_its_own_window():
 
 
 def test_latency_target_and_minimize_latency(tmp_path, monkeypatch):
-    monkeypatch.setattr(latency, "time_probe", _overhead_timer)
+    monkeypatch.setattr(latency, "time_probes", _each(_overhead_timer))
     m, data = wide_mlp((40, 24))
     report = compress(_save(tmp_path, m), tmp_path / "o.onnx", config=Config(latency_target=0.8, round=1),
                       calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
@@ -413,7 +418,7 @@ def _most_saving(report) -> str:
 
 
 def test_a_budget_names_the_latency_check_when_every_split_of_a_layer_was_dropped(tmp_path, monkeypatch):
-    monkeypatch.setattr(latency, "time_probe", _overhead_timer)
+    monkeypatch.setattr(latency, "time_probes", _each(_overhead_timer))
     m, data = wide_mlp((40, 24))
     report = compress(_save(tmp_path, m), tmp_path / "o.onnx", config=Config(method="svd", params_target=0.8),
                       calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
@@ -426,7 +431,7 @@ def test_an_embedding_split_is_left_to_the_whole_model_guard(tmp_path, monkeypat
     """A Gather is a lookup, slower split whatever the rank (the overhead timer says so too); its
     split saves bytes, so the per-op check keeps it and the whole-model guard has the last word."""
     from test_mixed import embed_ffn, feeds
-    monkeypatch.setattr(latency, "time_probe", _overhead_timer)
+    monkeypatch.setattr(latency, "time_probes", _each(_overhead_timer))
     path = _save(tmp_path, embed_ffn())
     report = compress(path, tmp_path / "o.onnx", config=Config(method="svd", keep=0.5), calib=feeds(32), val=feeds(8, 5))
     assert [x["layer"] for x in report.layers] == ["embed"]
@@ -518,7 +523,7 @@ def test_latency_rules_take_a_model_with_external_data(tmp_path, monkeypatch):
     """The latency model's sessions (whole-model timing, profile) get an external-data model
     as a file with linked weights, not as bytes naming its weight file by an absolute path
     (which ONNX Runtime refuses)."""
-    monkeypatch.setattr(latency, "time_probe", _overhead_timer)
+    monkeypatch.setattr(latency, "time_probes", _each(_overhead_timer))
     monkeypatch.setattr(latency, "CACHE_DIR", tmp_path / "cache")
     m, data = wide_mlp((40, 24))
     src = tmp_path / "ext.onnx"
@@ -531,3 +536,28 @@ def test_latency_rules_take_a_model_with_external_data(tmp_path, monkeypatch):
     assert report.allocation["reached"] <= 0.8 + 1e-9
     assert any(g["kept"] < g["channels"] for g in report.groups)
     assert {p.name: p.read_bytes() for p in tmp_path.glob("ext.*")} == before
+
+
+def test_a_budget_times_a_nodes_widths_together_in_this_run(tmp_path, monkeypatch):
+    """`fresh` timings never read the cache (figures cached under other load would give wrong
+    ratios between widths) but still write it; a node's widths are timed in one call, together."""
+    calls = []
+    monkeypatch.setattr(latency, "time_probes", lambda probes, threads: calls.append(len(probes)) or [1.0] * len(probes))
+    probes = [latency.Probe((2, 3), (("MatMul", (), ((3, w),)),)) for w in (4, 8, 16)]
+    stale = latency.Timings(1, cache_dir=tmp_path)
+    stale.values.update({"1|" + p.key(): 99.0 for p in probes})
+    stale.measured = 3
+    stale.save()
+    assert latency.Timings(1, cache_dir=tmp_path).batch(probes) == [99.0] * 3 and calls == []
+    fresh = latency.Timings(1, cache_dir=tmp_path, fresh=True)
+    assert fresh.batch(probes) == [1.0] * 3 and calls == [3]
+    assert fresh.batch(probes[:2]) == [1.0] * 2 and calls == [3]        # once per run
+    fresh.save()
+    assert latency.Timings(1, cache_dir=tmp_path).batch(probes) == [1.0] * 3
+
+
+def test_probes_timed_together_run_for_real(monkeypatch):
+    monkeypatch.undo()   # the real ONNX Runtime timing, not the suite's weight count
+    probes = [latency.Probe((8, 16), (("MatMul", (), ((16, w),)),)) for w in (8, 64)]
+    times = latency.time_probes(probes, 1)
+    assert len(times) == 2 and all(0 < t < 1 for t in times)
