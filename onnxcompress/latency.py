@@ -131,20 +131,23 @@ NODE_RUNS = 10
 
 
 def node_times(model: onnx.ModelProto, feed: dict, threads: int, *, runs: int = NODE_RUNS) -> dict[int, float]:
-    """Seconds per call of each node of `model` (by its index in the graph) at `feed`, from ONNX
+    """Seconds per call of each node of `model`'s main graph (by its index) at `feed`, from ONNX
     Runtime's profiler (CPU, `threads` intra-op threads): the mean kernel time over `runs` calls
-    after two warm-up calls, scaled so that the nodes add up to the median wall time of the same
-    calls (the profiler's own overhead is spread in proportion). The profiler knows nodes by
-    name, so unnamed or twice-named nodes are named by their index while the session is built
-    (and given their names back). Nodes ONNX Runtime fuses or renames are missing: their time
-    stays with the node they were fused into, or in the model's unattributed rest."""
+    after two warm-up calls, scaled so that the main graph's kernels (those mapped to a node and
+    the rest: layout reorders, nodes ONNX Runtime fuses under a name of its own) add up to the
+    median wall time of the same calls, the profiler's own overhead spread in proportion.
+
+    The profiler knows nodes by name: while the session is built, every main-graph node is
+    named by its index (`onnxcompress_node_<i>`; the names are given back after), so a node
+    inside an If or Loop body, or a repeated name, cannot take a main-graph node's time. Events
+    are mapped by that name, by the name's part before a "/" (ONNX Runtime's fused nodes, such
+    as `<name>/QuickGeluFusion/`), or, for a blocked-layout Conv named after the tensor it
+    writes (`<tensor>_nchwc`), to that Conv (`_fused_into`). Kernels of subgraph nodes are left
+    out: an If's or Loop's own kernel time already holds them."""
     import onnxruntime as ort
     nodes = model.graph.node
-    counts: dict[str, int] = {}
-    for n in nodes:
-        counts[n.name] = counts.get(n.name, 0) + 1
-    renamed = {i: (n.name if n.HasField("name") else None) for i, n in enumerate(nodes)
-               if not n.name or counts[n.name] > 1}
+    original = [(n.name if n.HasField("name") else None) for n in nodes]
+    inner = {n.name for node in nodes for n in _subgraph_nodes(node)}
     with tempfile.TemporaryDirectory(prefix="onnxcompress-profile-") as tmp:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -152,17 +155,16 @@ def node_times(model: onnx.ModelProto, feed: dict, threads: int, *, runs: int = 
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "profile")
         try:
-            for i in renamed:
-                nodes[i].name = f"onnxcompress_node_{i}"
-            names = {n.name: i for i, n in enumerate(nodes)}
+            for i, n in enumerate(nodes):
+                n.name = f"{TOKEN}{i}"
             with session_source(model) as src:
                 session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
         finally:
-            for i, name in renamed.items():
+            for n, name in zip(nodes, original):
                 if name is None:
-                    nodes[i].ClearField("name")
+                    n.ClearField("name")
                 else:
-                    nodes[i].name = name
+                    n.name = name
         walls = []
         for k in range(2 + runs):
             start = time.perf_counter()
@@ -176,18 +178,38 @@ def node_times(model: onnx.ModelProto, feed: dict, threads: int, *, runs: int = 
         if e.get("cat") == "Node" and name.endswith("_kernel_time"):
             seen.setdefault(name[:-len("_kernel_time")], []).append(float(e.get("dur", 0)) * 1e-6)
     per_run = max(runs, 1)
-    times = {n: sum(v[-per_run:]) / per_run for n, v in seen.items()}   # the last `runs` calls
+    times = {n: sum(v[-per_run:]) / per_run for n, v in seen.items() if n not in inner}  # the last `runs` calls
     total = sum(times.values())
     scale = float(np.median(walls)) / total if total > 0 and walls else 1.0
     producer = {o: i for i, n in enumerate(nodes) for o in n.output}
     out: dict[int, float] = {}
     for name, t in times.items():
-        i = names.get(name)
+        i = _token_index(name.split("/")[0], len(nodes))
         if i is None and name.endswith(NCHWC):
             i = _fused_into(model, producer, name[:-len(NCHWC)])
         if i is not None:
             out[i] = out.get(i, 0.0) + t * scale
     return out
+
+
+TOKEN = "onnxcompress_node_"
+
+
+def _token_index(name: str, count: int) -> int | None:
+    if not name.startswith(TOKEN) or not name[len(TOKEN):].isdigit():
+        return None
+    i = int(name[len(TOKEN):])
+    return i if i < count else None
+
+
+def _subgraph_nodes(node: onnx.NodeProto):
+    """Every node inside `node`'s subgraphs (If branches, Loop and Scan bodies), nested ones too."""
+    for a in node.attribute:
+        for graph in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                      list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+            for n in graph.node:
+                yield n
+                yield from _subgraph_nodes(n)
 
 
 NCHWC = "_nchwc"   # ONNX Runtime's blocked-layout Conv, named after the tensor it writes
@@ -417,7 +439,7 @@ def id_costs(g, curve: Curve, timings: Timings, times: dict[int, float] | None =
             return max(1, int(round(shares[(offset, span)][index[int(k)]] * span))) * spatial
         return int(k) * spatial
 
-    out = []
+    out, timed = [], set()
     sides = _sides(g, grp)
     for i, node_sides in sorted(sides.items()):
         spatial = node_sides["spatial"]
@@ -433,15 +455,17 @@ def id_costs(g, curve: Curve, timings: Timings, times: dict[int, float] | None =
         # model, where there is one, its time there (a node alone also pays layout conversions)
         base = times.get(i, full) if times else full
         out.append(Cost("latency", g.key(i), base, _interp(sizes, points, times_at) / full))
-    if times:
-        out.extend(_through_costs(g, grp, sizes, shares, times, set(sides)))
+        timed.add(i)
+    if times:   # the others (PRelu, InstanceNormalization, a bias Add: no probe) by their profile
+        out.extend(_through_costs(g, grp, sizes, shares, times, timed))
     return out
 
 
 def _through_costs(g, grp, sizes: np.ndarray, shares: dict, times: dict[int, float], timed: set) -> list[Cost]:
-    """Items for the group's nodes that hold no weight it edits (`timed` are those that do):
+    """Items for the group's nodes that have no probe item (`timed` are those that do):
     profiled time x the kept share of the channels of the node's output (the window's share
-    for a tensor before a Concat, k / C otherwise)."""
+    for a tensor before a Concat, k / C otherwise). The nodes the group's edits touch without a
+    probe (a PRelu's slope, a normalization's scale, a bias Add) are among them."""
     spans = {t: (o, w) for t, o, w in grp.spans}
     fraction = sizes / grp.channels
     out = []

@@ -133,11 +133,12 @@ def test_selection_error_is_the_weighted_residual(how):
 
 
 def test_deferred_flushes_give_the_same_gram_to_the_bit(monkeypatch):
-    """A deferred accumulator flushed by its caller when `due` makes the same dsyrk updates as
-    one that flushes itself: an update every `capacity` rows, wherever the added blocks begin and
-    end (a block that does not fit is split). The Gram is identical, and equal to Z^T Z."""
+    """A deferred accumulator only buffers in `add` (its caller runs the updates, side by side
+    with other accumulators') and makes the same dsyrk updates as one that updates itself: one
+    every `capacity` rows, wherever the added blocks begin and end, then the rest. The Gram is
+    identical, and equal to Z^T Z."""
     import onnxcompress.core.stats as stats_mod
-    monkeypatch.setattr(stats_mod, "_BUFFER_ELEMENTS", 60)  # a flush every 12 rows of 5
+    monkeypatch.setattr(stats_mod, "_BUFFER_ELEMENTS", 60)  # an update every 12 rows of 5
     updates = []
     dsyrk = stats_mod.blas.dsyrk
 
@@ -152,14 +153,16 @@ def test_deferred_flushes_give_the_same_gram_to_the_bit(monkeypatch):
     by_caller = 0
     for b in blocks:
         auto.add(b)
+        before = len(updates)
         deferred.add(b)
+        assert len(updates) == before                       # no update inside a deferred add
         if deferred.due:
             deferred.flush()
             by_caller += 1
         assert not auto.due and not deferred.due
     a, d = auto.result(), deferred.result()
-    assert by_caller >= 1
     total = sum(len(b) for b in blocks)
+    assert by_caller >= 4
     assert updates.count(12) == 2 * (total // 12) and sum(updates) == 2 * total   # full updates, then the rest
     np.testing.assert_array_equal(a.gram, d.gram)
     z = np.concatenate(blocks).astype(np.float64)

@@ -561,3 +561,44 @@ def test_probes_timed_together_run_for_real(monkeypatch):
     probes = [latency.Probe((8, 16), (("MatMul", (), ((16, w),)),)) for w in (8, 64)]
     times = latency.time_probes(probes, 1)
     assert len(times) == 2 and all(0 < t < 1 for t in times)
+
+
+def test_a_node_whose_parameter_the_group_slices_without_a_probe_counts_by_its_profile():
+    """Conv 8 -> PRelu (slope per channel, sliced with the group) -> Conv: the PRelu has no
+    probe, so its profiled time is its item, scaling with k / C; the Convs keep their probes."""
+    from onnxcompress.core.normalize import normalize
+    from onnxcompress.methods.base import Curve
+    from onnxcompress.methods.id import IdMethod
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("PRelu", ["a", "slope"], ["p"], name="prelu"),
+             helper.make_node("Conv", ["p", "w2", "b2"], ["y"], name="c2")]
+    inits = {"w1": RNG.standard_normal((8, 3, 3, 3)), "b1": RNG.standard_normal(8),
+             "slope": RNG.random((8, 1, 1)) * 0.2, "w2": RNG.standard_normal((4, 8, 1, 1)), "b2": np.zeros(4)}
+    m = normalize(_model(nodes, [("x", ["N", 3, 6, 6])], inits))
+    g = _graph(m, {"x": np.zeros((1, 3, 6, 6), np.float32)})
+    site = next(s for s in IdMethod().sites(g, Config())[0] if "c1" in s.target.producers)
+    prelu = g.index_of("prelu")
+    assert prelu in latency._sides(g, site.target)              # the group slices its slope
+    sizes = np.arange(8, 0, -1)
+    curve = Curve(site, sizes, np.zeros(8), (), None, np.array([0, 4]), 1)
+    items = {c.item: c for c in latency.id_costs(g, curve, latency.Timings(1, timer=_overhead_timer), {prelu: 4.0})}
+    assert items["prelu"].base == 4.0 and np.allclose(items["prelu"].factor, sizes / 8)
+    assert {"c1", "c2"} <= set(items)
+
+
+def test_node_times_keep_subgraph_kernels_out_of_the_main_graph_nodes():
+    """An If whose branches hold nodes named like a main-graph node: the branch kernels neither
+    take that node's time nor count twice in the total (the If's own kernel holds them)."""
+    branch = lambda op: helper.make_graph(   # noqa: E731
+        [helper.make_node(op, ["a"], ["b"], name="relu")], op, [],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="relu"),
+             helper.make_node("ReduceSum", ["a"], ["s"], name="sum", keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["c"], name="cond"),
+             helper.make_node("If", ["c"], ["y"], name="if", then_branch=branch("Neg"), else_branch=branch("Abs"))]
+    m = _model(nodes, [("x", [4, 64])], {"zero": np.zeros((), np.float32)})
+    times = latency.node_times(m, {"x": np.ones((4, 64), np.float32)}, 1, runs=3)
+    assert set(times) <= set(range(len(m.graph.node)))
+    assert 3 in times                                              # the If itself
+    assert [n.name for n in m.graph.node] == ["relu", "sum", "cond", "if"]
+    assert m.graph.node[3].attribute[0].g.node[0].name == "relu"   # branch names untouched

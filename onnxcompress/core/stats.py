@@ -95,14 +95,15 @@ def merge(parts: list[dict]) -> dict:
 class GramAccumulator:
     """partial_fit-style accumulator of Z^T Z for row blocks Z (rows x C).
 
-    Rows are copied (as float64) into one buffer of about _BUFFER_ELEMENTS, allocated once and
-    reused, and every full buffer is added in one dsyrk update: the updates fall every
-    `capacity` rows, wherever the blocks passed to `add` begin and end. With `deferred`, a full
-    buffer waits for the caller's `flush()` (`due` says it is full; rows that do not fit flush
-    it at once), so the caller can run several accumulators' updates side by side. Either way
-    the updates are the same rows in the same order, so the result does not depend on it.
-    Reusing the buffer matters: a fresh buffer of tens of MB per update is mapped and faulted
-    in anew each time, which costs as much as the update itself."""
+    Rows are copied (as float64) into one buffer, allocated once and reused, and added in dsyrk
+    updates of exactly `capacity` rows (about _BUFFER_ELEMENTS elements), the last one with the
+    rows left at `result()`: the updates fall at the same rows wherever the blocks passed to
+    `add` begin and end. With `deferred`, `add` only buffers (the buffer grows past `capacity`
+    by the block that crossed it) and the full updates wait for the caller's `flush()` (`due`
+    says they are ready), so the caller can run several accumulators' updates side by side.
+    Either way the updates are the same rows in the same order, so the result does not depend
+    on it. Reusing the buffer matters: a fresh buffer of tens of MB per update is mapped and
+    faulted in anew each time."""
 
     def __init__(self, channels: int, *, deferred: bool = False):
         self.channels = channels
@@ -111,7 +112,7 @@ class GramAccumulator:
         self._gram = np.zeros((channels, channels), order="F")
         self._sums = np.zeros(channels)
         self._rows = 0
-        self._buffer: np.ndarray | None = None   # grown up to `capacity` rows as they come
+        self._buffer: np.ndarray | None = None   # grown as rows come: `capacity` rows, or more when deferred
         self._buffered = 0                       # rows waiting in it
 
     @property
@@ -126,16 +127,17 @@ class GramAccumulator:
             z = z[finite]
         start = 0
         while start < len(z):
-            if self.due:
-                self.flush()
-            need = self._buffered + len(z) - start
-            if self._buffer is None or (len(self._buffer) < need and len(self._buffer) < self.capacity):
-                self._grow(min(self.capacity, max(need, 2 * (0 if self._buffer is None else len(self._buffer)))))
-            take = min(len(z) - start, len(self._buffer) - self._buffered)
-            self._buffer[self._buffered:self._buffered + take] = z[start:start + take]
-            self._buffered += take
+            if not self.deferred:
+                self.flush()   # full updates now: the buffer never holds more than `capacity` rows
+            room = self.capacity - self._buffered if not self.deferred else len(z) - start
+            take = min(len(z) - start, max(room, 0))
+            need = self._buffered + take
+            if self._buffer is None or len(self._buffer) < need:
+                self._grow(max(need, min(self.capacity, 2 * (0 if self._buffer is None else len(self._buffer)))))
+            self._buffer[self._buffered:need] = z[start:start + take]
+            self._buffered = need
             start += take
-        if self.due and not self.deferred:
+        if not self.deferred:
             self.flush()
 
     def _grow(self, rows: int) -> None:
@@ -145,11 +147,18 @@ class GramAccumulator:
         self._buffer = grown
 
     def flush(self) -> None:
-        """Add the buffered rows now (`deferred` accumulators: when `due`)."""
-        if not self._buffered:
-            return
-        z = self._buffer[:self._buffered]
-        self._buffered = 0
+        """The dsyrk updates of every full `capacity` rows buffered (`deferred` accumulators:
+        when `due`); the rows past the last full update move to the front of the buffer."""
+        done = 0
+        while self._buffered - done >= self.capacity:
+            self._update(self._buffer[done:done + self.capacity])
+            done += self.capacity
+        if done:
+            rest = self._buffered - done
+            self._buffer[:rest] = self._buffer[done:self._buffered]
+            self._buffered = rest
+
+    def _update(self, z: np.ndarray) -> None:
         self._rows += z.shape[0]
         self._sums += z.sum(axis=0)
         # dsyrk on Z^T (C x rows, Fortran order = Z in C order): gram += Z^T Z, upper triangle
@@ -157,6 +166,9 @@ class GramAccumulator:
 
     def result(self) -> Stats:
         self.flush()
+        if self._buffered:
+            self._update(self._buffer[:self._buffered])
+            self._buffered = 0
         self._buffer = None  # the buffer's memory goes back now, not with the accumulator
         # dsyrk updates only the upper triangle; the strict lower one is still the zeros it
         # started as, so G = U + U^T less the diagonal counted twice
