@@ -18,8 +18,12 @@ Sites get a "latency" `Cost` item per node (base t_n, the node's full-size time)
   Every other node the group's channels pass through (activations, normalizations, residual
   Adds, Resize, pooling, Concat, attention's products of two activations) is memory-bound work
   over those channels: base t_n from ONNX Runtime's profiler on the whole original model at
-  the sample (`node_times`), factor_j = k_j / C, or the kept share of its own Concat window.
-  On a CNN such as a text detector at 320 x 320 these nodes take more than half the time.
+  the sample (`node_times`), factor_j = k_j / C, or the kept share of its own Concat window;
+  so are the layout conversions ONNX Runtime inserts, given to the groups whose tensors have
+  the shape they convert (`_layout_owners`). On a CNN such as a text detector at 320 x 320
+  these nodes and conversions take about half the time. With a profile, a layer's base is its
+  profiled time too (a Conv alone also pays its own layout conversions); its probes give
+  the factor.
 * low rank: factor_j = t_split(r_j) / t_n, interpolated the same way over timed ranks; a
   candidate with factor >= 1 (the split is not faster than the layer) is dropped from the curve
   with the reason, except for a Gather (a lookup, which any split slows: its split saves bytes,
@@ -143,7 +147,9 @@ def node_times(model: onnx.ModelProto, feed: dict, threads: int, *, runs: int = 
     are mapped by that name, by the name's part before a "/" (ONNX Runtime's fused nodes, such
     as `<name>/QuickGeluFusion/`), or, for a blocked-layout Conv named after the tensor it
     writes (`<tensor>_nchwc`), to that Conv (`_fused_into`). Kernels of subgraph nodes are left
-    out: an If's or Loop's own kernel time already holds them."""
+    out: an If's or Loop's own kernel time already holds them. ONNX Runtime's layout
+    conversions, which are no node of the model, are returned apart (`NodeTimes.layout`, by
+    the shape they convert; `_layout_owners` gives them to channel groups)."""
     import onnxruntime as ort
     nodes = model.graph.node
     original = [(n.name if n.HasField("name") else None) for n in nodes]
@@ -173,23 +179,42 @@ def node_times(model: onnx.ModelProto, feed: dict, threads: int, *, runs: int = 
                 walls.append(time.perf_counter() - start)
         events = json.loads(Path(session.end_profiling()).read_text())
     seen: dict[str, list[float]] = {}
+    shapes: dict[str, tuple] = {}
     for e in events:
         name = e.get("name", "")
         if e.get("cat") == "Node" and name.endswith("_kernel_time"):
             seen.setdefault(name[:-len("_kernel_time")], []).append(float(e.get("dur", 0)) * 1e-6)
+            ins = (e.get("args") or {}).get("input_type_shape") or []
+            if len(ins) == 1 and isinstance(ins[0], dict) and len(ins[0]) == 1:
+                shapes[name[:-len("_kernel_time")]] = tuple(int(d) for d in next(iter(ins[0].values())))
     per_run = max(runs, 1)
     times = {n: sum(v[-per_run:]) / per_run for n, v in seen.items() if n not in inner}  # the last `runs` calls
     total = sum(times.values())
     scale = float(np.median(walls)) / total if total > 0 and walls else 1.0
     producer = {o: i for i, n in enumerate(nodes) for o in n.output}
-    out: dict[int, float] = {}
+    out = NodeTimes()
     for name, t in times.items():
         i = _token_index(name.split("/")[0], len(nodes))
         if i is None and name.endswith(NCHWC):
             i = _fused_into(model, producer, name[:-len(NCHWC)])
         if i is not None:
             out[i] = out.get(i, 0.0) + t * scale
+        elif name.startswith(REORDER) and shapes.get(name):
+            out.layout.append((name, shapes[name], t * scale))
     return out
+
+
+REORDER = ("ReorderInput", "ReorderOutput")   # ONNX Runtime's conversions to and from blocked layout
+
+
+class NodeTimes(dict):
+    """node index -> seconds per call (`node_times`), and `layout`: the layout conversions ONNX
+    Runtime inserts between nodes, which are no node of the model, as (name, shape of the tensor
+    converted, seconds per call)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layout: list[tuple[str, tuple, float]] = []
 
 
 TOKEN = "onnxcompress_node_"
@@ -521,11 +546,12 @@ def attach(g, curves: list[Curve], timings: Timings, *, costs: bool, drop_slower
     count or any of `others`') dropped from the walk's steps and listed in `Curve.dropped`
     (`drop_slower`)."""
     out = []
-    for c in curves:
+    layout = _layout_owners(g, curves, getattr(times, "layout", ())) if costs and times else {}
+    for ci, c in enumerate(curves):
         if c.site.method == "lowrank":
             items, dropped = lowrank_costs(g, c, timings, others if drop_slower else ())
         elif costs and c.site.method == "id":
-            items, dropped = id_costs(g, c, timings, times), {}
+            items, dropped = id_costs(g, c, timings, times) + layout.get(ci, []), {}
         else:
             items, dropped = [], {}
         new = {}
@@ -538,6 +564,42 @@ def attach(g, curves: list[Curve], timings: Timings, *, costs: bool, drop_slower
         out.append(dataclasses.replace(c, **new) if new else c)
     for t in (timings, *others):
         t.save()
+    return out
+
+
+def _layout_owners(g, curves: list[Curve], layout) -> dict[int, list[Cost]]:
+    """Per ID curve, "latency" items for the layout conversions (`NodeTimes.layout`) of tensor
+    shapes that only channel groups' tensors have in the graph (at the sample): a conversion
+    moves a group's channels, so its time scales with the kept share, k / C (or the share of the
+    one Concat window all the group's tensors of that shape are in). Which of several groups
+    with tensors of that shape a conversion moves is not known: each gets an equal part. A shape
+    that some tensor outside every group also has is left in the model's fixed time."""
+    owners: dict[tuple, set] = {}
+    for name, shape in g.shapes.items():
+        if shape is not None and None not in shape:
+            owners.setdefault(tuple(int(d) for d in shape), set()).add(name)
+    member = {}
+    for ci, c in enumerate(curves):
+        if c.site.method == "id":
+            for t in c.site.target.tensors:
+                member[t] = ci
+    out: dict[int, list[Cost]] = {}
+    for name, shape, seconds in layout:
+        tensors = owners.get(tuple(shape), set())
+        sites = {member.get(t) for t in tensors}
+        if not tensors or None in sites:
+            continue
+        for ci in sorted(sites):
+            c = curves[ci]
+            grp = c.site.target
+            mine = {t for t in tensors if member[t] == ci}
+            spans = {(o, w) for t, o, w in grp.spans if t in mine}
+            whole = any(t not in {x for x, _, _ in grp.spans} for t in mine)
+            shares = getattr(c.state, "windows", None) or {}
+            window = next(iter(spans)) if len(spans) == 1 and not whole else None
+            factor = shares[window] if window in shares else np.asarray(c.sizes) / grp.channels
+            out.setdefault(ci, []).append(Cost("latency", f"layout {name}", float(seconds) / len(sites),
+                                               np.asarray(factor, dtype=np.float64)))
     return out
 
 

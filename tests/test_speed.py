@@ -602,3 +602,39 @@ def test_node_times_keep_subgraph_kernels_out_of_the_main_graph_nodes():
     assert 3 in times                                              # the If itself
     assert [n.name for n in m.graph.node] == ["relu", "sum", "cond", "if"]
     assert m.graph.node[3].attribute[0].g.node[0].name == "relu"   # branch names untouched
+
+
+def test_layout_conversions_go_to_the_group_whose_tensors_have_their_shape():
+    """ONNX Runtime's layout conversions are no node of the model: one of a shape that only the
+    group's tensors have scales with the group; one of the input's shape stays fixed."""
+    from onnxcompress.core.normalize import normalize
+    from onnxcompress.methods.base import Curve
+    from onnxcompress.methods.id import IdMethod
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="c2")]
+    inits = {"w1": RNG.standard_normal((8, 3, 3, 3)), "b1": RNG.standard_normal(8),
+             "w2": RNG.standard_normal((4, 8, 1, 1)), "b2": np.zeros(4)}
+    m = normalize(_model(nodes, [("x", ["N", 3, 6, 6])], inits))
+    g = _graph(m, {"x": np.zeros((1, 3, 6, 6), np.float32)})
+    site = next(s for s in IdMethod().sites(g, Config())[0] if "c1" in s.target.producers)
+    sizes = np.arange(8, 0, -1)
+    curve = Curve(site, sizes, np.zeros(8), (), None, np.array([0, 4]), 1)
+    layout = [("ReorderOutput_token_1", (1, 8, 6, 6), 2.0), ("ReorderInput_token_2", (1, 3, 6, 6), 1.0)]
+    items = latency._layout_owners(g, [curve], layout)
+    assert list(items) == [0] and len(items[0]) == 1
+    item = items[0][0]
+    assert item.item == "layout ReorderOutput_token_1" and item.base == 2.0
+    np.testing.assert_allclose(item.factor, sizes / 8)
+    # two groups with tensors of that shape (Conv 8 -> Relu -> Conv 8 -> Relu -> Conv 4): an
+    # equal part each
+    nodes = nodes[:2] + [helper.make_node("Conv", ["r", "w3", "b3"], ["a2"], name="c3"),
+                         helper.make_node("Relu", ["a2"], ["r2"], name="relu2"),
+                         helper.make_node("Conv", ["r2", "w2", "b2"], ["y"], name="c2")]
+    inits.update(w3=RNG.standard_normal((8, 8, 1, 1)), b3=RNG.standard_normal(8))
+    m = normalize(_model(nodes, [("x", ["N", 3, 6, 6])], inits))
+    g = _graph(m, {"x": np.zeros((1, 3, 6, 6), np.float32)})
+    curves = [Curve(s, sizes, np.zeros(8), (), None, np.array([0, 4]), 1) for s in IdMethod().sites(g, Config())[0]]
+    assert len(curves) == 2
+    both = latency._layout_owners(g, curves, layout)
+    assert sorted(both) == [0, 1] and [c.base for ci in (0, 1) for c in both[ci]] == [1.0, 1.0]
