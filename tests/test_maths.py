@@ -170,3 +170,25 @@ def test_deferred_flushes_give_the_same_gram_to_the_bit(monkeypatch):
     np.testing.assert_array_equal(d.gram, d.gram.T)
     assert a.rows == d.rows == total
     np.testing.assert_allclose(d.sums, z.sum(axis=0), rtol=1e-12)
+
+
+def test_a_deferred_buffer_grows_by_half_past_capacity_not_block_by_block(monkeypatch):
+    """Before its caller's flush, a deferred accumulator takes block after block past
+    `capacity`: the buffer then grows by half its size at a time, not once per block (each
+    growth copies it)."""
+    import onnxcompress.core.stats as stats_mod
+    monkeypatch.setattr(stats_mod, "_BUFFER_ELEMENTS", 400)  # capacity 100 rows of 4
+    acc = GramAccumulator(4, deferred=True)
+    grows = []
+    grow = acc._grow
+    monkeypatch.setattr(acc, "_grow", lambda rows: grows.append(rows) or grow(rows))
+    rng = np.random.default_rng(3)
+    blocks = [rng.standard_normal((5, 4)) for _ in range(60)]            # 300 rows, no flush
+    for b in blocks:
+        acc.add(b)
+    assert acc.due and acc._buffered == 300
+    past = [r for r in grows if r > 100]
+    assert len(past) <= 4 and len(grows) <= 10
+    result = acc.result()
+    z = np.concatenate(blocks)
+    np.testing.assert_allclose(result.gram, z.T @ z, rtol=1e-12)

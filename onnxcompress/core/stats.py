@@ -131,14 +131,25 @@ class GramAccumulator:
                 self.flush()   # full updates now: the buffer never holds more than `capacity` rows
             room = self.capacity - self._buffered if not self.deferred else len(z) - start
             take = min(len(z) - start, max(room, 0))
+            need = self._buffer_rows_for(self._buffered + take)
+            if need:
+                self._grow(need)
             need = self._buffered + take
-            if self._buffer is None or len(self._buffer) < need:
-                self._grow(max(need, min(self.capacity, 2 * (0 if self._buffer is None else len(self._buffer)))))
             self._buffer[self._buffered:need] = z[start:start + take]
             self._buffered = need
             start += take
         if not self.deferred:
             self.flush()
+
+    def _buffer_rows_for(self, rows: int) -> int:
+        """0 if the buffer holds `rows` rows, else the size to grow it to: doubling up to
+        `capacity`, and past it (deferred, before the caller's flush) by half at a time, so a
+        stream of small blocks does not copy the buffer once per block."""
+        have = 0 if self._buffer is None else len(self._buffer)
+        if rows <= have:
+            return 0
+        grown = min(self.capacity, 2 * have) if have < self.capacity else have + have // 2
+        return max(rows, grown)
 
     def _grow(self, rows: int) -> None:
         grown = np.empty((rows, self.channels))
