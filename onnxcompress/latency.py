@@ -598,7 +598,8 @@ def _layout_owners(g, curves: list[Curve], layout) -> dict[int, list[Cost]]:
             shares = getattr(c.state, "windows", None) or {}
             window = next(iter(spans)) if len(spans) == 1 and not whole else None
             factor = shares[window] if window in shares else np.asarray(c.sizes) / grp.channels
-            out.setdefault(ci, []).append(Cost("latency", f"layout {name}", float(seconds) / len(sites),
+            # one item per group: items of one key are a node between groups, whose factors multiply
+            out.setdefault(ci, []).append(Cost("latency", f"layout {name} ({grp.id})", float(seconds) / len(sites),
                                                np.asarray(factor, dtype=np.float64)))
     return out
 
