@@ -30,8 +30,9 @@ Sites get a "latency" `Cost` item per node (base t_n, the node's full-size time)
   and the whole-model guard judges it).
 
 Latency is thus the product of per-op timings, not a FLOP count; what the model does not see
-(layout conversions between ops that ONNX Runtime inserts, fusion) is left to `--benchmark` and
-`tools/bench_latency.py`.
+(per-node overhead, which it scales with the node; layout conversions of a shape that tensors
+outside the groups also have; kernels ONNX Runtime fuses under names it cannot map back; a
+split's own conversions) is left to `--benchmark` and `tools/bench_latency.py`.
 """
 from __future__ import annotations
 
