@@ -302,6 +302,12 @@ def test_latency_target_and_minimize_latency(tmp_path, monkeypatch):
                       calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
     assert target.allocation["metric"] == "latency"
     assert all("latency" in p["cost"] for p in target.allocation["probes"])
+    table = target.table()   # the terminal summary shows the estimated latency of every probe
+    lines = table.splitlines()
+    at = next(k for k, line in enumerate(lines) if "est. err" in line)
+    assert "latency" in lines[at]
+    first = lines[at + 1]
+    assert f"{target.allocation['probes'][0]['cost']['latency']:.1%}" in first
 
 
 # ------------------------------------------------------------------------------------------

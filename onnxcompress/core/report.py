@@ -206,12 +206,14 @@ def _allocation_lines(a: dict) -> list[str]:
     out = []
     if a.get("probes"):
         out += ["", f"target {a['target']}, minimizing {a['metric']}: {len(a['probes'])} validation passes"]
-        out.append(f"  {'probe':>5} {'position':>9} {'params':>8} {'FLOPs':>8} {'bytes':>8} {'est. err':>9} "
-                   f"{'meas. err':>9} {'score':>8}")
+        latency = any("latency" in p["cost"] for p in a["probes"])   # the estimate, when it was the objective
+        out.append(f"  {'probe':>5} {'position':>9} {'params':>8} {'FLOPs':>8} {'bytes':>8} "
+                   + (f"{'latency':>8} " if latency else "") + f"{'est. err':>9} {'meas. err':>9} {'score':>8}")
         for k, p in enumerate(a["probes"], 1):
             c = p["cost"]
+            lat = f"{c['latency']:8.1%} " if latency and "latency" in c else (f"{'':8} " if latency else "")
             out.append(f"  {k:>5} {p['position']:>9} {c['params']:8.1%} {c['flops']:8.1%} {c['bytes']:8.1%} "
-                       f"{p['estimated_error']:9.2e} {p['measured_error']:9.2e} {p['score']:8.4f}"
+                       f"{lat}{p['estimated_error']:9.2e} {p['measured_error']:9.2e} {p['score']:8.4f}"
                        f"{'  met' if p['passed'] else ''}")
     if a.get("measured_error") is not None:
         out.append(f"output error energy (mean rel L2^2): estimated {a['estimated_error']:.3e}, "
