@@ -593,11 +593,10 @@ def _layout_owners(g, curves: list[Curve], layout) -> dict[int, list[Cost]]:
         for ci in sorted(sites):
             c = curves[ci]
             grp = c.site.target
-            mine = {t for t in tensors if member[t] == ci}
-            spans = {(o, w) for t, o, w in grp.spans if t in mine}
-            whole = any(t not in {x for x, _, _ in grp.spans} for t in mine)
+            spans = {t: (o, w) for t, o, w in grp.spans}
+            found = {spans.get(t) for t in tensors if member[t] == ci}   # None: a tensor of the whole group
+            window = found.pop() if len(found) == 1 else None
             shares = getattr(c.state, "windows", None) or {}
-            window = next(iter(spans)) if len(spans) == 1 and not whole else None
             factor = shares[window] if window in shares else np.asarray(c.sizes) / grp.channels
             # one item per group: items of one key are a node between groups, whose factors multiply
             out.setdefault(ci, []).append(Cost("latency", f"layout {name} ({grp.id})", float(seconds) / len(sites),

@@ -211,7 +211,7 @@ def _allocation_lines(a: dict) -> list[str]:
                    + (f"{'latency':>8} " if latency else "") + f"{'est. err':>9} {'meas. err':>9} {'score':>8}")
         for k, p in enumerate(a["probes"], 1):
             c = p["cost"]
-            lat = f"{c['latency']:8.1%} " if latency and "latency" in c else (f"{'':8} " if latency else "")
+            lat = "" if not latency else f"{c['latency']:8.1%} " if "latency" in c else " " * 9
             out.append(f"  {k:>5} {p['position']:>9} {c['params']:8.1%} {c['flops']:8.1%} {c['bytes']:8.1%} "
                        f"{lat}{p['estimated_error']:9.2e} {p['measured_error']:9.2e} {p['score']:8.4f}"
                        f"{'  met' if p['passed'] else ''}")

@@ -81,7 +81,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, outputs: Iterable[s
     needed = _prune(shell.graph) if only else None
     inits = [t for t in model.graph.initializer if needed is None or t.name in needed]
     try:
-        if weights_bytes(model) <= LARGE_MODEL and not any(weights.is_external(t) for t in inits):
+        if _fits_in_memory(model, inits):
             values = _in_memory(inits, shell)
             return _session(shell.SerializeToString(), large=False, provider=provider, threads=threads,
                             initializers=values)
@@ -89,6 +89,12 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, outputs: Iterable[s
             return _session(path, large=True, provider=provider, threads=threads)
     except Exception as e:
         raise ModelError(f"run: ONNX Runtime cannot load the model ({str(e).splitlines()[0][:300]})") from e
+
+
+def _fits_in_memory(model: onnx.ModelProto, initializers) -> bool:
+    """ONNX Runtime may get the model from memory: its weights are all in memory (none external)
+    and within LARGE_MODEL bytes."""
+    return weights_bytes(model) <= LARGE_MODEL and not any(weights.is_external(t) for t in initializers)
 
 
 @contextmanager
@@ -114,7 +120,7 @@ def session_source(model: onnx.ModelProto | str | os.PathLike) -> Iterator[str |
         yield str(model)
         return
     inits = list(model.graph.initializer)
-    if weights_bytes(model) <= LARGE_MODEL and not any(weights.is_external(t) for t in inits):
+    if _fits_in_memory(model, inits):
         yield model.SerializeToString()
         return
     with _linked_file(without_initializers(model), inits) as path:

@@ -13,7 +13,8 @@ A request names a tensor and the statistic to accumulate over it:
 
 Grams are float64; rows are buffered up to a fixed budget (one buffer per Gram, reused) and folded
 in with one symmetric rank-k update (BLAS `dsyrk`) each time it fills, so memory is bounded by the
-statistics and the buffer, never by the sample count. Feature maps with more positions than `max_rows` contribute a uniform random subset.
+statistics and the buffer, never by the sample count. Feature maps with more positions than
+`max_rows` contribute a uniform random subset.
 
 Partial results merge by addition: the statistics of disjoint sets of rows Z_1, Z_2 are those of
 their union, G = Z_1^T Z_1 + Z_2^T Z_2, sums and row counts adding likewise (token counts too).
@@ -131,12 +132,12 @@ class GramAccumulator:
                 self.flush()   # full updates now: the buffer never holds more than `capacity` rows
             room = self.capacity - self._buffered if not self.deferred else len(z) - start
             take = min(len(z) - start, max(room, 0))
-            need = self._buffer_rows_for(self._buffered + take)
-            if need:
-                self._grow(need)
-            need = self._buffered + take
-            self._buffer[self._buffered:need] = z[start:start + take]
-            self._buffered = need
+            end = self._buffered + take
+            grown = self._buffer_rows_for(end)
+            if grown:
+                self._grow(grown)
+            self._buffer[self._buffered:end] = z[start:start + take]
+            self._buffered = end
             start += take
         if not self.deferred:
             self.flush()
