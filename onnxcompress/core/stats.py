@@ -143,13 +143,15 @@ class GramAccumulator:
             self.flush()
 
     def _buffer_rows_for(self, rows: int) -> int:
-        """0 if the buffer holds `rows` rows, else the size to grow it to: doubling up to
-        `capacity`, and past it (deferred, before the caller's flush) by half at a time, so a
-        stream of small blocks does not copy the buffer once per block."""
+        """0 if the buffer holds `rows` rows, else the size to grow it to: `capacity` rows at
+        once (np.empty maps pages lazily, so rows never written cost nothing, while growing by
+        doubling would fault in and copy about twice the memory), and past it (deferred, before
+        the caller's flush) by half at a time, so a stream of small blocks does not copy the
+        buffer once per block."""
         have = 0 if self._buffer is None else len(self._buffer)
         if rows <= have:
             return 0
-        grown = min(self.capacity, 2 * have) if have < self.capacity else have + have // 2
+        grown = self.capacity if have < self.capacity else have + have // 2
         return max(rows, grown)
 
     def _grow(self, rows: int) -> None:
