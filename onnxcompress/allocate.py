@@ -249,6 +249,35 @@ def walk(curves: list[Curve], costs: CostModel, metric: str, weights: list[float
     return Path(start, tuple(steps), n)
 
 
+def densify(path: Path, curves: list[Curve], costs: CostModel, weights: list[float]) -> Path:
+    """The walk with every grid size it jumped over put back as a position of its own. A
+    look-ahead move takes a site from j to a much smaller j' at once (the lower convex hull), so
+    one position can save a large share of the cost; a search that places its cut by measurement
+    (`search_budget`) needs the sizes in between. A move j -> j' becomes j -> j_1 -> ... -> j' over
+    the site's grid (a switch, which also resets other sites, stays one move). Every position is
+    still an allocation the walk's order reaches; the estimated error of a point inside a jump
+    can be above the hull's."""
+    idx = [0] * path.sites
+    steps, before = [], 0.0
+    for step in path.steps:
+        ci = step.site
+        if not step.resets:
+            c = curves[ci]
+            grid = np.asarray(c.steps if c.steps is not None else np.arange(len(c.sizes)), dtype=np.int64)
+            err = weights[ci] * np.asarray(c.error, dtype=np.float64)
+            for j in grid[(grid > idx[ci]) & (grid < step.index)]:
+                trial = list(idx)
+                trial[ci] = int(j)
+                steps.append(Step(ci, int(j), {m: costs.total(m, trial) for m in METRICS},
+                                  before + float(err[j] - err[idx[ci]])))
+        for r in step.resets:
+            idx[r] = 0
+        idx[ci] = step.index
+        steps.append(step)
+        before = step.error
+    return Path(path.start, tuple(steps), path.sites)
+
+
 def per_site(curves: list[Curve], choose: Callable[[Curve], int | str]) -> tuple[list[int], dict[int, str]]:
     """Per-site rules: `choose(curve)` gives an index or the reason the site stays whole. A site
     that claims an initializer an earlier site of another method has taken (at any size, even
@@ -383,6 +412,63 @@ def search_path(path: Path, metric: str, target: Target, evaluate: Callable[[int
         if est > 0:
             ratio = max(target.as_error(score), 1e-12) / est
     return lo, probes
+
+
+def search_budget(path: Path, metric: str, goal: float, evaluate: Callable[[int], float], *,
+                  passes: int = 5, tolerance: float = 0.01) -> tuple[int, list[Probe], bool]:
+    """The least compressed position of `path` whose measured ratio `evaluate(position)` (the
+    model's `metric` over the original's, as timed) is at most `goal`, with at most `passes`
+    calls. The walk's estimate only orders the positions; the measurements place the cut:
+
+    * the first probe is the first position whose estimated ratio is at most `goal`;
+    * each later one aims at goal / s, s = measured / estimated ratio of the last probe (a
+      conservative estimate moves the cut back, an optimistic one forward), kept strictly inside
+      the bracket (lo measured over the goal, hi within it) and at least an eighth of it away
+      from either end;
+    * it stops when the bracket's estimated gap is below `tolerance`; the last pass goes to the
+      walk's end when nothing has passed yet.
+
+    Returns (position, probes, met): the smallest position measured within the goal, or the
+    walk's end with met = False when no probe is. Position 0 (the original, ratio 1) counts as
+    over any goal below 1."""
+    n = len(path.steps)
+    full = path.start[metric] or 1.0
+
+    def est(k: int) -> float:
+        return path.cost(k, metric) / full
+
+    probes: list[Probe] = []
+    if goal >= 1.0 or n == 0:
+        return 0, probes, goal >= 1.0
+    lo, hi = 0, n + 1        # lo: measured over the goal; hi: measured within it (n + 1: none yet)
+    scale = 1.0
+    while len(probes) < passes and hi - lo > 1:
+        if hi <= n and est(lo) - est(hi) < tolerance:
+            break
+        top = min(hi, n + 1)
+        if len(probes) == passes - 1 and hi > n:
+            pos = n
+        else:
+            want = goal / scale if scale > 0 else goal
+            inside = [k for k in range(lo + 1, top) if est(k) <= want]
+            pos = inside[0] if inside else top - 1
+            margin = max(1, (top - lo) // 8)
+            upper = hi - margin if hi <= n else n
+            pos = int(min(max(pos, lo + margin), max(upper, lo + 1)))
+        if any(p.position == pos for p in probes):
+            break
+        ratio = float(evaluate(pos))
+        passed = ratio <= goal
+        probes.append(Probe(pos, est(pos), path.error(pos), ratio, passed))
+        if passed:
+            hi = pos
+        else:
+            lo = pos
+        if est(pos) > 0:
+            scale = ratio / est(pos)
+    if hi <= n:
+        return hi, probes, True
+    return n, probes, False
 
 
 def _position_for(path: Path, error: float, lo: int, hi: int) -> int:

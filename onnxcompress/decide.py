@@ -6,6 +6,10 @@ needs (sensitivity probes for budgets and targets, validation passes for a targe
   that kind's sites by the shared greedy walk over sensitivity-weighted curves (`_spread`);
 * `params_target` / `flops_target` / `size_target`: the shared greedy walk (`allocate.budget`)
   over sensitivity-weighted curves;
+* `latency_target`: the walk to the end over the latency model's estimate, then
+  `allocate.search_budget` over it, each probe a real compressed model timed against the
+  original at one sample (at most 5 timings; `_latency_budget`). Without `latency_check`, or
+  for a model past `LARGE_MODEL` bytes of weights, the estimate alone, as the other budgets;
 * `target`: the walk to the end, then `allocate.search_path` over it, each probe a real
   compressed model compared with the original on the validation feeds (at most 8 passes).
 
@@ -21,8 +25,10 @@ from itertools import islice
 
 import numpy as np
 
-from .allocate import CostModel, budget, conflicts, per_site, search_path, walk
+from . import latency as latency_mod
+from .allocate import CostModel, budget, conflicts, densify, per_site, search_budget, search_path, walk
 from .core.errors import AgreementError, UsageError
+from .core.runtime import LARGE_MODEL, weights_bytes
 from .core.threads import parallel_map
 from .core.validate import output_error
 from .methods.base import Skipped
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 BUDGETS = {"params_target": "params", "flops_target": "flops", "size_target": "bytes", "latency_target": "latency"}
 MINIMIZE = {"size": "bytes", "params": "params", "flops": "flops", "latency": "latency"}
 PASSES = 8
+LATENCY_PASSES = 5   # whole-model timings of a --latency-target search
 LABELS = {"id": "channel group", "lowrank": "low rank", "quant": "quantization"}
 
 
@@ -54,6 +61,10 @@ def decide(norm, g, methods: dict, curves: list, config, before: dict, *, calib_
         return entries, left, None
     costs = CostModel(curves, {m: before[m] for m in ("params", "flops", "bytes", "latency") if before.get(m) is not None})
     weights = _weights(norm, g, methods, curves, config, calib_src, report, timer, progress)
+    if rule == "latency_target" and config.latency_check and sample is not None and weights_bytes(norm) <= LARGE_MODEL:
+        found = _latency_budget(norm, g, methods, curves, costs, weights, config, value, report, timer, sample)
+        if found is not None:
+            return found
     if rule != "target":
         metric = BUDGETS[rule]
         with timer("decide"):
@@ -200,10 +211,7 @@ def _search(norm, g, methods, curves, costs, weights, config, reference, report,
         with timer("decide"):
             entries, _ = _realize(g, methods, curves, idx, config, {}, realized)
         with timer("rewrite"):
-            new = norm
-            for name, m in methods.items():
-                new = m.rewrite(new, g, [c.site for c in curves if c.site.method == name],
-                                [e for e in entries if e.method == name])
+            new = _build(norm, g, methods, curves, entries)
         late_sites = []
         if config.quantize:
             with timer("quantize"):
@@ -241,6 +249,66 @@ def _search(norm, g, methods, curves, costs, weights, config, reference, report,
     for w in dict.fromkeys(warnings):
         report.warn(w)
     return best["entries"], left, (best["model"], best["agreement"], best["late"])
+
+
+def _build(norm, g, methods: dict, curves: list, entries: list):
+    """The model with `entries` applied, method by method (a probe of a search)."""
+    new = norm
+    for name, m in methods.items():
+        new = m.rewrite(new, g, [c.site for c in curves if c.site.method == name],
+                        [e for e in entries if e.method == name])
+    return new
+
+
+class _Untimed(Exception):
+    """A probe of `_latency_budget` that ONNX Runtime could not time."""
+
+
+def _latency_budget(norm, g, methods, curves, costs, weights, config, goal, report, timer, sample):
+    """`--latency-target R` as measured: the walk to the end orders the allocations by the
+    latency model's estimate (`densify`: every size a move jumped over is a position), and
+    `search_budget` times a few of them (the compressed model
+    against the original at `sample`, interleaved, on `latency_threads` threads) for the least
+    compressed one that runs within R. The estimate can be off both ways (it prices each node
+    alone, from a profile of the original); the timing is what the user asked for. When the
+    timing sessions cannot run the model: None (the estimate decides, as for the other budgets)."""
+    with timer("decide"):
+        path = densify(walk(curves, costs, "latency", weights), curves, costs, weights)
+    realized = {}
+
+    def evaluate(pos: int) -> float:
+        with timer("decide"):
+            entries, _ = _realize(g, methods, curves, path.at(pos), config, {}, realized)
+        with timer("rewrite"):
+            new = _build(norm, g, methods, curves, entries)
+        with timer("latency_search"):
+            try:
+                return latency_mod.measured_ratio(norm, new, sample, config.latency_threads)
+            except Exception as e:  # a model the timing sessions cannot load as they are
+                raise _Untimed(str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from e
+
+    try:
+        pos, probes, met = search_budget(path, "latency", goal, evaluate, passes=LATENCY_PASSES)
+    except _Untimed as e:
+        log.warning("latency: the compressed models could not be timed (%s); the estimate decides alone", e)
+        return None
+    measured = next((p.score for p in probes if p.position == pos), None)
+    report.allocation.update(
+        metric="latency", estimated_error=float(path.error(pos)),
+        reached=float(path.cost(pos, "latency") / (path.start["latency"] or 1.0)),
+        measured_latency=measured, threads=config.latency_threads, path_length=len(path.steps),
+        latency_probes=[{"position": p.position, "estimated": float(p.cost), "measured": float(p.score),
+                         "passed": p.passed, "estimated_error": float(p.estimated_error)} for p in probes])
+    if not met:
+        tried = f"; the most compressed model measured {measured:.3f}" if measured is not None else ""
+        log.warning("allocate: latency_target %.3f is not reachable with these sites as timed%s", goal, tried)
+    idx = path.at(pos)
+    why = f"latency target {goal} is met without it"
+    with timer("decide"):
+        entries, left = _realize(g, methods, curves, idx, config, {ci: _no_candidate(curves[ci]) or why
+                                                                    for ci in range(len(curves)) if idx[ci] == 0},
+                                 realized)
+    return entries, left, None
 
 
 def worst(agreement, target) -> float:

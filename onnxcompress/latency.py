@@ -654,6 +654,15 @@ def model_ratios(original, compressed, feed: dict) -> dict[int, float]:
     return out
 
 
+def measured_ratio(original, compressed, feed: dict, threads: int) -> float:
+    """The compressed model's median latency over the original's at `feed` on `threads` intra-op
+    threads, the two interleaved call by call in this process (`--latency-target`'s probes)."""
+    from .benchmark import interleaved, session
+    before, after = interleaved([session(original, threads), session(compressed, threads)], feed,
+                                repeats=GUARD_REPEATS)
+    return after / before if before > 0 else 1.0
+
+
 def guard(splits: int, ratios: Callable[[int], dict]) -> tuple[int, list[dict]]:
     """The fewest splits k to undo, the least saving first, so that the whole model is not
     slower than the original on any thread count: `ratios(k)` times the model with the first k

@@ -27,14 +27,21 @@ def _portable_speed_defaults(monkeypatch, tmp_path_factory):
     everything: by default every size is allowed (`--round 1`) and the latency model's probes
     are costed by their weights' element counts instead of being timed (so a split is "faster"
     exactly when it is smaller, and no timing ever enters a test); the whole-model guard sees
-    every compressed model as fast as its original. Tests of rounding and of the latency model
+    every compressed model as fast as its original, and a latency budget's whole-model timing
+    sees its weights' element count. Tests of rounding and of the latency model
     set their own."""
     from onnxcompress import latency
     from onnxcompress.methods import rounding
     monkeypatch.setattr(rounding, "defaults", lambda: {"conv": 1, "gemm": 1})
     monkeypatch.setattr(latency, "time_probes", lambda probes, threads: [_weights(p) for p in probes])
     monkeypatch.setattr(latency, "model_ratios", lambda original, compressed, feed: {1: 1.0})  # never slower
+    monkeypatch.setattr(latency, "measured_ratio",   # a --latency-target probe "runs" as its weights' size
+                        lambda original, compressed, feed, threads: _elements(compressed) / _elements(original))
     monkeypatch.setattr(latency, "CACHE_DIR", tmp_path_factory.mktemp("latency-cache"))
+
+
+def _elements(model) -> float:
+    return float(sum(np.prod(t.dims) for t in model.graph.initializer))
 
 
 def _weights(probe) -> float:

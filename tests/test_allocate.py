@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from onnxcompress.allocate import CostModel, budget, per_site, search_path, walk
+from onnxcompress.allocate import CostModel, budget, densify, per_site, search_budget, search_path, walk
 from onnxcompress.core.target import Target, parse_target
 from onnxcompress.methods.base import Cost, Curve, Site
 
@@ -180,6 +180,58 @@ def test_search_tries_the_smallest_step_before_giving_up():
     calls = []
     pos, probes = search_path(path, "params", Target("top1", ">=", 0.99), lambda p: (calls.append(p), 0.0)[1])
     assert pos == 0 and 1 in calls and len(calls) <= 8 and not any(p.passed for p in probes)
+
+
+@pytest.mark.parametrize("bias", [0.8, 1.0, 1.25])
+def test_budget_search_cuts_where_the_measured_ratio_meets_the_goal(bias):
+    """A measured budget (`--latency-target`, here over a params path): the least compressed
+    position whose measured ratio is within the goal, whether the estimate is conservative (measured = 0.8 x estimated),
+    exact or optimistic (1.25 x), in at most the passes given."""
+    curves = [curve(f"s{i}", np.linspace(0, 1, 30) ** 2, np.linspace(30, 1, 30)) for i in range(3)]
+    path = walk(curves, CostModel(curves, {"params": 90}), "params", [1, 1, 1])
+    n = len(path.steps)
+    full = path.start["params"]
+    measured = [min(1.0, bias * path.cost(k, "params") / full) for k in range(n + 1)]
+    calls = []
+    pos, probes, met = search_budget(path, "params", 0.6, lambda k: (calls.append(k), measured[k])[1],
+                                     passes=5, tolerance=0.0)
+    want = next(k for k in range(n + 1) if measured[k] <= 0.6)
+    assert met and len(calls) <= 5 and [p.position for p in probes] == calls
+    assert all(p.passed == (measured[p.position] <= 0.6) for p in probes)
+    assert measured[pos] <= 0.6 and pos in calls
+    assert pos - want <= 2          # the bracket closes on the first position within the goal
+    assert all(p.cost == pytest.approx(path.cost(p.position, "params") / full) for p in probes)
+
+
+def test_densify_puts_back_every_size_a_move_jumped_over():
+    """A non-convex curve makes the walk jump (look-ahead along the lower convex hull); the dense
+    path has every grid size in between as a position, each one a consistent allocation."""
+    jumpy = curve("a", [0, 0.5, 0.55, 0.6, 0.62, 2.0], [10, 9, 8, 7, 6, 5])     # 0 -> 4 in one move
+    smooth = curve("b", np.linspace(0, 1, 6) ** 2, np.linspace(12, 2, 6))
+    curves = [jumpy, smooth]
+    costs = CostModel(curves, {"params": 22})
+    path = walk(curves, costs, "params", [1.0, 2.0])
+    dense = densify(path, curves, costs, [1.0, 2.0])
+    assert any(s.site == 0 and s.index == 4 for s in path.steps) and not any(s.site == 0 and s.index == 2
+                                                                             for s in path.steps)
+    assert len(dense.steps) > len(path.steps)
+    allocations = [tuple(dense.at(n)) for n in range(len(dense.steps) + 1)]
+    assert all(tuple(path.at(n)) in allocations for n in range(len(path.steps) + 1))
+    for n in range(1, len(dense.steps) + 1):
+        a, b = allocations[n - 1], allocations[n]
+        moved = [i for i in range(2) if a[i] != b[i]]
+        assert len(moved) == 1 and b[moved[0]] == a[moved[0]] + 1    # one grid size at a time
+        assert dense.cost(n, "params") == pytest.approx(costs.total("params", list(b)))
+        assert dense.error(n) == pytest.approx(1.0 * jumpy.error[b[0]] + 2.0 * smooth.error[b[1]])
+
+
+def test_budget_search_reports_a_goal_no_position_meets():
+    curves = [curve("a", np.linspace(0, 1, 40), np.linspace(40, 20, 40))]
+    path = walk(curves, CostModel(curves, {"params": 40}), "params", [1])
+    calls = []
+    pos, probes, met = search_budget(path, "params", 0.3, lambda k: (calls.append(k), 0.9)[1], passes=4)
+    assert not met and pos == len(path.steps) and len(path.steps) in calls and len(calls) <= 4
+    assert search_budget(path, "params", 1.0, lambda k: 1 / 0) == (0, [], True)   # the original is within
 
 
 @pytest.mark.parametrize("text, want", [("cosine>=0.99", ("cosine", ">=", 0.99)), ("top1>=0.9", ("top1", ">=", 0.9)),

@@ -103,12 +103,15 @@ class Config:
                      full width when rounding would remove a narrow group; the budget walk
                      steps by it. None: per op (Conv: ONNX Runtime's NCHWc block, 16 with
                      AVX-512, else 8; Gemm/MatMul/Gather: 16; `methods/rounding.py`); 1: any size.
-    latency_target:  keep at most this fraction of the model's latency as the measured latency
-                     model estimates it (`latency.py`), sizes chosen greedily.
+    latency_target:  keep at most this fraction of the model's latency at one sample: the latency
+                     model's estimate (`latency.py`) orders the allocations, and a few of them are
+                     timed against the original for the least compressed one within it
+                     (`decide._latency_budget`; the estimate alone with `latency_check` off).
     latency_check:   time every low-rank split against the layer it replaces (cached per machine)
                      and never emit one that is not faster; then time the whole compressed model
                      against the original at one sample (1 thread, all cores) and undo the splits
-                     saving the fewest FLOPs while it runs slower (`latency.guard`).
+                     saving the fewest FLOPs while it runs slower (`latency.guard`); and time the
+                     candidates of a `latency_target`.
     latency_threads: ONNX Runtime threads of the latency model's timings.
     benchmark:       time the original and the compressed model on the validation feed (batch 1
                      and the feed's batch; one thread and all cores) and put it in the report.

@@ -215,6 +215,14 @@ def _allocation_lines(a: dict) -> list[str]:
             out.append(f"  {k:>5} {p['position']:>9} {c['params']:8.1%} {c['flops']:8.1%} {c['bytes']:8.1%} "
                        f"{lat}{p['estimated_error']:9.2e} {p['measured_error']:9.2e} {p['score']:8.4f}"
                        f"{'  met' if p['passed'] else ''}")
+    if a.get("latency_probes"):
+        threads = a.get("threads", 1)
+        out += ["", f"latency target {a['value']}: {len(a['latency_probes'])} timings against the original "
+                    f"(one sample, {threads} thread{'s' if threads != 1 else ''})",
+                f"  {'probe':>5} {'position':>9} {'estimated':>10} {'measured':>9}"]
+        for k, p in enumerate(a["latency_probes"], 1):
+            out.append(f"  {k:>5} {p['position']:>9} {p['estimated']:10.1%} {p['measured']:9.1%}"
+                       f"{'  met' if p['passed'] else ''}")
     if a.get("measured_error") is not None:
         out.append(f"output error energy (mean rel L2^2): estimated {a['estimated_error']:.3e}, "
                    f"measured {a['measured_error']:.3e}")
