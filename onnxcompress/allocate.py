@@ -26,7 +26,10 @@ Rules:
   that crosses the goal is the one, of all single moves that reach it, adding the least error;
   coarse steps (rounded widths) would otherwise overshoot;
 * a quality target (`--target`): the same walk to the end gives a path of allocations of
-  decreasing cost; `search_path` picks the most compressed one that the real model confirms.
+  decreasing cost; `search_path` picks the most compressed one that the real model confirms;
+* a timed latency budget (`latency_target` in `decide`): the walk to the end, made finer
+  (`densify`), and `search_budget` picks the least compressed position the real model, timed,
+  runs within R at.
 
 Two sites of different methods that claim the same initializer (`Site.claims`) exclude each
 other: once one moves off its full size, the other is frozen whole. The walk may still switch:
@@ -415,22 +418,25 @@ def search_path(path: Path, metric: str, target: Target, evaluate: Callable[[int
 
 
 def search_budget(path: Path, metric: str, goal: float, evaluate: Callable[[int], float], *,
-                  passes: int = 5, tolerance: float = 0.01) -> tuple[int, list[Probe], bool]:
+                  passes: int = 5, tolerance: float = 0.01) -> tuple[int, list[Probe], bool, bool]:
     """The least compressed position of `path` whose measured ratio `evaluate(position)` (the
     model's `metric` over the original's, as timed) is at most `goal`, with at most `passes`
-    calls. The walk's estimate only orders the positions; the measurements place the cut:
+    calls. The walk's estimate only orders the positions; the measurements place the cut, by a
+    safeguarded false position on (estimated ratio e, measured ratio m), position 0 being the
+    original (1, 1) and counting as over any goal below 1:
 
-    * the first probe is the first position whose estimated ratio is at most `goal`;
-    * each later one aims at goal / s, s = measured / estimated ratio of the last probe (a
-      conservative estimate moves the cut back, an optimistic one forward), kept strictly inside
-      the bracket (lo measured over the goal, hi within it) and at least an eighth of it away
-      from either end;
-    * it stops when the bracket's estimated gap is below `tolerance`; the last pass goes to the
-      walk's end when nothing has passed yet.
+    * while nothing is within the goal, the next probe assumes the measured savings 1 - m scale
+      with the estimated ones as at the last probe over it (the first: as estimated), and aims
+      at the first position whose estimate gives m = goal; the last pass goes to the walk's end;
+    * with a bracket (lo measured over the goal, hi within it), it aims at the estimate where the
+      line through both ends reaches the goal, and bisects (by position) when the same end has
+      moved twice in a row, so the bracket at least halves every other probe;
+    * it stops when the bracket is closed (adjacent positions) or its estimated gap is below
+      `tolerance`.
 
-    Returns (position, probes, met): the smallest position measured within the goal, or the
-    walk's end with met = False when no probe is. Position 0 (the original, ratio 1) counts as
-    over any goal below 1."""
+    Returns (position, probes, met, closed): the smallest position measured within the goal
+    (met), else the walk's end; `closed` says whether the bracket closed (else a position
+    between the last one over the goal and the one returned may also be within it)."""
     n = len(path.steps)
     full = path.start[metric] or 1.0
 
@@ -439,36 +445,46 @@ def search_budget(path: Path, metric: str, goal: float, evaluate: Callable[[int]
 
     probes: list[Probe] = []
     if goal >= 1.0 or n == 0:
-        return 0, probes, goal >= 1.0
-    lo, hi = 0, n + 1        # lo: measured over the goal; hi: measured within it (n + 1: none yet)
-    scale = 1.0
+        return 0, probes, goal >= 1.0, True
+    lo, hi = 0, n + 1                # lo: measured over the goal; hi: within it (n + 1: none yet)
+    measured = {0: 1.0}
+    moved: list[bool] = []           # per probe: did it pass (move hi)?
     while len(probes) < passes and hi - lo > 1:
-        if hi <= n and est(lo) - est(hi) < tolerance:
+        if hi <= n and abs(est(lo) - est(hi)) < tolerance:
             break
         top = min(hi, n + 1)
-        if len(probes) == passes - 1 and hi > n:
-            pos = n
+        if hi > n:
+            if len(probes) == passes - 1:
+                pos = n
+            else:
+                saved_e, saved_m = 1.0 - est(lo), 1.0 - measured[lo]
+                rate = saved_m / saved_e if lo > 0 and saved_e > 0 and saved_m > 0 else 1.0
+                pos = _first_at_most(est, 1.0 - (1.0 - goal) / rate, lo, top)
+        elif len(moved) >= 2 and moved[-1] == moved[-2]:
+            pos = (lo + hi) // 2
         else:
-            want = goal / scale if scale > 0 else goal
-            inside = [k for k in range(lo + 1, top) if est(k) <= want]
-            pos = inside[0] if inside else top - 1
-            margin = max(1, (top - lo) // 8)
-            upper = hi - margin if hi <= n else n
-            pos = int(min(max(pos, lo + margin), max(upper, lo + 1)))
-        if any(p.position == pos for p in probes):
-            break
+            e_lo, e_hi, m_lo, m_hi = est(lo), est(hi), measured[lo], measured[hi]
+            want = e_lo + (goal - m_lo) * (e_hi - e_lo) / (m_hi - m_lo) if m_lo != m_hi else (e_lo + e_hi) / 2
+            pos = _first_at_most(est, want, lo, top)
+        pos = int(min(max(pos, lo + 1), top - 1))
         ratio = float(evaluate(pos))
+        measured[pos] = ratio
         passed = ratio <= goal
         probes.append(Probe(pos, est(pos), path.error(pos), ratio, passed))
+        moved.append(passed)
         if passed:
             hi = pos
         else:
             lo = pos
-        if est(pos) > 0:
-            scale = ratio / est(pos)
+    closed = hi - lo <= 1 or (hi <= n and abs(est(lo) - est(hi)) < tolerance)
     if hi <= n:
-        return hi, probes, True
-    return n, probes, False
+        return hi, probes, True, closed
+    return n, probes, False, closed
+
+
+def _first_at_most(est: Callable[[int], float], want: float, lo: int, top: int) -> int:
+    """The first position in (lo, top) whose estimated ratio is at most `want` (top - 1 if none)."""
+    return next((k for k in range(lo + 1, top) if est(k) <= want), top - 1)
 
 
 def _position_for(path: Path, error: float, lo: int, hi: int) -> int:

@@ -8,8 +8,9 @@ needs (sensitivity probes for budgets and targets, validation passes for a targe
   over sensitivity-weighted curves;
 * `latency_target`: the walk to the end over the latency model's estimate, then
   `allocate.search_budget` over it, each probe a real compressed model timed against the
-  original at one sample (at most 5 timings; `_latency_budget`). Without `latency_check`, or
-  for a model past `LARGE_MODEL` bytes of weights, the estimate alone, as the other budgets;
+  original at one sample (at most 5 timings; `_latency_budget`). Without `latency_check`, with
+  `quantize` (the probes would have to be quantized to be timed as written), or for a model past
+  `LARGE_MODEL` bytes of weights, the estimate alone, as the other budgets;
 * `target`: the walk to the end, then `allocate.search_path` over it, each probe a real
   compressed model compared with the original on the validation feeds (at most 8 passes).
 
@@ -61,7 +62,8 @@ def decide(norm, g, methods: dict, curves: list, config, before: dict, *, calib_
         return entries, left, None
     costs = CostModel(curves, {m: before[m] for m in ("params", "flops", "bytes", "latency") if before.get(m) is not None})
     weights = _weights(norm, g, methods, curves, config, calib_src, report, timer, progress)
-    if rule == "latency_target" and config.latency_check and sample is not None and weights_bytes(norm) <= LARGE_MODEL:
+    if (rule == "latency_target" and config.latency_check and not config.quantize and sample is not None
+            and weights_bytes(norm) <= LARGE_MODEL):
         found = _latency_budget(norm, g, methods, curves, costs, weights, config, value, report, timer, sample)
         if found is not None:
             return found
@@ -267,48 +269,59 @@ class _Untimed(Exception):
 def _latency_budget(norm, g, methods, curves, costs, weights, config, goal, report, timer, sample):
     """`--latency-target R` as measured: the walk to the end orders the allocations by the
     latency model's estimate (`densify`: every size a move jumped over is a position), and
-    `search_budget` times a few of them (the compressed model
-    against the original at `sample`, interleaved, on `latency_threads` threads) for the least
-    compressed one that runs within R. The estimate can be off both ways (it prices each node
-    alone, from a profile of the original); the timing is what the user asked for. When the
-    timing sessions cannot run the model: None (the estimate decides, as for the other budgets)."""
+    `search_budget` times a few of them (the compressed model against the original at `sample`,
+    interleaved, on `latency_threads` threads) for the least compressed one that runs within R.
+    The estimate can be off both ways (it prices each node alone, from a profile of the
+    original); the timing is what the user asked for. When the timing sessions cannot run the
+    model: None (the estimate decides, as for the other budgets), with a warning in the report."""
     with timer("decide"):
         path = densify(walk(curves, costs, "latency", weights), curves, costs, weights)
     realized = {}
+    why = f"latency target {goal} is met without it"
+
+    def entries_at(pos: int):
+        idx = path.at(pos)
+        with timer("decide"):
+            return _realize(g, methods, curves, idx, config, {ci: _no_candidate(curves[ci]) or why
+                                                               for ci in range(len(curves)) if idx[ci] == 0}, realized)
+
+    timed = []
 
     def evaluate(pos: int) -> float:
-        with timer("decide"):
-            entries, _ = _realize(g, methods, curves, path.at(pos), config, {}, realized)
+        entries, _ = entries_at(pos)
         with timer("rewrite"):
             new = _build(norm, g, methods, curves, entries)
         with timer("latency_search"):
             try:
-                return latency_mod.measured_ratio(norm, new, sample, config.latency_threads)
+                ratio = latency_mod.measured_ratio(norm, new, sample, config.latency_threads)
             except Exception as e:  # a model the timing sessions cannot load as they are
                 raise _Untimed(str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from e
+        timed.append({"position": pos, "estimated": float(path.cost(pos, "latency") / (path.start["latency"] or 1.0)),
+                      "measured": float(ratio), "passed": bool(ratio <= goal), "estimated_error": float(path.error(pos))})
+        return ratio
 
     try:
-        pos, probes, met = search_budget(path, "latency", goal, evaluate, passes=LATENCY_PASSES)
+        pos, _, met, closed = search_budget(path, "latency", goal, evaluate, passes=LATENCY_PASSES)
     except _Untimed as e:
-        log.warning("latency: the compressed models could not be timed (%s); the estimate decides alone", e)
+        report.allocation["latency_probes"] = timed
+        report.warn(f"latency target: a compressed model could not be timed ({e}); the latency model's "
+                    f"estimate decides alone")
         return None
-    measured = next((p.score for p in probes if p.position == pos), None)
+    measured = next((p["measured"] for p in timed if p["position"] == pos), None)
     report.allocation.update(
         metric="latency", estimated_error=float(path.error(pos)),
         reached=float(path.cost(pos, "latency") / (path.start["latency"] or 1.0)),
         measured_latency=measured, threads=config.latency_threads, path_length=len(path.steps),
-        latency_probes=[{"position": p.position, "estimated": float(p.cost), "measured": float(p.score),
-                         "passed": p.passed, "estimated_error": float(p.estimated_error)} for p in probes])
+        latency_probes=timed, search_closed=closed)
     if not met:
-        tried = f"; the most compressed model measured {measured:.3f}" if measured is not None else ""
-        log.warning("allocate: latency_target %.3f is not reachable with these sites as timed%s", goal, tried)
-    idx = path.at(pos)
-    why = f"latency target {goal} is met without it"
-    with timer("decide"):
-        entries, left = _realize(g, methods, curves, idx, config, {ci: _no_candidate(curves[ci]) or why
-                                                                    for ci in range(len(curves)) if idx[ci] == 0},
-                                 realized)
-    return entries, left, None
+        tried = f" (the most compressed model measured {measured:.3f})" if measured is not None else ""
+        report.warn(f"latency target {goal} is not reached as timed{tried}: the most compressed model is written")
+    elif not closed:
+        last_over = max((p["position"] for p in timed if not p["passed"]), default=0)
+        report.warn(f"latency target {goal}: the search ended after {len(timed)} timings with positions "
+                    f"{last_over + 1} to {pos - 1} of the walk untried; the model written measured {measured:.3f}, "
+                    f"and a less compressed one may also be within the target")
+    return (*entries_at(pos), None)
 
 
 def worst(agreement, target) -> float:

@@ -182,25 +182,43 @@ def test_search_tries_the_smallest_step_before_giving_up():
     assert pos == 0 and 1 in calls and len(calls) <= 8 and not any(p.passed for p in probes)
 
 
-@pytest.mark.parametrize("bias", [0.8, 1.0, 1.25])
-def test_budget_search_cuts_where_the_measured_ratio_meets_the_goal(bias):
+@pytest.mark.parametrize("timing", [lambda e: 0.8 * e, lambda e: e, lambda e: min(1.0, 1.25 * e),
+                                    lambda e: 1 - 2 * (1 - e), lambda e: 1 - 0.5 * (1 - e), lambda e: 0.3 + 0.7 * e,
+                                    lambda e: e * e],
+                         ids=["0.8e", "e", "1.25e", "twice the savings", "half the savings", "overhead", "e^2"])
+def test_budget_search_cuts_where_the_measured_ratio_meets_the_goal(timing):
     """A measured budget (`--latency-target`, here over a params path): the least compressed
-    position whose measured ratio is within the goal, whether the estimate is conservative (measured = 0.8 x estimated),
-    exact or optimistic (1.25 x), in at most the passes given."""
+    position whose measured ratio is within the goal, whether the estimate is conservative,
+    exact or optimistic, proportional to the timing or not, in at most the passes given."""
     curves = [curve(f"s{i}", np.linspace(0, 1, 30) ** 2, np.linspace(30, 1, 30)) for i in range(3)]
     path = walk(curves, CostModel(curves, {"params": 90}), "params", [1, 1, 1])
     n = len(path.steps)
     full = path.start["params"]
-    measured = [min(1.0, bias * path.cost(k, "params") / full) for k in range(n + 1)]
-    calls = []
-    pos, probes, met = search_budget(path, "params", 0.6, lambda k: (calls.append(k), measured[k])[1],
-                                     passes=5, tolerance=0.0)
+    measured = [1.0] + [timing(path.cost(k, "params") / full) for k in range(1, n + 1)]
     want = next(k for k in range(n + 1) if measured[k] <= 0.6)
-    assert met and len(calls) <= 5 and [p.position for p in probes] == calls
-    assert all(p.passed == (measured[p.position] <= 0.6) for p in probes)
-    assert measured[pos] <= 0.6 and pos in calls
-    assert pos - want <= 2          # the bracket closes on the first position within the goal
+    calls = []
+    pos, probes, met, closed = search_budget(path, "params", 0.6, lambda k: (calls.append(k), measured[k])[1],
+                                             passes=5, tolerance=0.0)
+    assert met and closed and pos == want                 # the cut itself, not just a position within
+    assert len(calls) <= 5 and len(set(calls)) == len(calls) and 0 not in calls
+    assert [p.position for p in probes] == calls and want in calls and want - 1 in calls
     assert all(p.cost == pytest.approx(path.cost(p.position, "params") / full) for p in probes)
+
+
+def test_budget_search_says_when_its_bracket_stays_open():
+    """A timing with plateaus (a step function of the estimate) can leave the bracket open after
+    the passes: the position returned is measured within the goal, and `closed` says a less
+    compressed one may be too."""
+    curves = [curve(f"s{i}", np.linspace(0, 1, 30) ** 2, np.linspace(30, 1, 30)) for i in range(3)]
+    path = walk(curves, CostModel(curves, {"params": 90}), "params", [1, 1, 1])
+    full = path.start["params"]
+    measured = [1.0] + [np.floor(10 * path.cost(k, "params") / full) / 10 for k in range(1, len(path.steps) + 1)]
+    pos, probes, met, closed = search_budget(path, "params", 0.65, lambda k: measured[k], passes=2, tolerance=0.0)
+    want = next(k for k in range(len(measured)) if measured[k] <= 0.65)
+    assert met and measured[pos] <= 0.65 and len(probes) == 2
+    assert not closed and pos >= want                       # two timings cannot close this bracket
+    last_over = max((p.position for p in probes if not p.passed), default=0)
+    assert pos - last_over > 1
 
 
 def test_densify_puts_back_every_size_a_move_jumped_over():
@@ -229,9 +247,9 @@ def test_budget_search_reports_a_goal_no_position_meets():
     curves = [curve("a", np.linspace(0, 1, 40), np.linspace(40, 20, 40))]
     path = walk(curves, CostModel(curves, {"params": 40}), "params", [1])
     calls = []
-    pos, probes, met = search_budget(path, "params", 0.3, lambda k: (calls.append(k), 0.9)[1], passes=4)
+    pos, probes, met, _ = search_budget(path, "params", 0.3, lambda k: (calls.append(k), 0.9)[1], passes=4)
     assert not met and pos == len(path.steps) and len(path.steps) in calls and len(calls) <= 4
-    assert search_budget(path, "params", 1.0, lambda k: 1 / 0) == (0, [], True)   # the original is within
+    assert search_budget(path, "params", 1.0, lambda k: 1 / 0) == (0, [], True, True)   # the original is within
 
 
 @pytest.mark.parametrize("text, want", [("cosine>=0.99", ("cosine", ">=", 0.99)), ("top1>=0.9", ("top1", ">=", 0.9)),

@@ -45,7 +45,7 @@ def flatten(value, prefix: str, wild: set[str]) -> set[str]:
 def reports(tmp_path_factory) -> list[dict]:
     """Real reports covering every field: ID with a gate and labels, low rank on a CNN, a target,
     ID on a model with external data (block by block), --spread with --quantize, sparse quantized factors, a
-    codebook table and float16 block scales."""
+    codebook table and float16 block scales, a latency target."""
     tmp = tmp_path_factory.mktemp("reports")
     a = compress(MODELS / "digits_mlp.onnx", tmp / "a.onnx", config=Config(min_agreement=0.5, best=True),
                  calib=MODELS / "digits_calib.npz", val=MODELS / "digits_val.npz",
@@ -74,7 +74,9 @@ def reports(tmp_path_factory) -> list[dict]:
     table = checks.save(tmp, embed_two_layers(), "table.onnx")
     h = compress(table, tmp / "h.onnx", config=Config(method="quant", size_target=0.115, probe_feeds=4),
                  calib=_feeds(8, vocab=8192))
-    for r in (a, b, c):  # what --report writes
+    lat = compress(MODELS / "digits_mlp.onnx", tmp / "lat.onnx", config=Config(latency_target=0.8, probe_feeds=4),
+                   calib=MODELS / "digits_calib.npz")   # timed by the tests' stand-in (conftest)
+    for r in (a, b, c, lat):  # what --report writes
         r.save(tmp / "r.json")
     return [a.to_dict(), b.to_dict(), c.to_dict(), json.loads((tmp / "r.json").read_text()), d.to_dict(), e.to_dict(), f.to_dict(), g.to_dict(), h.to_dict()]
 

@@ -112,7 +112,8 @@ class Config:
                      against the original at one sample (1 thread, all cores) and undo the splits
                      saving the fewest FLOPs while it runs slower (`latency.guard`); and time the
                      candidates of a `latency_target`.
-    latency_threads: ONNX Runtime threads of the latency model's timings.
+    latency_threads: ONNX Runtime threads of the latency model's timings and of a
+                     `latency_target`'s whole-model timings.
     benchmark:       time the original and the compressed model on the validation feed (batch 1
                      and the feed's batch; one thread and all cores) and put it in the report.
     quantize:        "int8" (one scale per output channel) or "int4" (blocks of 32 inputs; the

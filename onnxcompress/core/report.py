@@ -220,9 +220,10 @@ def _allocation_lines(a: dict) -> list[str]:
         out += ["", f"latency target {a['value']}: {len(a['latency_probes'])} timings against the original "
                     f"(one sample, {threads} thread{'s' if threads != 1 else ''})",
                 f"  {'probe':>5} {'position':>9} {'estimated':>10} {'measured':>9}"]
+        written = min((p["position"] for p in a["latency_probes"] if p["passed"]), default=None)
         for k, p in enumerate(a["latency_probes"], 1):
             out.append(f"  {k:>5} {p['position']:>9} {p['estimated']:10.1%} {p['measured']:9.1%}"
-                       f"{'  met' if p['passed'] else ''}")
+                       f"{'  met' if p['passed'] else ''}{' (written)' if p['position'] == written else ''}")
     if a.get("measured_error") is not None:
         out.append(f"output error energy (mean rel L2^2): estimated {a['estimated_error']:.3e}, "
                    f"measured {a['measured_error']:.3e}")
