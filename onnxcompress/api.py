@@ -187,6 +187,10 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
                         new, plan, undone = _guard_splits(src, norm, g, methods, sites, plan, new, sample, flops,
                                                           report)
                     skipped = skipped + undone
+                    if undone and report.allocation.get("measured_latency") is not None:
+                        report.warn(f"latency target: {len(undone)} low-rank split(s) undone after the search "
+                                    f"(the model ran slower than the original on some thread count); the "
+                                    f"measured latency {report.allocation['measured_latency']:.3f} was timed with them")
             if config.quantize and not late_sites:
                 found = []
                 with timer("quantize"):

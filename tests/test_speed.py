@@ -573,6 +573,24 @@ def test_a_latency_target_falls_back_to_the_estimate_when_a_probe_cannot_be_time
     assert not calls and "latency_probes" not in quantized.allocation and quantized.allocation["reached"] <= 0.8 + 1e-9
 
 
+def test_splits_undone_after_a_latency_target_search_are_reported(tmp_path, monkeypatch):
+    """The whole-model guard still runs after a timed latency target and may undo splits (here,
+    any model with more nodes than the original "runs" 1.5 times slower on every thread count);
+    the measured latency was timed with them, and a warning says so."""
+    m, data = wide_mlp((40, 24))
+    nodes = len(m.graph.node)
+
+    def ratios(original, compressed, feed):
+        model = compressed if isinstance(compressed, onnx.ModelProto) else onnx.load(compressed)
+        return {1: 1.5 if len(model.graph.node) > nodes else 1.0}
+    monkeypatch.setattr(latency, "model_ratios", ratios)
+    report = compress(_save(tmp_path, m), tmp_path / "o.onnx", config=Config(latency_target=0.8, method="aasvd", round=1),
+                      calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:]))
+    assert report.allocation["measured_latency"] <= 0.8
+    assert report.allocation["latency_guard"]["undone"]
+    assert any("undone after the search" in w for w in report.warnings)
+
+
 def test_latency_rules_take_a_model_with_external_data(tmp_path, monkeypatch):
     """The latency model's sessions (whole-model timing, profile) get an external-data model
     as a file with linked weights, not as bytes naming its weight file by an absolute path
