@@ -165,8 +165,7 @@ def walk(curves: list[Curve], costs: CostModel, metric: str, weights: list[float
     clash = conflicts(curves)
     frozen = [False] * n
     err = [weights[i] * np.asarray(c.error, dtype=np.float64) for i, c in enumerate(curves)]
-    grids = [np.asarray(c.steps if c.steps is not None else np.arange(len(c.sizes)), dtype=np.int64)
-             for c in curves]
+    grids = [c.grid for c in curves]
     best: dict[int, tuple[float, float, int] | None] = {}
 
     def candidate(ci: int):
@@ -266,7 +265,7 @@ def densify(path: Path, curves: list[Curve], costs: CostModel, weights: list[flo
         ci = step.site
         if not step.resets:
             c = curves[ci]
-            grid = np.asarray(c.steps if c.steps is not None else np.arange(len(c.sizes)), dtype=np.int64)
+            grid = c.grid
             err = weights[ci] * np.asarray(c.error, dtype=np.float64)
             for j in grid[(grid > idx[ci]) & (grid < step.index)]:
                 trial = list(idx)
@@ -325,8 +324,7 @@ def refill(curves: list[Curve], costs: CostModel, metric: str, weights: list[flo
     n = len(curves)
     idx = path.at(len(path.steps))
     err = [weights[i] * np.asarray(c.error, dtype=np.float64) for i, c in enumerate(curves)]
-    grids = [np.asarray(c.steps if c.steps is not None else np.arange(len(c.sizes)), dtype=np.int64)
-             for c in curves]
+    grids = [c.grid for c in curves]
     steps = list(path.steps)
     total_err = path.error(len(steps))
     current = costs.total(metric, idx)

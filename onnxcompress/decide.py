@@ -73,9 +73,8 @@ def decide(norm, g, methods: dict, curves: list, config, before: dict, *, calib_
             idx, path = budget(curves, costs, metric, value, weights)
             report.allocation.update(metric=metric, estimated_error=path.error(len(path.steps)),
                                      reached=path.cost(len(path.steps), metric) / (path.start[metric] or 1.0))
-            why = f"{rule.replace('_', ' ')} {value} is met without it"
             entries, left = _realize(g, methods, curves, idx, config,
-                                     {ci: _no_candidate(curves[ci]) or why for ci in range(len(curves)) if idx[ci] == 0})
+                                     _left_whole(curves, idx, f"{rule.replace('_', ' ')} {value} is met without it"))
         return entries, left, None
     return _search(norm, g, methods, curves, costs, weights, config, reference, report, timer, progress,
                    calib_src, sample)
@@ -191,6 +190,12 @@ def _no_candidate(curve) -> str | None:
     return next(iter(curve.dropped.values()))
 
 
+def _left_whole(curves: list, idx: list[int], why: str) -> dict[int, str]:
+    """For `_realize`: every site an allocation leaves at full size, with why (`_no_candidate`'s
+    reason when it had no smaller size at all)."""
+    return {ci: _no_candidate(curves[ci]) or why for ci in range(len(curves)) if idx[ci] == 0}
+
+
 def _merge_skipped(left: list) -> list:
     """One entry per node: the reasons of every method that left it whole, joined."""
     merged: dict = {}
@@ -277,13 +282,12 @@ def _latency_budget(norm, g, methods, curves, costs, weights, config, goal, repo
     with timer("decide"):
         path = densify(walk(curves, costs, "latency", weights), curves, costs, weights)
     realized = {}
-    why = f"latency target {goal} is met without it"
 
     def entries_at(pos: int):
         idx = path.at(pos)
         with timer("decide"):
-            return _realize(g, methods, curves, idx, config, {ci: _no_candidate(curves[ci]) or why
-                                                               for ci in range(len(curves)) if idx[ci] == 0}, realized)
+            return _realize(g, methods, curves, idx, config,
+                            _left_whole(curves, idx, f"latency target {goal} is met without it"), realized)
 
     timed = []
 

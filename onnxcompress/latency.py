@@ -559,8 +559,7 @@ def attach(g, curves: list[Curve], timings: Timings, *, costs: bool, drop_slower
         if costs and items:
             new["costs"] = tuple(c.costs) + tuple(items)
         if drop_slower and dropped:
-            steps = c.steps if c.steps is not None else np.arange(len(c.sizes))
-            new["steps"] = np.asarray([j for j in steps if int(j) not in dropped], dtype=np.int64)
+            new["steps"] = np.asarray([j for j in c.grid if int(j) not in dropped], dtype=np.int64)
             new["dropped"] = {**c.dropped, **dropped}
         out.append(dataclasses.replace(c, **new) if new else c)
     for t in (timings, *others):
@@ -643,20 +642,16 @@ GUARD_REPEATS = 15
 
 
 def model_ratios(original, compressed, feed: dict) -> dict[int, float]:
-    """Per thread count (1 and all cores), the compressed model's median latency over the
-    original's at `feed`, the two interleaved call by call in this process (`benchmark`)."""
-    from .benchmark import interleaved, session, thread_counts
-    out = {}
-    for threads in thread_counts():
-        before, after = interleaved([session(original, threads), session(compressed, threads)], feed,
-                                    repeats=GUARD_REPEATS)
-        out[threads] = after / before if before > 0 else 1.0
-    return out
+    """Per thread count (1 and all cores), `measured_ratio`: the compressed model's median
+    latency over the original's at `feed`, the two interleaved call by call in this process."""
+    from .benchmark import thread_counts
+    return {threads: measured_ratio(original, compressed, feed, threads) for threads in thread_counts()}
 
 
 def measured_ratio(original, compressed, feed: dict, threads: int) -> float:
     """The compressed model's median latency over the original's at `feed` on `threads` intra-op
-    threads, the two interleaved call by call in this process (`--latency-target`'s probes)."""
+    threads, the two interleaved call by call in this process (`--latency-target`'s probes, the
+    whole-model guard)."""
     from .benchmark import interleaved, session
     before, after = interleaved([session(original, threads), session(compressed, threads)], feed,
                                 repeats=GUARD_REPEATS)

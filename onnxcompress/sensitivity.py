@@ -42,7 +42,7 @@ class Sensitivity:
 def probe_index(curve: Curve, level: float = 0.05) -> int | None:
     """The first budget step whose local error reaches min(level, half the largest), or None
     when the curve is zero everywhere."""
-    steps = curve.steps if curve.steps is not None else np.arange(len(curve.sizes))
+    steps = curve.grid
     steps = steps[steps > 0]
     if not len(steps):
         return None

@@ -89,6 +89,11 @@ class Curve:
     def id(self) -> str:
         return self.site.id
 
+    @property
+    def grid(self) -> np.ndarray:
+        """The indices the budget walk may take: `steps`, or every index."""
+        return np.asarray(self.steps if self.steps is not None else np.arange(len(self.sizes)), dtype=np.int64)
+
 
 def step_grid(n: int, floor: int, parts: int = 64) -> np.ndarray:
     """Indices 0..n-1 of a curve whose sizes are full, full-1, ..., thinned to about `parts`
