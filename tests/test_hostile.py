@@ -404,6 +404,37 @@ def test_nonfinite_weight_is_a_clear_error(work, value, what):
     refused(r, 1, "poisoned.onnx", f"holds {what}", "--allow-nonfinite", before=before, root=work.root)
 
 
+def _with_inf_operand(w: Work, op: str) -> Path:
+    """The MLP with `op`(h, c) after its first hidden Relu, c a scalar -inf initializer (a JAX
+    export writes Max(-inf, x) for the start of a max)."""
+    def edit(m):
+        relu = next(n for n in m.graph.node if n.op_type == "Relu")
+        m.graph.initializer.append(numpy_helper.from_array(np.array(-np.inf, dtype=np.float32), "neg_inf"))
+        old = relu.output[0]
+        relu.output[0] = old + "_pre"
+        i = list(m.graph.node).index(relu)
+        m.graph.node.insert(i + 1, onnx.helper.make_node(op, [old + "_pre", "neg_inf"], [old], name="bound"))
+    return w.edited_model(f"inf_{op.lower()}.onnx", edit)
+
+
+def test_an_infinite_bound_is_not_a_weight(work):
+    m = _with_inf_operand(work, "Max")
+    report = compress(m, work.output, calib={"x": work.x}, config=Config(keep=0.5))
+    plain = compress(work.model, work.out / "plain.onnx", calib={"x": work.x}, config=Config(keep=0.5))
+    # Max(-inf, h) = h: the same groups, kept channels and agreement as without it
+    assert report.groups and [g["kept"] for g in report.groups] == [g["kept"] for g in plain.groups]
+    assert all(g["kept"] < g["channels"] for g in report.groups) and not report.warnings
+    assert report.agreement[0]["rel_l2"] == pytest.approx(plain.agreement[0]["rel_l2"], rel=1e-6)
+    out = onnx.load(str(work.output))
+    onnx.checker.check_model(out, full_check=True)
+    assert [n.op_type for n in out.graph.node].count("Max") == 1
+    # the same -inf scaling a layer's activations is refused: that is a weight
+    m = _with_inf_operand(work, "Mul")
+    before = snapshot(work.root)
+    r = invoke(work.args("--force", model=m))
+    refused(r, 1, "inf_mul.onnx", "'neg_inf' holds Inf", "--allow-nonfinite", before=before, root=work.root)
+
+
 def test_nan_weight_allowed_counts_as_disagreement_and_the_report_is_strict_json(work):
     m = _poisoned(work, np.nan)
     report = work.out / "r.json"

@@ -173,15 +173,25 @@ def _external_as_inputs(graph: onnx.GraphProto) -> None:
 
 
 def check_finite_weights(model: onnx.ModelProto, path, *, allow: bool, warnings: list | None = None) -> None:
-    """Every floating-point initializer must be finite: a NaN or Inf weight makes every agreement
-    figure meaningless (a NaN row's argmax is 0 on both sides). Raises `ModelError` naming the
-    first such tensor, or with `allow` logs it (and appends the message to `warnings`): such
-    layers are then left alone and validation counts NaN outputs as disagreement."""
+    """No floating-point initializer may hold NaN, and none may hold Inf unless only bounds and
+    masks read it (`INF_READERS`: a JAX export's Max(-inf, x), an additive -inf attention mask): a
+    NaN or Inf weight makes every agreement figure meaningless (a NaN row's argmax is 0 on both
+    sides). Raises `ModelError` naming the first such tensor, or with `allow` logs it (and
+    appends the message to `warnings`): such layers are then left alone and validation counts
+    NaN outputs as disagreement."""
+    readers: dict[str, set] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
     bad = []
     for t in model.graph.initializer:
         if t.data_type not in _FLOAT_TYPES:
             continue
         what = _nonfinite(weights.array(t))
+        if what == "Inf" and readers.get(t.name) and readers[t.name] <= INF_READERS:
+            log.debug("load: %s holds Inf values, read only by %s: a bound or mask, accepted",
+                      t.name, ", ".join(sorted(readers[t.name])))
+            continue
         if what:
             bad.append((t.name, what))
     if not bad:
@@ -195,6 +205,10 @@ def check_finite_weights(model: onnx.ModelProto, path, *, allow: bool, warnings:
     log.warning(msg)
     if warnings is not None:
         warnings.append(msg)
+
+
+# ops for which an infinite constant operand is a bound, a fill value or a mask, not a weight
+INF_READERS = frozenset("Max Min Clip Where Less LessOrEqual Greater GreaterOrEqual Equal Add Sub Pad Expand".split())
 
 
 def _nonfinite(a: np.ndarray, block: int = 2**24) -> str | None:
