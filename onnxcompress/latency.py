@@ -107,13 +107,9 @@ def time_probes(probes: list[Probe], threads: int) -> list[float]:
     once in turn, the fastest call of each. Probes whose times are compared (one node at
     several widths) are so timed under the same load: a burst of other work slows them alike
     instead of inflating one of them."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
     runs = []
     for probe in probes:
-        session = ort.InferenceSession(build(probe).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        session = probe_session(probe, threads)
         if probe.nodes[0][0] == "Gather":
             vocab = probe.nodes[0][2][0][0]
             x = np.random.default_rng(0).integers(0, vocab, size=probe.shape).astype(np.int64)
@@ -130,6 +126,14 @@ def time_probes(probes: list[Probe], threads: int) -> list[float]:
             session.run(None, feed)
             best[k] = min(best[k], time.perf_counter() - start)
     return best
+
+
+def probe_session(probe: Probe, threads: int):
+    """An ONNX Runtime CPU session of the probe's model with the timing options
+    (`benchmark.options`: `threads` intra-op threads, idle threads sleeping)."""
+    import onnxruntime as ort
+    from .benchmark import options
+    return ort.InferenceSession(build(probe).SerializeToString(), options(threads), providers=["CPUExecutionProvider"])
 
 
 NODE_RUNS = 10
@@ -156,9 +160,8 @@ def node_times(model: onnx.ModelProto, feed: dict, threads: int, *, runs: int = 
     original = [(n.name if n.HasField("name") else None) for n in nodes]
     inner = {n.name for node in nodes for n in _subgraph_nodes(node)}
     with tempfile.TemporaryDirectory(prefix="onnxcompress-profile-") as tmp:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
+        from .benchmark import options
+        opts = options(threads)
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "profile")
         try:
@@ -272,7 +275,8 @@ class Timings:
         import onnxruntime as ort
         self.threads = threads
         self.timer = timer
-        self.machine = f"ort{ort.__version__}-{platform.machine()}-{_cpu()}"
+        # (idle threads sleep in every timing session since this cache's second version)
+        self.machine = f"ort{ort.__version__}-{platform.machine()}-{_cpu()}-v2"
         self.path = None if timer is not None else (cache_dir or CACHE_DIR) / f"latency-{_digest(self.machine)}.json"
         self.values: dict[str, float] = {} if fresh else self._load()
         self.measured = 0

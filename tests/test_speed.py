@@ -370,6 +370,30 @@ def test_benchmark_reports_both_models_per_thread_count_and_batch(tmp_path):
                     calib=_npz(tmp_path, 'c', data[:64]), val=_npz(tmp_path, 'v', data[64:])).latency is None
 
 
+def test_timing_sessions_sleep_instead_of_spinning(monkeypatch):
+    """Two sessions called in turn: one's spinning threads must not take the other's cores. Every
+    timing path (whole models, node probes, the node profile) builds its sessions so."""
+    from onnxcompress import benchmark
+    for threads in (1, 2, 0):
+        opts = benchmark.options(threads)
+        assert opts.intra_op_num_threads == threads
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    made = []
+    real = ort.InferenceSession
+
+    def spy(src, opts=None, **kw):
+        made.append((opts.intra_op_num_threads, opts.get_session_config_entry("session.intra_op.allow_spinning")))
+        return real(src, opts, **kw)
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    m = conv_chain()
+    feed = {"x": np.zeros((1, 3, 8, 8), np.float32)}
+    benchmark.interleaved([benchmark.session(m, 2), benchmark.session(m, 2)], feed, repeats=1, warmup=0)
+    g = _graph(m, feed)
+    latency.probe_session(latency.node_probe(g, g.index_of("conv1")), 2)   # (time_probes' sessions)
+    latency.node_times(m, feed, 2, runs=1)
+    assert made == [(2, "0")] * 4
+
+
 # the whole-model guard
 
 @pytest.mark.parametrize("splits, needed", [(0, 0), (1, 0), (1, 1), (5, 0), (5, 3), (5, 5), (9, 4), (16, 1)])
