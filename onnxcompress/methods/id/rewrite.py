@@ -31,7 +31,7 @@ from ...core.graph import GraphIndex
 from ...core.modelio import without_initializers
 from ...core.plan import Plan
 from ...ops.edits import Mix, SetAttr, ShapeEntry, Shift, Slice, window_keep
-from ...ops.surgery import drop_value_info, fresh_name, set_int_attr, store_tensor
+from ...ops.surgery import cast_weight, drop_value_info, fresh_name, set_int_attr, store_tensor
 from .groups import Analysis
 
 
@@ -92,14 +92,14 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, analysis: Analysis, plan: Pla
         node = out.graph.node[i]
         fresh = fresh_name(f"{name}_{node.name or i}", taken)
         node.input[list(node.input).index(name)] = fresh
-        out.graph.initializer.append(numpy_helper.from_array(value.astype(dtypes[name], copy=False), fresh))
+        out.graph.initializer.append(numpy_helper.from_array(cast_weight(value, dtypes[name]), fresh))
     read = {n for node in out.graph.node for n in node.input} | {o.name for o in out.graph.output}
     orphans = {name for _, name in shapes} - read  # shape constants every reader now has a copy of
     for t in model.graph.initializer:
         if t.name in orphans:
             continue
         if t.name in values:  # each new value is released as soon as it is stored
-            store_tensor(out.graph.initializer.add(), t, values.pop(t.name).astype(dtypes[t.name], copy=False))
+            store_tensor(out.graph.initializer.add(), t, cast_weight(values.pop(t.name), dtypes[t.name]))
         else:
             out.graph.initializer.add().CopyFrom(t)
     drop_value_info(out.graph, changed)

@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 from ...core.errors import UsageError
 from ...core.graph import GraphIndex
 from ...core.plan import Plan
-from ...ops.surgery import drop_value_info, fresh_name
+from ...ops.surgery import cast_weight, drop_value_info, fresh_name
 
 
 def split(model: onnx.ModelProto, g: GraphIndex, layers: dict, plan: Plan) -> onnx.ModelProto:
@@ -70,7 +70,7 @@ def _split_nodes(g: GraphIndex, layer, lp, dtype, fresh) -> tuple[list, list]:
     second_name = f"{node.name}/lowrank_out" if node.name else ""
 
     def init(name, value):
-        return numpy_helper.from_array(np.ascontiguousarray(value).astype(dtype), name)
+        return numpy_helper.from_array(np.ascontiguousarray(cast_weight(value, dtype)), name)
 
     kind = layer.kind
     if kind in ("gemm", "matmul"):

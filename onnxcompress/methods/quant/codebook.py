@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ...ops.surgery import cast_weight
 from ..lowrank.solvers import token_weights
 
 
@@ -113,7 +114,7 @@ def nodes(name: str, codes: np.ndarray, codebooks: np.ndarray, dtype, names: lis
     p = codebooks.shape[1]
     c, books, offsets, shape = names
     inits = [numpy_helper.from_array(np.ascontiguousarray(codes, dtype=np.uint8), c),
-             numpy_helper.from_array(np.ascontiguousarray(codebooks, dtype=dtype), books),
+             numpy_helper.from_array(np.ascontiguousarray(cast_weight(codebooks, dtype)), books),
              numpy_helper.from_array(np.arange(m, dtype=np.int64) * k, offsets),
              numpy_helper.from_array(np.array([vocab, m * p], dtype=np.int64), shape)]
     out = [helper.make_node("Cast", [c], [f"{c}_int64"], name=f"{name}/cast", to=TensorProto.INT64),

@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ...ops.edits import Layer
-from ...ops.surgery import drop_value_info, fresh_name
+from ...ops.surgery import cast_weight, drop_value_info, fresh_name
 from . import codebook
 from .solvers import Format, Quantized
 
@@ -175,7 +175,7 @@ def _ort_nodes(node: onnx.NodeProto, layer: Layer, q: Quantized, names, dtype) -
     along K (zero-padded to whole blocks), scales (N, K/B). GatherBlockQuantized: the int4
     codes of E (vocab x d) as they are, scales (vocab, d/B), quantize_axis 1."""
     bits, block = q.format.bits, q.format.block
-    scales = np.ascontiguousarray(q.scales.astype(dtype))
+    scales = np.ascontiguousarray(cast_weight(q.scales, dtype))
     if layer.kind == "gather":
         inits = [int_tensor(names[0], q.codes, 4), numpy_helper.from_array(scales, names[1])]
         new = helper.make_node("GatherBlockQuantized", [names[0], node.input[1], names[1]], list(node.output),
@@ -249,7 +249,7 @@ def apply(model: onnx.ModelProto, edits, format: str = "onnx") -> onnx.ModelProt
                 "Cast", [names[1]], [scale], name=f"{node.name or layer.key}/scale_cast",
                 to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype))))
         else:
-            new_inits.append(numpy_helper.from_array(scales.astype(dtype), names[1]))
+            new_inits.append(numpy_helper.from_array(cast_weight(scales, dtype), names[1]))
         before.setdefault(index, []).append(
             dequantize_node(f"{node.name or layer.key}/dequantize", names[0], scale, names[2], axis, block))
         for k, x in enumerate(node.input):

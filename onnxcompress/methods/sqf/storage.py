@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ...ops.edits import Layer
-from ...ops.surgery import fresh_name
+from ...ops.surgery import cast_weight, fresh_name
 from ..quant.storage import BLOCKED_OPSET, _splice, copy_at_opset, find_node, int_tensor
 from .solvers import SQF, stored_bits
 
@@ -45,7 +45,7 @@ class _Builder:
 
     def init(self, what: str, value: np.ndarray, bits: int | None = None) -> str:
         name = self.name(what)
-        tensor = int_tensor(name, value, bits) if bits else numpy_helper.from_array(value, name)
+        tensor = int_tensor(name, value, bits) if bits else numpy_helper.from_array(cast_weight(value, value.dtype), name)
         self.inits.append(tensor)
         return name
 
