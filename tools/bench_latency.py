@@ -8,7 +8,10 @@ CNN (models/digits_cnn.onnx at --keep 0.75, --flops-target 0.5, --flops-target 0
 --keep 0.75), plus a few runs of its own (`EXTRA`):
 
 * phase "compress": runs ``python -m onnxcompress`` with the row's flags into OUT/RUN.onnx
-  (and RUN.report.json); the FLOPs ratio is the report's (per sample);
+  (and RUN.report.json); the FLOPs ratio is the report's (per sample). A run of the results
+  table that OUT does not hold is timed from the file tools/benchmark.py wrote
+  (BENCH/MODEL/runs/RUN.onnx), so `tools/benchmark.py` followed by `--phase compress` for the
+  CNN and `EXTRA` rows and `--phase time` times exactly the table's files;
 * phase "time": loads the original and the compressed model in one process, two ONNX Runtime
   CPU sessions each (1 thread, all cores), and calls them interleaved on a realistic feed
   (`feeds`): MiniLM 16 sentences of 64 tokens, OCR recognition 48x320 lines, OCR detection
@@ -121,11 +124,21 @@ def feeds(model: str, bench: Path) -> dict[str, dict]:
     return {"batch 1": {k: v[:1] for k, v in batch.items()}, f"batch {BATCH}": batch}
 
 
+def compressed(run, bench: Path, out: Path) -> Path | None:
+    """The compressed file of `run`: OUT/RUN.onnx when the compress phase wrote it, else the one
+    tools/benchmark.py wrote (BENCH/MODEL/runs/RUN.onnx, the results table's own file), else None."""
+    rid, model = run[0], run[1]
+    for folder in (out, bench / model / "runs"):
+        if (folder / f"{rid}.onnx").exists() and (folder / f"{rid}.report.json").exists():
+            return folder / f"{rid}.onnx"
+    return None
+
+
 def time_run(run, bench: Path, out: Path, repeats: int) -> dict:
     rid, model, flags, _ = run
     src, _, _ = sources(model, bench)
-    path = out / f"{rid}.onnx"
-    report = json.loads((out / f"{rid}.report.json").read_text())
+    path = compressed(run, bench, out)
+    report = json.loads(path.with_name(f"{rid}.report.json").read_text())
     flops = report["flops"]["after"] / report["flops"]["before"]
     row = {"run": rid, "model": model, "flags": list(flags), "flops_ratio": round(flops, 4),
            "params_ratio": round(report["params"]["after"] / report["params"]["before"], 4), "latency": []}
@@ -141,11 +154,15 @@ def time_run(run, bench: Path, out: Path, repeats: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| run | FLOPs | 1 thread, batch 1 | 1 thread, batch 16+ | all cores, batch 1 | all cores, batch 16+ |",
-             "|---|---|---|---|---|---|"]
+    """The README's speed table: per run its flags, FLOPs ratio, the four latency ratios and the
+    load average at the end of its timing."""
+    lines = ["| run | flags | FLOPs | 1 thread, batch 1 | 1 thread, batch 16 | all cores, batch 1 | all cores, batch 16 | load |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [f"{x['ratio']:.2f}" for x in r["latency"]]
-        lines.append(f"| {r['run']} | {r['flops_ratio']:.1%} | " + " | ".join(cells) + " |")
+        flags = " ".join(r["flags"])
+        lines.append(f"| {r['run']} | `{flags}` | {r['flops_ratio']:.1%} | " + " | ".join(cells)
+                     + f" | {r['load_1min']:.1f} |")
     return "\n".join(lines)
 
 
@@ -178,7 +195,7 @@ def main(argv=None) -> int:
             result = compress(run, args.bench, args.out, limits)
             print(json.dumps(result), flush=True)
             failed |= result["exit_code"] not in (0, 3)
-        if args.phase in ("time", "all") and (args.out / f"{run[0]}.onnx").exists():
+        if args.phase in ("time", "all") and compressed(run, args.bench, args.out) is not None:
             rows.append(time_run(run, args.bench, args.out, args.repeats))
             print(json.dumps(rows[-1]), flush=True)
     if args.table and rows:
