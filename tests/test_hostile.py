@@ -428,11 +428,12 @@ def test_an_infinite_bound_is_not_a_weight(work):
     out = onnx.load(str(work.output))
     onnx.checker.check_model(out, full_check=True)
     assert [n.op_type for n in out.graph.node].count("Max") == 1
-    # the same -inf scaling a layer's activations is refused: that is a weight
-    m = _with_inf_operand(work, "Mul")
-    before = snapshot(work.root)
-    r = invoke(work.args("--force", model=m))
-    refused(r, 1, "inf_mul.onnx", "'neg_inf' holds Inf", "--allow-nonfinite", before=before, root=work.root)
+    # the same -inf scaling a layer's activations, or added to them as a bias, is refused: a weight
+    for op in ("Mul", "Add"):
+        m = _with_inf_operand(work, op)
+        before = snapshot(work.root)
+        r = invoke(work.args("--force", model=m))
+        refused(r, 1, f"inf_{op.lower()}.onnx", "'neg_inf' holds Inf", "--allow-nonfinite", before=before, root=work.root)
 
 
 def test_nan_weight_allowed_counts_as_disagreement_and_the_report_is_strict_json(work):

@@ -174,15 +174,18 @@ def _external_as_inputs(graph: onnx.GraphProto) -> None:
 
 def check_finite_weights(model: onnx.ModelProto, path, *, allow: bool, warnings: list | None = None) -> None:
     """No floating-point initializer may hold NaN, and none may hold Inf unless only bounds and
-    masks read it (`INF_READERS`: a JAX export's Max(-inf, x), an additive -inf attention mask): a
+    selections read it (`INF_READERS`, in any graph of the model: a JAX export's Max(-inf, x), a
+    Where(mask, x, -inf)): a
     NaN or Inf weight makes every agreement figure meaningless (a NaN row's argmax is 0 on both
     sides). Raises `ModelError` naming the first such tensor, or with `allow` logs it (and
     appends the message to `warnings`): such layers are then left alone and validation counts
     NaN outputs as disagreement."""
+    from .normalize import _all_nodes
     readers: dict[str, set] = {}
-    for node in model.graph.node:
+    for node in _all_nodes(model.graph):   # subgraph bodies read outer-scope initializers too
+        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
         for name in node.input:
-            readers.setdefault(name, set()).add(node.op_type)
+            readers.setdefault(name, set()).add(op)
     bad = []
     for t in model.graph.initializer:
         if t.data_type not in _FLOAT_TYPES:
@@ -207,8 +210,9 @@ def check_finite_weights(model: onnx.ModelProto, path, *, allow: bool, warnings:
         warnings.append(msg)
 
 
-# ops for which an infinite constant operand is a bound, a fill value or a mask, not a weight
-INF_READERS = frozenset("Max Min Clip Where Less LessOrEqual Greater GreaterOrEqual Equal Add Sub Pad Expand".split())
+# ops for which an infinite constant operand is a bound, a fill value or a selected value, not a
+# weight (Add and Sub are not: an Inf bias is a broken layer, not a mask, as far as a check can tell)
+INF_READERS = frozenset("Max Min Clip Where Less LessOrEqual Greater GreaterOrEqual Equal Pad Expand".split())
 
 
 def _nonfinite(a: np.ndarray, block: int = 2**24) -> str | None:
