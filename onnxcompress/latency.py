@@ -156,11 +156,11 @@ def node_times(model: onnx.ModelProto, feed: dict, threads: int, *, runs: int = 
     conversions, which are no node of the model, are returned apart (`NodeTimes.layout`, by
     the shape they convert; `_layout_owners` gives them to channel groups)."""
     import onnxruntime as ort
+    from .benchmark import options
     nodes = model.graph.node
     original = [(n.name if n.HasField("name") else None) for n in nodes]
     inner = {n.name for node in nodes for n in _subgraph_nodes(node)}
     with tempfile.TemporaryDirectory(prefix="onnxcompress-profile-") as tmp:
-        from .benchmark import options
         opts = options(threads)
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "profile")

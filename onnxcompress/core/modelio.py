@@ -175,9 +175,8 @@ def _external_as_inputs(graph: onnx.GraphProto) -> None:
 def check_finite_weights(model: onnx.ModelProto, path, *, allow: bool, warnings: list | None = None) -> None:
     """No floating-point initializer may hold NaN, and none may hold Inf unless only bounds and
     selections read it (`INF_READERS`, in any graph of the model: a JAX export's Max(-inf, x), a
-    Where(mask, x, -inf)): a
-    NaN or Inf weight makes every agreement figure meaningless (a NaN row's argmax is 0 on both
-    sides). Raises `ModelError` naming the first such tensor, or with `allow` logs it (and
+    Where(mask, x, -inf)): a NaN or Inf weight makes every agreement figure meaningless (a NaN
+    row's argmax is 0 on both sides). Raises `ModelError` naming the first such tensor, or with `allow` logs it (and
     appends the message to `warnings`): such layers are then left alone and validation counts
     NaN outputs as disagreement."""
     from .normalize import _all_nodes

@@ -31,24 +31,25 @@ def cast_weight(value: np.ndarray, dtype) -> np.ndarray:
     blocks = _subnormal_blocks(out) if out.dtype in (np.float32, np.float64) else []
     if not blocks:
         return out
-    tiny = np.finfo(out.dtype).tiny
     flushed = np.array(out, order="C")   # a new array (`value` may be read-only or shared), C order: `flat` is a view
     flat = flushed.reshape(-1)
     for start in blocks:
         part = flat[start:start + _BLOCK]
-        part[(np.abs(part) < tiny) & (part != 0)] = 0
+        part[_subnormal(part)] = 0
     return flushed
 
 
 _BLOCK = 2**22   # elements scanned at a time: no full-size temporary for a large weight
 
 
+def _subnormal(part: np.ndarray) -> np.ndarray:
+    return (np.abs(part) < np.finfo(part.dtype).tiny) & (part != 0)
+
+
 def _subnormal_blocks(a: np.ndarray) -> list[int]:
     """Start offsets (into the flattened array) of the blocks of `a` holding a subnormal."""
-    tiny = np.finfo(a.dtype).tiny
     flat = a.reshape(-1)
-    return [start for start in range(0, flat.size, _BLOCK)
-            if np.any((np.abs(flat[start:start + _BLOCK]) < tiny) & (flat[start:start + _BLOCK] != 0))]
+    return [start for start in range(0, flat.size, _BLOCK) if _subnormal(flat[start:start + _BLOCK]).any()]
 
 
 def set_int_attr(node: onnx.NodeProto, name: str, value: int) -> None:
