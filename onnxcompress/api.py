@@ -199,6 +199,8 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
                 for w in found:
                     report.warn(w)
                 plan = Plan(plan.method, plan.select, plan.entries + tuple(late))
+        with timer("rewrite"):
+            new = quant_stage.finish(new, norm, config)
         rewritten = new is not norm
         # release the input model and its index before the compressed model runs: a large model
         # would otherwise be held twice through the smoke test and validation

@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 
 from .api import compress, default_output
-from .core.config import METHODS, MINIMIZE, PROVIDERS, QUANTIZE, SELECTIONS, Config
+from .core.config import DECODE, METHODS, MINIMIZE, PROVIDERS, QUANTIZE, SELECTIONS, Config
 from .core.errors import AgreementError, OnnxCompressError, OutputError, UsageError
 from .core import files
 from .core.plan import Plan
@@ -144,6 +144,7 @@ SUBCOMMANDS = {"inspect": ".inspect", "sweep": ".sweep"}
 @click.option("--latency-threads", type=click.IntRange(min=1), default=1, show_default=True, help="ONNX Runtime threads of the latency model's timings and of --latency-target's whole-model timings.")
 @click.option("--benchmark", is_flag=True, help="Time the original and the compressed model on the validation feed (batch 1 and the feed's batch, one thread and all cores) and report it.")
 @click.option("--quantize", type=click.Choice(QUANTIZE), help="After the size rule's plan, quantize every float weight left (ID-shrunk weights and low-rank factors included) with error feedback against its input Gram: int8 per output channel, or int4 in blocks of 32 (opset raised to 21 when safe).")
+@click.option("--decode", type=click.Choice(DECODE), default="load", show_default=True, help="When quantized weights become floats: load (the file holds integers; Cast and Mul nodes give the float weight once, when a runtime loads the model: smallest file, float speed) or run (DequantizeLinear, kept as integers in memory; can run slower than float on a CPU).")
 @click.option("--ray", help="Calibrate on a Ray cluster: local starts one on this machine; anything else is the address of a running cluster to join (auto, HOST:6379, ray://HOST:10001). Needs pip install 'onnxcompress[ray]'.")
 @click.option("--ray-workers", type=int, help="With --ray: the number of shards (one worker task each) the calibration feeds are cut into, and the CPUs of a local instance (default: every CPU of the cluster).")
 @click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True, help="ONNX Runtime execution provider for calibration and for the compressed model in validation (cuda needs onnxruntime-gpu and a GPU); the original's reference outputs are computed on the CPU.")
@@ -152,7 +153,7 @@ def main(model, output, calib, val, report_path, keep, spread, tolerance, flops_
          minimize, sensitivity, probe_feeds, min_keep,
          select, method, include, p, lp_weighted, smoothing, max_patch, intercept, best, exclude, min_agreement, keep_failed, batch_size, max_rows, stats_memory, holdout, save_plan, plan_path,
          force, quiet, verbose, allow_nonfinite, solver, seed, val_labels, round_, latency_target, latency_check,
-         latency_threads, benchmark, quantize, ray, ray_workers, provider):
+         latency_threads, benchmark, quantize, decode, ray, ray_workers, provider):
     """Compress MODEL.onnx into OUTPUT (default: MODEL.compressed.onnx beside it)."""
     logging.basicConfig(format="onnxcompress: %(levelname)s: %(message)s",
                         level=logging.ERROR if quiet else (logging.INFO if verbose else logging.WARNING))
@@ -168,7 +169,7 @@ def main(model, output, calib, val, report_path, keep, spread, tolerance, flops_
                             stats_memory=stats_memory,
                             holdout=holdout, force=force, allow_nonfinite=allow_nonfinite, solver=solver,
                             seed=seed, round=round_, latency_target=latency_target, latency_check=latency_check,
-                            latency_threads=latency_threads, benchmark=benchmark, quantize=quantize, ray=ray,
+                            latency_threads=latency_threads, benchmark=benchmark, quantize=quantize, decode=decode, ray=ray,
                             ray_workers=ray_workers, provider=provider)
             out = _check_side_outputs(model, output, calib, val, plan_path, force, report=report_path,
                                       save_plan=save_plan, labels=val_labels)

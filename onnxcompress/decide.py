@@ -225,6 +225,8 @@ def _search(norm, g, methods, curves, costs, weights, config, reference, report,
                 new, late, late_sites, _ = quant_stage.quantize_rest(new, config.quantize, calib_src, config, sample,
                                                                      progress=progress, warnings=warnings)
             entries = entries + late
+        with timer("rewrite"):
+            new = quant_stage.finish(new, norm, config)
         with timer("validate"):
             agreement = reference.compare(new, progress=progress)
         score = worst(agreement, target)

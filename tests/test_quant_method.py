@@ -18,14 +18,20 @@ from test_mixed import feeds, path  # noqa: F401 (path: the embed_ffn model, a f
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
-def test_size_target_quantizes_weights_as_int8_with_dequantize(path, tmp_path):
+@pytest.mark.parametrize("decode", ["run", "load"])
+def test_size_target_quantizes_weights_as_int8_with_dequantize(path, tmp_path, decode):
+    """"run": each int8 weight feeds a DequantizeLinear; "load": a Cast of it (then a Mul by its
+    scales), and no DequantizeLinear is left."""
     data = feeds(16)
     out = tmp_path / "q.onnx"
-    report = compress(path, out, config=Config(method="quant", size_target=0.4), calib=data, val=data)
+    report = compress(path, out, config=Config(method="quant", size_target=0.4, decode=decode), calib=data, val=data)
     new = onnx.load(str(out))
     ints = [t for t in new.graph.initializer if t.data_type == TensorProto.INT8]
+    readers = {n.input[0]: n.op_type for n in new.graph.node if n.input}
     deq = [n for n in new.graph.node if n.op_type == "DequantizeLinear"]
-    assert len(ints) == len(deq) == len(report.sections["quantized"]) >= 2
+    assert len(ints) == len(report.sections["quantized"]) >= 2
+    assert len(deq) == (len(ints) if decode == "run" else 0)
+    assert {readers[t.name] for t in ints} == {"DequantizeLinear" if decode == "run" else "Cast"}
     assert report.allocation["reached"] <= 0.4
     assert report.params["before"] <= report.params["after"] <= 1.1 * report.params["before"]  # codes + scales
     for row in report.sections["quantized"]:

@@ -57,7 +57,7 @@ def float_weights(model: onnx.ModelProto) -> dict:
 
 @pytest.mark.parametrize("name, bits", [("int8", 8), ("int4", 4)])
 def test_id_plan_then_quantize_stores_every_shrunk_weight_as_integers(path, tmp_path, name, bits):
-    report = compress(path, tmp_path / "q.onnx", config=Config(keep=0.5, quantize=name),
+    report = compress(path, tmp_path / "q.onnx", config=Config(keep=0.5, quantize=name, decode="run"),
                       calib=feeds(40), val=feeds(8, seed=5))
     out = onnx.load(str(tmp_path / "q.onnx"))
     # structure: no 2-D float weight is left; each layer reads a DequantizeLinear of its width
@@ -88,7 +88,7 @@ def test_id_plan_then_quantize_stores_every_shrunk_weight_as_integers(path, tmp_
 def test_split_factors_are_quantized_against_the_rewritten_models_gram(path, tmp_path):
     """The stage's error figure for a factor is tr(D G' D^T) / tr(W G' W^T) with G' the Gram of
     that factor's input in the rewritten model, recomputed here by running the split model."""
-    cfg = Config(method="aasvd", keep=0.3, quantize="int8", latency_check=False, round=1)
+    cfg = Config(method="aasvd", keep=0.3, quantize="int8", latency_check=False, round=1, decode="run")
     report = compress(path, tmp_path / "q.onnx", config=cfg, calib=feeds(40), val=feeds(8, seed=5))
     split = [r for r in report.layers]
     assert split, "the low-rank stage split nothing"

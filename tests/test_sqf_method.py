@@ -32,7 +32,7 @@ def result(tmp_path_factory):
     onnx.save(embed_ffn(), str(src))
     data = feeds(16)
     out = tmp / "s.onnx"
-    report = compress(src, out, config=Config(method="sqf", size_target=0.5), calib=data, val=data)
+    report = compress(src, out, config=Config(method="sqf", size_target=0.5, decode="run"), calib=data, val=data)
     return src, out, report, data
 
 

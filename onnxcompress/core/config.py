@@ -19,6 +19,8 @@ SIZE_RULES = ("keep", "tolerance", "flops_target", "params_target", "size_target
 SELECTIONS = ("id", "norm")
 SOLVERS = ("irls", "ellipsoid")
 QUANTIZE = ("int8", "int4")
+#: when the integers of quantized weights become floats (`decode` below)
+DECODE = ("load", "run")
 PROVIDERS = ("cpu", "cuda")  # ONNX Runtime execution providers (`runtime.PROVIDERS`)
 
 
@@ -123,6 +125,15 @@ class Config:
                      feedback against its input Gram in the rewritten model, from one more
                      calibration pass (`methods/quant/stage.py`). With `target`, every probe
                      is quantized before it is validated.
+    decode:          when the integers of the weights the tool quantizes (`quant`, `sqf`, `--quantize`)
+                     become floats. "load": the file holds the integers and their scales, and
+                     standard Cast and Mul nodes on those constants give the float weight, which
+                     a runtime computes once when it loads the model (ONNX Runtime folds them):
+                     the smallest file, and the layer runs as fast as a float one, in float
+                     memory. "run": DequantizeLinear, which runtimes with quantized kernels keep
+                     as integers in memory (ONNX Runtime turns int4/int8 blocks feeding a MatMul
+                     into MatMulNBits, which on a CPU can be slower than the float layer).
+                     (`methods.quant.storage.decode_at_load`)
     ray:             calibrate on a Ray cluster (the `ray` extra; docs/scale.md): "local" starts
                      one on this machine, anything else is the address of a running cluster to
                      join ("auto", "HOST:6379", "ray://HOST:10001"); None calibrates in this
@@ -174,6 +185,7 @@ class Config:
     latency_threads: int = 1
     benchmark: bool = False
     quantize: str | None = None
+    decode: str = "load"
     ray: str | None = None
     ray_workers: int | None = None
     provider: str = "cpu"
@@ -237,6 +249,8 @@ class Config:
             raise UsageError(f"{_named('solver')} {self.solver} applies to {_named('method')} lp only, not {self.method}")
         _check_speed(self)
         _check_scale(self)
+        if self.decode not in DECODE:
+            raise UsageError(f"{_named('decode')} must be one of {', '.join(DECODE)}, got {self.decode!r}")
         if self.quantize is not None:
             if self.quantize not in QUANTIZE:
                 raise UsageError(f"{_named('quantize')} must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
@@ -285,7 +299,7 @@ _KINDS = {"a number": (("keep", "tolerance", "flops_target", "params_target", "s
                          lambda v: isinstance(v, numbers.Integral)),
           "True or False": (("weighted", "intercept", "best", "spread", "keep_failed", "force", "lp_weighted", "allow_nonfinite",
                              "sensitivity"), lambda v: True),
-          "a string": (("method", "select", "exclude", "include", "target", "minimize", "solver", "quantize", "ray",
+          "a string": (("method", "select", "exclude", "include", "target", "minimize", "solver", "quantize", "decode", "ray",
                         "provider"),
                        lambda v: isinstance(v, str))}
 

@@ -302,3 +302,111 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
         return t.ByteSize()
     return sum(size(t) for t in model.graph.initializer) + \
         sum(s.values.ByteSize() + s.indices.ByteSize() for s in model.graph.sparse_initializer)
+
+
+def decode_at_load(model: onnx.ModelProto, keep=()) -> onnx.ModelProto:
+    """A copy of `model` in which every DequantizeLinear of the main graph that reads an integer
+    initializer x (not named in `keep`: the input model's own quantized weights stay as they are)
+    becomes the same numbers from standard ops on constants:
+
+        y = Cast(x, T) * s                          s scalar, per tensor
+        y = Cast(x, T) * Reshape(s, e_axis)         s (n,), one scale per index of `axis`
+        y = Cast(x, T) * Slice(Reshape(Expand(Reshape(s, (.., nb, 1, ..)), (.., nb, B, ..)),
+                               (.., nb B, ..)), 0, n, axis)      s with nb = ceil(n / B) blocks
+
+    T is the scale's float type (through a Cast feeding the scale: its `to`). Each value equals
+    DequantizeLinear's (x - 0) * s exactly: x is an integer a float holds exactly, and there is
+    one product. Every input is a constant, so ONNX Runtime folds the whole chain when it builds
+    a session (it keeps DequantizeLinear itself, for its quantized kernels): the file holds the
+    integers, the session the float weight, and the layer runs at float speed. A node with a zero
+    point, or whose scale is not a constant, is left as it is. `model` itself is returned when no
+    node is to be decoded."""
+    keep = set(keep)
+
+    def todo(graph: onnx.GraphProto) -> dict[int, int]:
+        """{index of a node to decode: its scale's float type}"""
+        inits = {t.name: t for t in graph.initializer}
+        producers = {o: n for n in graph.node for o in n.output}
+        found = {}
+        for i, node in enumerate(graph.node):
+            if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or \
+                    node.input[0] in keep or node.input[0] not in inits or (len(node.input) > 2 and node.input[2]):
+                continue
+            dtype = _scale_type(node.input[1], inits, producers)
+            if dtype is not None:
+                found[i] = dtype
+        return found
+
+    found = todo(model.graph)
+    if not found:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {t.name: t for t in graph.initializer}
+    taken = set(inits) | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    nodes, new_inits = [], []
+    for i, node in enumerate(graph.node):
+        if i in found:
+            nodes.extend(_decode_nodes(node, inits[node.input[0]], inits.get(node.input[1]), found[i], taken,
+                                       new_inits))
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits)
+    return out
+
+
+def _scale_type(scale: str, inits: dict, producers: dict) -> int | None:
+    """The float element type of a constant scale: an initializer's, or a Cast's `to` when the
+    Cast reads one; None for anything else."""
+    if scale in inits:
+        return inits[scale].data_type
+    node = producers.get(scale)
+    if node is not None and node.op_type == "Cast" and node.input[0] in inits:
+        return next(a.i for a in node.attribute if a.name == "to")
+    return None
+
+
+def _decode_nodes(node: onnx.NodeProto, x: TensorProto, scale: TensorProto | None, dtype: int, taken: set,
+                  new_inits: list) -> list[onnx.NodeProto]:
+    """The nodes of `decode_at_load` for one DequantizeLinear (its output name is kept)."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    shape = list(x.dims)
+    rank = len(shape)
+    axis = attrs.get("axis", 1) % max(rank, 1)
+    block = attrs.get("block_size", 0)
+    stem = node.name or node.output[0]
+
+    def name(what: str) -> str:
+        return fresh_name(f"{stem}/{what}", taken)
+
+    def const(what: str, value) -> str:
+        n = name(what)
+        new_inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.int64), n))
+        return n
+
+    made = []
+
+    def op(kind: str, inputs: list, what: str, **kw) -> str:
+        o = name(what)
+        made.append(helper.make_node(kind, inputs, [o], name=o, **kw))
+        return o
+
+    values = op("Cast", [node.input[0]], "cast", to=dtype)
+    s = node.input[1]
+    per_tensor = scale is not None and int(np.prod(scale.dims, dtype=np.int64)) == 1 and not block
+    if block:
+        n = shape[axis]
+        nb = -(-n // block)
+        blocks = shape[:axis] + [nb, 1] + shape[axis + 1:]
+        s = op("Reshape", [s, const("blocks", blocks)], "blocks")
+        s = op("Expand", [s, const("expand", blocks[:axis + 1] + [block] + blocks[axis + 2:])], "expanded")
+        s = op("Reshape", [s, const("shape", shape[:axis] + [nb * block] + shape[axis + 1:])], "spread")
+        if nb * block != n:
+            s = op("Slice", [s, const("start", [0]), const("end", [n]), const("axis", [axis])], "sliced")
+    elif not per_tensor:
+        s = op("Reshape", [s, const("axes", [-1 if k == axis else 1 for k in range(rank)])], "broadcast")
+    made.append(helper.make_node("Mul", [values, s], list(node.output), name=stem))
+    return made
