@@ -316,3 +316,20 @@ def test_float16_scales_are_stored_as_float16_and_cast(kind, fmt):
     compiled = core.compile_model(core.read_model(new.SerializeToString(), b""), "CPU",
                                   {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"})
     np.testing.assert_allclose(compiled(feed)[0], got, rtol=1e-4, atol=1e-4)
+
+
+def test_upgrade_adds_no_value_info():
+    """onnx's version converter infers shapes into value_info; the upgraded model keeps only the
+    entries the input had (with them ONNX Runtime fuses differently from the original)."""
+    from onnx import TensorProto, helper, numpy_helper, version_converter
+    w = numpy_helper.from_array(np.ones((4, 4), dtype=np.float32), "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("MatMul", ["b", "W"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w],
+                              value_info=[helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert {v.name for v in version_converter.convert_version(model, 21).graph.value_info} == {"a", "b"}
+    converted, reason = storage.upgrade_opset(model, 21)
+    assert reason == "" and storage.model_opset(converted) == 21
+    assert [v.name for v in converted.graph.value_info] == ["a"]
