@@ -32,6 +32,7 @@ from .core.validate import Reference, load_labels, output_error, score_outputs
 from .decide import decide
 from .methods import REGISTRY, for_method, for_plan
 from .methods.base import Skipped
+from .methods import loadtime
 from .methods.quant import stage as quant_stage
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
                     report.warn(w)
                 plan = Plan(plan.method, plan.select, plan.entries + tuple(late))
         with timer("rewrite"):
-            new = quant_stage.finish(new, norm, config)
+            new = loadtime.finish(new, norm, config)
         rewritten = new is not norm
         # release the input model and its index before the compressed model runs: a large model
         # would otherwise be held twice through the smoke test and validation

@@ -34,6 +34,7 @@ from .core.threads import parallel_map
 from .core.validate import output_error
 from .methods.base import Skipped
 from .methods.id import activation_products
+from .methods import loadtime
 from .methods.quant import stage as quant_stage
 from .sensitivity import measure
 
@@ -226,7 +227,7 @@ def _search(norm, g, methods, curves, costs, weights, config, reference, report,
                                                                      progress=progress, warnings=warnings)
             entries = entries + late
         with timer("rewrite"):
-            new = quant_stage.finish(new, norm, config)
+            new = loadtime.finish(new, norm, config)
         with timer("validate"):
             agreement = reference.compare(new, progress=progress)
         score = worst(agreement, target)

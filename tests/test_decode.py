@@ -167,3 +167,29 @@ def test_load_and_run_write_the_same_integers_and_numbers(path, tmp_path, method
         want = _session(models["run"], plain).run(None, f)
         for got, ref in zip(_session(models["load"]).run(None, f), want):
             np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_a_split_table_with_quantized_factors_is_folded_whole(path, tmp_path):
+    """aasvd on the embedding table, then --quantize int8 on its two factors: with "load", what ONNX
+    Runtime runs after folding is the original's graph (one Gather, the same MatMuls), and the
+    outputs are those of the "run" file."""
+    data = feeds(16)
+    files = {}
+    for decode in ("run", "load"):
+        files[decode] = tmp_path / f"{decode}.onnx"
+        report = compress(path, files[decode], calib=data, val=data,
+                          config=Config(method="aasvd", keep=0.5, include="embed", round=1, quantize="int8",
+                                        latency_check=False, decode=decode))
+        assert [r["layer"] for r in report.layers] == ["embed"]
+        assert sorted(r["layer"] for r in report.sections["quantized"]) == ["embed/lowrank_in", "embed/lowrank_out"]
+    optimized = {}
+    for name, p in (("original", path), *files.items()):
+        _session(onnx.load(str(p)), optimized=str(tmp_path / f"{name}.opt.onnx"))
+        optimized[name] = Counter(n.op_type for n in onnx.load(str(tmp_path / f"{name}.opt.onnx")).graph.node)
+    assert optimized["load"] == optimized["original"]
+    assert optimized["run"] != optimized["original"]
+    plain = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for f in feeds(3, seed=4):
+        for got, ref in zip(_session(onnx.load(str(files["load"]))).run(None, f),
+                            _session(onnx.load(str(files["run"])), plain).run(None, f)):
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)

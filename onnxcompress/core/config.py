@@ -125,15 +125,17 @@ class Config:
                      feedback against its input Gram in the rewritten model, from one more
                      calibration pass (`methods/quant/stage.py`). With `target`, every probe
                      is quantized before it is validated.
-    decode:          when the integers of the weights the tool quantizes (`quant`, `sqf`, `--quantize`)
-                     become floats. "load": the file holds the integers and their scales, and
-                     standard Cast and Mul nodes on those constants give the float weight, which
-                     a runtime computes once when it loads the model (ONNX Runtime folds them):
-                     the smallest file, and the layer runs as fast as a float one, in float
-                     memory. "run": DequantizeLinear, which runtimes with quantized kernels keep
-                     as integers in memory (ONNX Runtime turns int4/int8 blocks feeding a MatMul
-                     into MatMulNBits, which on a CPU can be slower than the float layer).
-                     (`methods.quant.storage.decode_at_load`)
+    decode:          when the weights the tool stores compressed become the float weights a layer
+                     reads (`methods/loadtime.py`). "load": the file holds the integers and their
+                     scales (`quant`, `sqf`, `--quantize`) and the factors of split lookup tables,
+                     and standard nodes on those constants form the float weight (Cast and Mul;
+                     the table's product before its Gather), which a runtime computes once when
+                     it loads the model (ONNX Runtime folds them): the smallest file, and those
+                     layers run as fast as the original's, in float memory. "run":
+                     DequantizeLinear, which runtimes with quantized kernels keep as integers in
+                     memory (ONNX Runtime turns int4/int8 blocks feeding a MatMul into
+                     MatMulNBits, which on a CPU can be slower than the float layer), and a table
+                     split looked up in B^T and multiplied by A^T at every call.
     ray:             calibrate on a Ray cluster (the `ray` extra; docs/scale.md): "local" starts
                      one on this machine, anything else is the address of a running cluster to
                      join ("auto", "HOST:6379", "ray://HOST:10001"); None calibrates in this

@@ -12,6 +12,9 @@
                token): E[v] = (A B)^T[v] + R0[map[v]], exact for v in S. Negative indices
                count from the end in all three Gathers alike.
 
+With `--decode load` (the default) a split table is then read the other way round,
+Gather(B^T A^T [+ exact rows], idx), which a runtime forms once at load (`tables_at_load`).
+
 The original weight is removed (`layers.py` only splits weights no other node reads).
 Weights keep their dtype (the maths runs in float64). Stale `value_info` of every changed tensor is
 dropped. The result is what `onnx.checker` and ONNX Runtime then verify.
@@ -125,3 +128,92 @@ def _with_rows(node, lp, split, mid, names, init, fresh) -> tuple[list, list]:
              helper.make_node("Gather", [names[3], slot], [fix], name=f"{stem}/exact_rows", axis=0),
              helper.make_node("Add", [low, fix], list(node.output), name=f"{stem}/lowrank_sum")]
     return nodes, [w1, w2, numpy_helper.from_array(index, names[2]), init(names[3], table)]
+
+
+def tables_at_load(model: onnx.ModelProto, keep=()) -> onnx.ModelProto:
+    """A copy of `model` in which each split lookup table (`_split_nodes`, kind "gather") is
+    formed from its factors before the lookup instead of after it:
+
+        MatMul(Gather(B^T, idx), A^T)                             -> Gather(MatMul(B^T, A^T), idx)
+        MatMul(Gather(B^T, idx), A^T) + Gather(R0, Gather(map, idx))
+                                   -> Gather(MatMul(B^T, A^T) + Gather(R0, map), idx)
+
+    Both are the same rows (a row lookup commutes with a product on the right, and a lookup of a
+    lookup is one lookup through the composed index). The table is then computed from constants
+    only, so a runtime forms it once when it loads the model (ONNX Runtime folds constants), and
+    the lookup costs what the original's does: the file holds the factors, the session the full
+    table. Only factors the tool wrote are read this way (initializers not named in `keep`, the
+    input model's). `model` itself is returned when there is no split table."""
+    graph = model.graph
+    keep = set(keep)
+    shapes = {t.name: list(t.dims) for t in graph.initializer if t.name not in keep}
+    for n in graph.node:  # constants the tool wrote, and what is computed from them alone (a decoding)
+        if n.input and all(x in shapes for x in n.input if x) and n.op_type in ("Cast", "Mul", "Reshape", "Expand",
+                                                                                 "Slice"):
+            shapes.update({o: None for o in n.output})
+    readers: dict[str, list[int]] = {}
+    for i, n in enumerate(graph.node):
+        for x in n.input:
+            readers.setdefault(x, []).append(i)
+    outputs = {o.name for o in graph.output}
+
+    def only_reader(tensor: str):
+        r = readers.get(tensor, [])
+        return graph.node[r[0]] if len(r) == 1 and tensor not in outputs else None
+
+    def lookup_of(node, table_ok=lambda t: t in shapes):
+        """(table, idx) when `node` is Gather(constant, idx) along axis 0."""
+        if node is None or node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or \
+                any(a.name == "axis" and a.i != 0 for a in node.attribute) or not table_ok(node.input[0]):
+            return None
+        return node.input[0], node.input[1]
+
+    producers = {o: n for n in graph.node for o in n.output}
+    taken = {t.name for t in graph.initializer} | set(producers) | {i.name for i in graph.input}
+    found = []  # (nodes replaced, new nodes)
+    for first in graph.node:
+        got = lookup_of(first)
+        second = only_reader(first.output[0]) if got else None
+        if second is None or second.op_type != "MatMul" or second.input[0] != first.output[0] \
+                or second.input[1] not in shapes or 2 != len(shapes[second.input[1]] or [0, 0]) \
+                or 2 != len(shapes[got[0]] or [0, 0]):
+            continue
+        factor_in, idx = got
+        replaced, end = [first, second], second.output[0]
+        name = first.name.removesuffix("/lowrank_in")
+        stem = name or end
+        table = fresh_name(f"{end}.table", taken)
+        nodes = [helper.make_node("MatMul", [factor_in, second.input[1]], [table], name=f"{stem}/table")]
+        add = only_reader(end)
+        if add is not None and add.op_type == "Add":
+            other = add.input[1] if add.input[0] == end else add.input[0]
+            exact = lookup_of(producers.get(other))
+            slot = lookup_of(producers.get(exact[1])) if exact else None
+            if slot is not None and slot[1] == idx and only_reader(other) is add and \
+                    only_reader(exact[1]) is producers[other]:
+                rows, total = fresh_name(f"{end}.exact_rows", taken), fresh_name(f"{end}.table_sum", taken)
+                nodes += [helper.make_node("Gather", [exact[0], slot[0]], [rows], name=f"{stem}/exact_rows", axis=0),
+                          helper.make_node("Add", [table, rows], [total], name=f"{stem}/table_sum")]
+                table = total
+                replaced += [add, producers[other], producers[exact[1]]]
+                end = add.output[0]
+        nodes.append(helper.make_node("Gather", [table, idx], [end], name=name, axis=0))
+        found.append((replaced, nodes))
+    if not found:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    gone = {id(n) for replaced, _ in found for n in replaced}
+    position = {id(n): i for i, n in enumerate(graph.node)}
+    # in place of the last node replaced: every input (the indices, a decoded factor) is made by then
+    at = {max(position[id(n)] for n in replaced): nodes for replaced, nodes in found}
+    new = []
+    for i, (src, node) in enumerate(zip(graph.node, out.graph.node)):
+        if i in at:
+            new.extend(at[i])
+        elif id(src) not in gone:
+            new.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(new)
+    drop_value_info(out.graph, {n.output[0] for replaced, _ in found for n in replaced})
+    return out

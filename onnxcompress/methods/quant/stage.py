@@ -31,7 +31,7 @@ from ...core.errors import UsageError
 from ...core.graph import GraphIndex
 from ..base import Site
 from .solvers import Format
-from .storage import BLOCKED_OPSET, decode_at_load, model_opset, upgrade_opset
+from .storage import BLOCKED_OPSET, model_opset, upgrade_opset
 
 FORMATS = {"int8": Format(8), "int4": Format(4, 32)}
 
@@ -107,11 +107,3 @@ def replay(model: onnx.ModelProto, entries: list, sample: dict) -> tuple[onnx.Mo
     sites = [by_key[e.layer] for e in entries]
     return method.rewrite(model, g, sites, list(entries)), sites
 
-
-def finish(model: onnx.ModelProto, source: onnx.ModelProto, config: Config) -> onnx.ModelProto:
-    """`model` as it is written and validated: with `config.decode` "load", the DequantizeLinear
-    nodes the tool wrote become Cast and Mul on constants (`storage.decode_at_load`); those of
-    `source` (the input model's own quantized weights) stay."""
-    if config.decode != "load":
-        return model
-    return decode_at_load(model, keep={t.name for t in source.graph.initializer})
