@@ -193,3 +193,24 @@ def test_a_split_table_with_quantized_factors_is_folded_whole(path, tmp_path):
         for got, ref in zip(_session(onnx.load(str(files["load"]))).run(None, f),
                             _session(onnx.load(str(files["run"])), plain).run(None, f)):
             np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_product_of_constants_costs_no_flops_per_call():
+    """FLOPs count what runs at every call: a MatMul of two initializers (a table formed at load)
+    is left out; the MatMul reading the looked-up rows is counted."""
+    from onnxcompress.core.cost import load_time, node_flops
+    from onnxcompress.core.graph import GraphIndex
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((50, 4)).astype(np.float32), "B"),
+             numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), "A"),
+             numpy_helper.from_array(rng.standard_normal((8, 3)).astype(np.float32), "W")]
+    nodes = [helper.make_node("MatMul", ["B", "A"], ["table"]),
+             helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0),
+             helper.make_node("MatMul", ["rows", "W"], ["y"])]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    g = GraphIndex(model, {"ids": [1, 5], "B": [50, 4], "A": [4, 8], "W": [8, 3], "table": [50, 8], "rows": [1, 5, 8],
+                           "y": [1, 5, 3]}, {})
+    assert load_time(g) == {"A", "B", "W", "table"}
+    assert node_flops(g) == {2: 2.0 * 5 * 3 * 8}

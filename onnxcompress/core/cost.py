@@ -25,11 +25,29 @@ def count_params(model: onnx.ModelProto) -> int:
                    if t.data_type in FLOAT_TYPES or t.data_type in WEIGHT_CODES))
 
 
+def load_time(g: GraphIndex) -> set[str]:
+    """Tensors computed from constants alone: initializers, Constant nodes, and the outputs of
+    every node whose inputs all are such tensors (random generators aside). A runtime computes
+    them once, when it loads the model (ONNX Runtime folds them), not at every call: a weight
+    decoded from integer codes, a lookup table formed from its two factors (`--decode load`)."""
+    folded = set(g.initializers)
+    for node in g.nodes:
+        if not node.op_type.startswith("Random") and node.op_type != "Multinomial" and \
+                all(x in folded for x in node.input if x) and (node.input or node.op_type == "Constant"):
+            folded.update(node.output)
+    return folded
+
+
 def node_flops(g: GraphIndex) -> dict[int, float]:
-    """FLOPs per linear node whose shapes are known at the shapes in `g.shapes`."""
+    """FLOPs per linear node whose shapes are known at the shapes in `g.shapes`; a node that
+    reads only tensors computed at load (`load_time`) costs nothing per call and is left out."""
     out = {}
+    folded = None
     for i, node in enumerate(g.nodes):
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        folded = load_time(g) if folded is None else folded
+        if all(x in folded for x in node.input if x):
             continue
         y = g.shape(node.output[0])
         a, b = g.shape(node.input[0]), g.shape(node.input[1])
