@@ -2,7 +2,7 @@
 one run, on the same held-out data; every output model also run in OpenVINO.
 
     nice -n 10 python tools/bench_size.py [--bench build/bench] [--out build/bench_size]
-        [--targets 0.1,0.125,0.15,0.2,0.25,0.3] [--fixed ours-gptq-int8,...] [--no-ocr]
+        [--targets 0.1,0.125,0.15,0.2,0.25,0.3] [--fixed ours-gptq-int8,...] [--no-ocr] [--decode load|run]
         [--plot docs/img/minilm-quant.png]
 
 MiniLM (`--bench`/minilm): mean cosine of the mean-pooled sentence embeddings to the original's
@@ -16,10 +16,12 @@ original file's, for
 * ONNX Runtime: `quantize_dynamic` (int8 per-channel weights) and MatMulNBits (8 and 4 bits,
   block 32, RTN and HQQ, on MatMul and Gather; tools/bench_quant.py `ORT_RUNS`).
 
-Ours are read by ONNX Runtime twice: `cos` at its default session settings (it fuses
-DequantizeLinear + MatMul into MatMulNBits and then quantizes the activations to int8,
-`session.qdq_matmulnbits_accuracy_level` 4) and `cos_f` at accuracy level 0 (float activations:
-what the model file says). The checks use `cos`, what a user gets by default.
+Ours are read by ONNX Runtime twice: `cos` at its default session settings and `cos_f` at
+`session.qdq_matmulnbits_accuracy_level` 0. They differ for a file with DequantizeLinear (`--decode
+run`, and the fixed-format runs): ONNX Runtime fuses DequantizeLinear + MatMul into MatMulNBits
+and by default (level 4) quantizes the activations to int8; level 0 keeps them float, what the
+model file says. With `--decode load` (the default) the weights are float once loaded and the two
+agree. The checks use `cos`, what a user gets by default.
 
 RapidOCR recognition (`--bench`/ocr_rec): `quantize_dynamic` refuses the Paddle export (weights
 in Constant nodes), so it runs on our normalized copy (`core.normalize`); its file size sets the
@@ -128,10 +130,10 @@ def minilm_point(name: str, path: Path, base: int, val, reference, ov_feeds: int
     return row
 
 
-def ours_compress(model: Path, dst: Path, method: str, target: float, calib, val_small) -> dict:
-    """`compress()` as `onnxcompress MODEL --method M --size-target T` does; the report's figures."""
+def ours_compress(model: Path, dst: Path, method: str, target: float, calib, val_small, decode: str = "load") -> dict:
+    """`compress()` as `onnxcompress MODEL --method M --size-target T --decode D` does; the report's figures."""
     t0 = time.perf_counter()
-    report = compress(model, dst, config=Config(method=method, size_target=target, force=True),
+    report = compress(model, dst, config=Config(method=method, size_target=target, force=True, decode=decode),
                       calib=calib, val=val_small)
     formats: dict[str, int] = {}
     for r in report.sections.get("quantized", []):
@@ -184,7 +186,7 @@ def minilm_task(task, args, reference) -> list[dict]:
     elif kind == "compress":
         method, t = arg
         calib = limited(bench / "calib", args.calib_limit)
-        add(f"ours-{method}-size{t:g}", lambda dst: ours_compress(src, dst, method, t, calib, val[:args.compress_val]),
+        add(f"ours-{method}-size{t:g}", lambda dst: ours_compress(src, dst, method, t, calib, val[:args.compress_val], args.decode),
             ours=True)
     else:
         prepared = bq.prepare(src, bench / "calib", args.calib_limit)
@@ -269,7 +271,7 @@ def run_ocr(args, log) -> dict:
     target = ort_row["size"]
     for attempt in range(4):  # the graph is not weights: lower the target until the file fits
         dst = out / f"ours-quant-size{target:.4f}.onnx"
-        extra = ours_compress(src, dst, "quant", target, calib, val_small)
+        extra = ours_compress(src, dst, "quant", target, calib, val_small, args.decode)
         size = dst.stat().st_size
         if size <= ort_row["bytes"] or attempt == 3:
             break
@@ -344,6 +346,8 @@ def main(argv=None) -> int:
     ap.add_argument("--auto-targets", type=floats, default=[])
     ap.add_argument("--fixed", type=names, default=list(FIXED))
     ap.add_argument("--ort", type=names, default=list(bq.ORT_RUNS))
+    ap.add_argument("--decode", choices=("load", "run"), default="load",
+                    help="ours: --decode (load: Cast and Mul folded at load; run: DequantizeLinear)")
     ap.add_argument("--calib-limit", type=int, default=256)
     ap.add_argument("--val-limit", type=int, default=512)
     ap.add_argument("--ocr-val-limit", type=int, default=256)
