@@ -24,6 +24,7 @@ import numpy as np
 
 from .core.calibrate import Progress, mask_input
 from .core.runtime import make_session, run
+from .methods import loadtime
 from .methods.base import Curve
 
 
@@ -116,7 +117,7 @@ def measure(model, g, methods: dict, curves: list[Curve], feeds: list[dict], con
         else:
             method = methods[curve.site.method]
             decision = getattr(method, "probe", method.realize)(g, curve, j, config)  # `LowRankMethod.probe`
-            probe = method.rewrite(model, g, [curve.site], [decision])
+            probe = loadtime.finish(method.rewrite(model, g, [curve.site], [decision]), model, config)  # as written
             measured = output_error(probe, feeds, names, reference, mask)
             local = _local_error(decision, float(curve.error[j]))
             out.append(Sensitivity(curve.id, int(curve.sizes[j]), local, measured,

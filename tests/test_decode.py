@@ -214,3 +214,22 @@ def test_a_product_of_constants_costs_no_flops_per_call():
                            "y": [1, 5, 3]}, {})
     assert load_time(g) == {"A", "B", "W", "table"}
     assert node_flops(g) == {2: 2.0 * 5 * 3 * 8}
+
+
+@pytest.mark.parametrize("decode", ["load", "run"])
+def test_sensitivity_probes_are_measured_in_the_form_written(path, tmp_path, monkeypatch, decode):
+    """A site's end-to-end probe is the model as it would be written: with "load" no probe holds
+    a DequantizeLinear (ONNX Runtime would run it through its int8-activation kernel, an error the
+    written file does not have); with "run" the quantized probes do."""
+    from onnxcompress import sensitivity
+    seen, original = [], sensitivity.output_error
+
+    def recording(model, *args, **kwargs):
+        seen.append(sum(n.op_type == "DequantizeLinear" for n in model.graph.node))
+        return original(model, *args, **kwargs)
+    monkeypatch.setattr(sensitivity, "output_error", recording)
+    data = feeds(16)
+    compress(path, tmp_path / "t.onnx", calib=data, val=data,
+             config=Config(method="quant", target="cosine>=0.99", decode=decode))
+    assert seen
+    assert (max(seen) == 0) if decode == "load" else (max(seen) > 0)
