@@ -185,7 +185,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
                     new, late_sites = _rewrite(norm, g, methods, sites, plan, sample)
                 if planned is None and config.latency_check and not large:  # (see `_guard_splits`)
                     with timer("latency_guard"):
-                        new, plan, undone = _guard_splits(src, norm, g, methods, sites, plan, new, sample, flops,
+                        new, plan, undone = _guard_splits(src, norm, g, methods, sites, plan, new, sample, flops, config,
                                                           report)
                     skipped = skipped + undone
                     if undone and report.allocation.get("measured_latency") is not None:
@@ -241,14 +241,17 @@ def compress(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     return report
 
 
-def _guard_splits(src, norm, g, methods, sites, plan, new, sample, flops, report):
+def _guard_splits(src, norm, g, methods, sites, plan, new, sample, flops, config, report):
     """Low-rank splits the whole model cannot afford: when the compressed model runs slower than
     the original at one sample on one thread or on all cores (`latency.guard`, timed in ONNX
     Runtime), the splits saving the fewest FLOPs are undone until it does not. Returns (model,
-    plan, the undone splits as `Skipped`). Not for models past LARGE_MODEL bytes of weights: two
-    sessions of the model at once would double the memory a large model is compressed in, and
-    each timing would take minutes."""
-    splits = [e for e in plan.entries if e.method == "lowrank" and not getattr(e, "after", False)]
+    plan, the undone splits as `Skipped`). The models are timed as they will be written
+    (`loadtime.finish`); with `--decode load` a split lookup table is formed at load and costs
+    nothing per call, so it is never undone. Not for models past LARGE_MODEL bytes of weights:
+    two sessions of the model at once would double the memory a large model is compressed in,
+    and each timing would take minutes."""
+    splits = [e for e in plan.entries if e.method == "lowrank" and not getattr(e, "after", False)
+              and not (config.decode == "load" and e.kind == "gather")]
     if not splits:
         return new, plan, []
 
@@ -268,7 +271,8 @@ def _guard_splits(src, norm, g, methods, sites, plan, new, sample, flops, report
             built.update({0: new, k: _rewrite(norm, g, methods, sites, plan_without(k), sample)[0]})
         return built[k]
     try:
-        k, probes = latency_mod.guard(len(order), lambda k: latency_mod.model_ratios(str(src), without(k), sample))
+        k, probes = latency_mod.guard(len(order), lambda k: latency_mod.model_ratios(
+            str(src), loadtime.finish(without(k), norm, config, copy=True), sample))
     except Exception as e:  # a model the timing sessions cannot load as they are (the rest of the run can)
         log.warning("latency: the whole model could not be timed (%s); its splits are kept unchecked",
                     str(e).splitlines()[0][:200])

@@ -512,11 +512,16 @@ def _through_costs(g, grp, sizes: np.ndarray, shares: dict, times: dict[int, flo
     return out
 
 
-def lowrank_costs(g, curve: Curve, timings: Timings, others: tuple = ()) -> tuple[list[Cost], dict[int, str]]:
+def lowrank_costs(g, curve: Curve, timings: Timings, others: tuple = (), *,
+                  tables_at_load: bool = False) -> tuple[list[Cost], dict[int, str]]:
     """The layer's "latency" item (factor t_split(r) / t_layer at `timings`' thread count) and the
     candidates whose split is not faster than the layer, with the reason: at that thread count or
-    at any of `others` (`Timings` at other thread counts, e.g. all cores)."""
+    at any of `others` (`Timings` at other thread counts, e.g. all cores). With `tables_at_load`
+    (`--decode load`), a split lookup table is formed when the model loads and looked up as the
+    original is: no item, nothing dropped, nothing timed."""
     layer = curve.site.target
+    if tables_at_load and g.nodes[layer.node].op_type == "Gather":
+        return [], {}
     whole = node_probe(g, layer.node)
     if whole is None:
         return [], {}
@@ -545,7 +550,7 @@ def lowrank_costs(g, curve: Curve, timings: Timings, others: tuple = ()) -> tupl
 
 
 def attach(g, curves: list[Curve], timings: Timings, *, costs: bool, drop_slower: bool,
-           others: tuple = (), times: dict[int, float] | None = None) -> list[Curve]:
+           others: tuple = (), times: dict[int, float] | None = None, tables_at_load: bool = False) -> list[Curve]:
     """The curves with "latency" items (`costs`; `times`: the original's profiled node times,
     `node_times`) and, for low-rank sites, splits slower than their layer (at `timings`' thread
     count or any of `others`') dropped from the walk's steps and listed in `Curve.dropped`
@@ -554,7 +559,7 @@ def attach(g, curves: list[Curve], timings: Timings, *, costs: bool, drop_slower
     layout = _layout_owners(g, curves, getattr(times, "layout", ())) if costs and times else {}
     for ci, c in enumerate(curves):
         if c.site.method == "lowrank":
-            items, dropped = lowrank_costs(g, c, timings, others if drop_slower else ())
+            items, dropped = lowrank_costs(g, c, timings, others if drop_slower else (), tables_at_load=tables_at_load)
         elif costs and c.site.method == "id":
             items, dropped = id_costs(g, c, timings, times) + layout.get(ci, []), {}
         else:
@@ -628,7 +633,8 @@ def prepare(g, curves: list[Curve], config, model, sample: dict, *, timer=None,
     others = tuple(Timings(n, timer=timer) for n in {1, cores} if n != config.latency_threads) if drop else ()
     if costs and times is None and timer is None:
         times = node_times(model, sample, config.latency_threads)
-    curves = attach(g, curves, timings, costs=costs, drop_slower=drop, others=others, times=times)
+    curves = attach(g, curves, timings, costs=costs, drop_slower=drop, others=others, times=times,
+                    tables_at_load=config.decode == "load")
     if timings.measured:
         log.info("latency: timed %d probes (cached in %s)", timings.measured, timings.path)
     if not costs:

@@ -233,3 +233,63 @@ def test_sensitivity_probes_are_measured_in_the_form_written(path, tmp_path, mon
              config=Config(method="quant", target="cosine>=0.99", decode=decode))
     assert seen
     assert (max(seen) == 0) if decode == "load" else (max(seen) > 0)
+
+
+def _albert(tmp_path):
+    """ids -> Gather(E 300 x 8) -> MatMul(W 8 x 16) -> Relu -> MatMul(V 16 x 4): a table the model
+    itself factorizes (ALBERT's embedding and its projection)."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.standard_normal((300, 8)).astype(np.float32), "E"),
+             numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "V")]
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["e"], name="embed", axis=0),
+             helper.make_node("MatMul", ["e", "W"], ["h"], name="project"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "V"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "albert", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 4])], inits)
+    path = tmp_path / "albert.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    data = [{"ids": rng.integers(0, 300, size=(1, 6)).astype(np.int64)} for _ in range(24)]
+    return path, data
+
+
+def test_a_models_own_factorized_table_is_not_formed_at_load(tmp_path):
+    """Quantized, the model's own Gather(E) -> MatMul(W) reads two decoded constants, as a split
+    table's lookup does; it is still the model's structure, and stays a lookup then a product (the
+    session holds E and W, not their 300 x 16 product)."""
+    path, data = _albert(tmp_path)
+    out = tmp_path / "q.onnx"
+    report = compress(path, out, config=Config(keep=1.0, quantize="int8"), calib=data, val=data)
+    assert {r["layer"] for r in report.sections["quantized"]} >= {"embed", "project"}
+    model = onnx.load(str(out))
+    gather = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "ids")
+    assert next(n for n in model.graph.node if gather.output[0] in n.input).name == "project"
+    assert report.flops["after"] == report.flops["before"] > 0
+
+
+def test_flops_of_a_product_still_run_per_call_are_counted():
+    """Not formed at load: a MatMul of two DequantizeLinear outputs (ONNX Runtime keeps
+    DequantizeLinear), a MatMul behind an If whose branches read the input, and one reading an
+    initializer that is also a graph input (a caller may feed it)."""
+    from onnxcompress.core.cost import node_flops
+    from onnxcompress.core.graph import GraphIndex
+    rng = np.random.default_rng(0)
+    branch = helper.make_graph([helper.make_node("Identity", ["x"], ["b"])], "branch", [],
+                               [helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 4])])
+    inits = [int_tensor("zc", _codes(rng, (4, 4), 8), 8), numpy_helper.from_array(np.float32(0.1), "zs"),
+             numpy_helper.from_array(np.ones((4, 4), dtype=np.float32), "C"),
+             numpy_helper.from_array(np.array(True), "flag"),
+             numpy_helper.from_array(np.ones((4, 4), dtype=np.float32), "P")]
+    nodes = [helper.make_node("DequantizeLinear", ["zc", "zs"], ["Z"]),
+             helper.make_node("MatMul", ["Z", "C"], ["ZC"]),                                # 0: DQ output
+             helper.make_node("If", ["flag"], ["h"], then_branch=branch, else_branch=branch),
+             helper.make_node("MatMul", ["h", "C"], ["y"]),                                 # 1: If output
+             helper.make_node("MatMul", ["P", "C"], ["PC"])]                                # 2: P is an input
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+                                           helper.make_tensor_value_info("P", TensorProto.FLOAT, [4, 4])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("ZC", "y", "PC")],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    shapes = {"Z": [4, 4], "C": [4, 4], "ZC": [4, 4], "h": [2, 4], "y": [2, 4], "P": [4, 4], "PC": [4, 4]}
+    assert sorted(node_flops(GraphIndex(model, shapes, {}))) == [1, 3, 4]

@@ -479,21 +479,42 @@ def test_a_budget_names_the_latency_check_when_every_split_of_a_layer_was_droppe
 
 
 def test_an_embedding_split_is_left_to_the_whole_model_guard(tmp_path, monkeypatch):
-    """A Gather is a lookup, slower split whatever the rank (the overhead timer says so too); its
-    split saves bytes, so the per-op check keeps it and the whole-model guard has the last word."""
+    """--decode run: a Gather is a lookup, slower split whatever the rank (the overhead timer says
+    so too); its split saves bytes, so the per-op check keeps it and the whole-model guard has
+    the last word."""
     from test_mixed import embed_ffn, feeds
     monkeypatch.setattr(latency, "time_probes", _each(_overhead_timer))
     path = _save(tmp_path, embed_ffn())
-    report = compress(path, tmp_path / "o.onnx", config=Config(method="svd", keep=0.5), calib=feeds(32), val=feeds(8, 5))
+    config = Config(method="svd", keep=0.5, decode="run")
+    report = compress(path, tmp_path / "o.onnx", config=config, calib=feeds(32), val=feeds(8, 5))
     assert [x["layer"] for x in report.layers] == ["embed"]
     why = reasons(report)
     assert all("latency: the split at rank" in why[k] for k in ("fc1", "fc2"))
     def ratios(original, compressed, feed):  # slower with the split's extra MatMul
         return {1: 1.2 if sum(n.op_type == "MatMul" for n in compressed.graph.node) > 2 else 1.0}
     monkeypatch.setattr(latency, "model_ratios", ratios)
-    slow = compress(path, tmp_path / "p.onnx", config=Config(method="svd", keep=0.5), calib=feeds(32), val=feeds(8, 5))
+    slow = compress(path, tmp_path / "p.onnx", config=config, calib=feeds(32), val=feeds(8, 5))
     assert not slow.layers and slow.allocation["latency_guard"]["undone"] == ["embed"]
     assert "whole model ran slower" in reasons(slow)["embed"]
+
+
+def test_a_table_split_formed_at_load_is_neither_timed_nor_guarded(tmp_path, monkeypatch):
+    """--decode load (the default): the split table is formed when the model loads and looked up
+    as the original's, so the per-op latency model does not time it, it adds no FLOPs, and the
+    whole-model guard does not undo it, even when the timings would call the model slower."""
+    from test_mixed import embed_ffn, feeds
+    probed = []
+
+    def timer(probes, threads):
+        probed.extend(op for p in probes for op, _, _ in p.nodes)
+        return _each(_overhead_timer)(probes, threads)
+    monkeypatch.setattr(latency, "time_probes", timer)
+    monkeypatch.setattr(latency, "model_ratios", lambda original, compressed, feed: {1: 1.2})
+    path = _save(tmp_path, embed_ffn())
+    report = compress(path, tmp_path / "o.onnx", config=Config(method="svd", keep=0.5), calib=feeds(32), val=feeds(8, 5))
+    assert [x["layer"] for x in report.layers] == ["embed"]
+    assert "Gather" not in probed and "latency_guard" not in report.allocation
+    assert report.flops["after"] == report.flops["before"]
 
 
 def test_a_model_the_guard_cannot_time_keeps_its_splits(tmp_path, monkeypatch, caplog):

@@ -25,15 +25,24 @@ def count_params(model: onnx.ModelProto) -> int:
                    if t.data_type in FLOAT_TYPES or t.data_type in WEIGHT_CODES))
 
 
+#: ops whose constant inputs do not make a constant output: random draws, DequantizeLinear
+#: (ONNX Runtime keeps it, for its quantized kernels: it runs at every call)
+_NOT_FOLDED = ("Bernoulli", "Multinomial", "DequantizeLinear")
+
+
 def load_time(g: GraphIndex) -> set[str]:
-    """Tensors computed from constants alone: initializers, Constant nodes, and the outputs of
-    every node whose inputs all are such tensors (random generators aside). A runtime computes
-    them once, when it loads the model (ONNX Runtime folds them), not at every call: a weight
-    decoded from integer codes, a lookup table formed from its two factors (`--decode load`)."""
-    folded = set(g.initializers)
+    """Tensors computed from constants alone: initializers (not also graph inputs, which a caller
+    may feed), Constant nodes, and the outputs of every node whose inputs all are such tensors,
+    except random draws, DequantizeLinear and nodes with subgraphs (a body may read any tensor
+    of the outer scope). A runtime computes them once, when it loads the model (ONNX Runtime
+    folds them), not at every call: a weight decoded from integer codes by Cast and Mul, a
+    lookup table formed from its two factors (`--decode load`)."""
+    folded = set(g.initializers) - {vi.name for vi in g.graph.input}
     for node in g.nodes:
-        if not node.op_type.startswith("Random") and node.op_type != "Multinomial" and \
-                all(x in folded for x in node.input if x) and (node.input or node.op_type == "Constant"):
+        if node.op_type.startswith("Random") or node.op_type in _NOT_FOLDED or \
+                any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            continue
+        if all(x in folded for x in node.input if x) and (node.input or node.op_type == "Constant"):
             folded.update(node.output)
     return folded
 

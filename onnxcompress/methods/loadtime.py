@@ -22,11 +22,13 @@ from .lowrank.rewrite import tables_at_load
 from .quant.storage import decode_at_load
 
 
-def finish(model: onnx.ModelProto, source: onnx.ModelProto, config: Config) -> onnx.ModelProto:
+def finish(model: onnx.ModelProto, source: onnx.ModelProto, config: Config, *, copy: bool = False) -> onnx.ModelProto:
     """`model` as it is validated and written: with `config.decode` "load", the tool's compressed
     weights in their load-time form (module docstring); the input model's own constants (those of
-    `source`) stay as they are. `model` itself when there is nothing to change."""
-    if config.decode != "load":
+    `source`) stay as they are. `model` is a rewrite's output, which is changed in place (no
+    second copy of the weights) unless `copy`; `source` itself is returned as it is."""
+    if config.decode != "load" or model is source:
         return model
     keep = {t.name for t in source.graph.initializer}
-    return tables_at_load(decode_at_load(model, keep), keep)
+    decoded = decode_at_load(model, keep, copy=copy)
+    return tables_at_load(decoded, keep, copy=copy and decoded is model)

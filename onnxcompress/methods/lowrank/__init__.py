@@ -59,9 +59,12 @@ class LowRankMethod:
         floor = max(1, math.ceil(config.min_keep * min(layer.out, layer.inputs)))
         n = rounding.multiple(config.round, layer.kind)
         steps = rounding.grid(sizes, n, floor, parts=32)
-        return Curve(site, sizes, error, tuple(self._costs(g, layer, sizes, flops)), state, steps, n)
+        return Curve(site, sizes, error, tuple(self._costs(g, layer, sizes, flops, config.decode == "load")), state,
+                     steps, n)
 
-    def _costs(self, g: GraphIndex, layer, sizes: np.ndarray, flops: dict) -> list[Cost]:
+    def _costs(self, g: GraphIndex, layer, sizes: np.ndarray, flops: dict, tables_at_load: bool = False) -> list[Cost]:
+        """Params and bytes as stored; FLOPs per call: a split table looked up then multiplied adds
+        2 rows r d, none when it is formed at load (`tables_at_load`, `--decode load`)."""
         split = sizes * (layer.out + layer.inputs) / layer.params
         split[0] = 1.0
         w = g.const(layer.weight)
@@ -69,7 +72,7 @@ class LowRankMethod:
                Cost("bytes", layer.weight, float(w.nbytes), split)]
         if layer.kind == "gather":
             dense = 2.0 * layer.rows * layer.params
-            frac = sizes / layer.inputs
+            frac = np.zeros(len(sizes)) if tables_at_load else sizes / layer.inputs
             frac[0] = 0.0
             out.append(Cost("flops", layer.key, dense, frac))
         else:

@@ -69,8 +69,7 @@ def _split_nodes(g: GraphIndex, layer, lp, dtype, fresh) -> tuple[list, list]:
     stem = layer.weight
     mid = fresh(f"{node.output[0]}.lowrank")
     names = (fresh(f"{stem}.lowrank_in"), fresh(f"{stem}.lowrank_out"))
-    first_name = f"{node.name}/lowrank_in" if node.name else ""
-    second_name = f"{node.name}/lowrank_out" if node.name else ""
+    first_name, second_name = f"{layer.key}/lowrank_in", f"{layer.key}/lowrank_out"  # (`tables_at_load` reads them)
 
     def init(name, value):
         return numpy_helper.from_array(np.ascontiguousarray(cast_weight(value, dtype)), name)
@@ -121,7 +120,7 @@ def _with_rows(node, lp, split, mid, names, init, fresh) -> tuple[list, list]:
     names = (*names, fresh(f"{names[0]}.rows_index"), fresh(f"{names[0]}.rows"))
     low, slot, fix = fresh(f"{node.output[0]}.lowrank_part"), fresh(f"{node.output[0]}.row_slot"), \
         fresh(f"{node.output[0]}.exact_part")
-    stem = node.name or names[0]
+    stem = first.name.removesuffix("/lowrank_in")
     nodes = [first,
              helper.make_node("MatMul", [mid, names[1]], [low], name=f"{stem}/lowrank_out"),
              helper.make_node("Gather", [names[2], node.input[1]], [slot], name=f"{stem}/row_slot", axis=0),
@@ -130,9 +129,9 @@ def _with_rows(node, lp, split, mid, names, init, fresh) -> tuple[list, list]:
     return nodes, [w1, w2, numpy_helper.from_array(index, names[2]), init(names[3], table)]
 
 
-def tables_at_load(model: onnx.ModelProto, keep=()) -> onnx.ModelProto:
-    """A copy of `model` in which each split lookup table (`_split_nodes`, kind "gather") is
-    formed from its factors before the lookup instead of after it:
+def tables_at_load(model: onnx.ModelProto, keep=(), *, copy: bool = True) -> onnx.ModelProto:
+    """`model` with each split lookup table (`_split_nodes`, kind "gather") formed from its
+    factors before the lookup instead of after it:
 
         MatMul(Gather(B^T, idx), A^T)                             -> Gather(MatMul(B^T, A^T), idx)
         MatMul(Gather(B^T, idx), A^T) + Gather(R0, Gather(map, idx))
@@ -142,78 +141,101 @@ def tables_at_load(model: onnx.ModelProto, keep=()) -> onnx.ModelProto:
     lookup is one lookup through the composed index). The table is then computed from constants
     only, so a runtime forms it once when it loads the model (ONNX Runtime folds constants), and
     the lookup costs what the original's does: the file holds the factors, the session the full
-    table. Only factors the tool wrote are read this way (initializers not named in `keep`, the
-    input model's). `model` itself is returned when there is no split table."""
+    table. A split is recognized by the names `_split_nodes` gives its nodes (KEY/lowrank_in,
+    KEY/lowrank_out, and with exact rows KEY/row_slot, KEY/exact_rows, KEY/lowrank_sum) and by its
+    factors: constants the tool wrote (initializers not named in `keep`, the input model's, or
+    their decoding by `quant.storage.decode_at_load`), read by no other node nor subgraph. A
+    model's own factorized table (ALBERT's embedding and projection) is left as it is. The
+    rewrite is in a copy, or with `copy=False` in `model` itself; `model` is returned unchanged
+    when there is no split table."""
     graph = model.graph
     keep = set(keep)
-    shapes = {t.name: list(t.dims) for t in graph.initializer if t.name not in keep}
-    for n in graph.node:  # constants the tool wrote, and what is computed from them alone (a decoding)
-        if n.input and all(x in shapes for x in n.input if x) and n.op_type in ("Cast", "Mul", "Reshape", "Expand",
-                                                                                 "Slice"):
-            shapes.update({o: None for o in n.output})
+    made = {t.name for t in graph.initializer if t.name not in keep}
+    for n in graph.node:  # constants the tool wrote, and their decoding (Cast, Mul, ...) alone
+        if n.input and all(x in made for x in n.input if x) and n.op_type in ("Cast", "Mul", "Reshape", "Expand",
+                                                                               "Slice"):
+            made.update(n.output)
     readers: dict[str, list[int]] = {}
     for i, n in enumerate(graph.node):
         for x in n.input:
             readers.setdefault(x, []).append(i)
+    outer = _subgraph_reads(graph)
     outputs = {o.name for o in graph.output}
+    producers = {o: n for n in graph.node for o in n.output}
 
-    def only_reader(tensor: str):
+    def only_reader(tensor: str, name: str):
+        """The node reading `tensor`, when it is the only reader and is named `name`."""
         r = readers.get(tensor, [])
-        return graph.node[r[0]] if len(r) == 1 and tensor not in outputs else None
+        if len(r) != 1 or tensor in outputs or tensor in outer or graph.node[r[0]].name != name:
+            return None
+        return graph.node[r[0]]
 
-    def lookup_of(node, table_ok=lambda t: t in shapes):
-        """(table, idx) when `node` is Gather(constant, idx) along axis 0."""
-        if node is None or node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or \
-                any(a.name == "axis" and a.i != 0 for a in node.attribute) or not table_ok(node.input[0]):
+    def lookup(node, name: str):
+        """(table, idx) when `node` is Gather(a constant the tool wrote, idx) along axis 0, named `name`."""
+        if node is None or node.op_type != "Gather" or node.name != name or node.input[0] not in made or \
+                any(a.name == "axis" and a.i != 0 for a in node.attribute):
             return None
         return node.input[0], node.input[1]
 
-    producers = {o: n for n in graph.node for o in n.output}
     taken = {t.name for t in graph.initializer} | set(producers) | {i.name for i in graph.input}
     found = []  # (nodes replaced, new nodes)
     for first in graph.node:
-        got = lookup_of(first)
-        second = only_reader(first.output[0]) if got else None
-        if second is None or second.op_type != "MatMul" or second.input[0] != first.output[0] \
-                or second.input[1] not in shapes or 2 != len(shapes[second.input[1]] or [0, 0]) \
-                or 2 != len(shapes[got[0]] or [0, 0]):
+        key = first.name.removesuffix("/lowrank_in")
+        got = lookup(first, f"{key}/lowrank_in") if first.name.endswith("/lowrank_in") else None
+        second = only_reader(first.output[0], f"{key}/lowrank_out") if got else None
+        if second is None or second.op_type != "MatMul" or second.input[0] != first.output[0] or \
+                second.input[1] not in made:
             continue
         factor_in, idx = got
         replaced, end = [first, second], second.output[0]
-        name = first.name.removesuffix("/lowrank_in")
-        stem = name or end
         table = fresh_name(f"{end}.table", taken)
-        nodes = [helper.make_node("MatMul", [factor_in, second.input[1]], [table], name=f"{stem}/table")]
-        add = only_reader(end)
+        nodes = [helper.make_node("MatMul", [factor_in, second.input[1]], [table], name=f"{key}/table")]
+        add = only_reader(end, f"{key}/lowrank_sum")
         if add is not None and add.op_type == "Add":
             other = add.input[1] if add.input[0] == end else add.input[0]
-            exact = lookup_of(producers.get(other))
-            slot = lookup_of(producers.get(exact[1])) if exact else None
-            if slot is not None and slot[1] == idx and only_reader(other) is add and \
-                    only_reader(exact[1]) is producers[other]:
+            exact = lookup(producers.get(other), f"{key}/exact_rows")
+            slot = lookup(producers.get(exact[1]), f"{key}/row_slot") if exact else None
+            if slot is not None and slot[1] == idx and only_reader(other, add.name) is add and \
+                    only_reader(exact[1], producers[other].name) is producers[other]:
                 rows, total = fresh_name(f"{end}.exact_rows", taken), fresh_name(f"{end}.table_sum", taken)
-                nodes += [helper.make_node("Gather", [exact[0], slot[0]], [rows], name=f"{stem}/exact_rows", axis=0),
-                          helper.make_node("Add", [table, rows], [total], name=f"{stem}/table_sum")]
+                nodes += [helper.make_node("Gather", [exact[0], slot[0]], [rows], name=f"{key}/exact_rows", axis=0),
+                          helper.make_node("Add", [table, rows], [total], name=f"{key}/table_sum")]
                 table = total
                 replaced += [add, producers[other], producers[exact[1]]]
                 end = add.output[0]
-        nodes.append(helper.make_node("Gather", [table, idx], [end], name=name, axis=0))
+        nodes.append(helper.make_node("Gather", [table, idx], [end], name=key, axis=0))
         found.append((replaced, nodes))
     if not found:
         return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    gone = {id(n) for replaced, _ in found for n in replaced}
+    out = model
+    if copy:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     position = {id(n): i for i, n in enumerate(graph.node)}
+    gone = {position[id(n)] for replaced, _ in found for n in replaced}
     # in place of the last node replaced: every input (the indices, a decoded factor) is made by then
     at = {max(position[id(n)] for n in replaced): nodes for replaced, nodes in found}
     new = []
-    for i, (src, node) in enumerate(zip(graph.node, out.graph.node)):
+    for i, node in enumerate(out.graph.node):
         if i in at:
             new.extend(at[i])
-        elif id(src) not in gone:
+        elif i not in gone:
             new.append(node)
+    stale = {n.output[0] for replaced, _ in found for n in replaced}
     del out.graph.node[:]
     out.graph.node.extend(new)
-    drop_value_info(out.graph, {n.output[0] for replaced, _ in found for n in replaced})
+    drop_value_info(out.graph, stale)
     return out
+
+
+def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names read inside the subgraphs (If / Loop / Scan bodies, at any depth) of `graph`'s nodes:
+    a tensor of the outer scope read there has readers `graph.node` does not list."""
+    names: set[str] = set()
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                        list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+                names.update(x for n in sub.node for x in n.input)
+                names |= _subgraph_reads(sub)
+    return names

@@ -316,8 +316,8 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
         sum(s.values.ByteSize() + s.indices.ByteSize() for s in model.graph.sparse_initializer)
 
 
-def decode_at_load(model: onnx.ModelProto, keep=()) -> onnx.ModelProto:
-    """A copy of `model` in which every DequantizeLinear of the main graph that reads an integer
+def decode_at_load(model: onnx.ModelProto, keep=(), *, copy: bool = True) -> onnx.ModelProto:
+    """`model` (a copy, or with `copy=False` the model itself) in which every DequantizeLinear of the main graph that reads an integer
     initializer x (not named in `keep`: the input model's own quantized weights stay as they are)
     becomes the same numbers from standard ops on constants:
 
@@ -352,8 +352,10 @@ def decode_at_load(model: onnx.ModelProto, keep=()) -> onnx.ModelProto:
     found = todo(model.graph)
     if not found:
         return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = model
+    if copy:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     graph = out.graph
     inits = {t.name: t for t in graph.initializer}
     taken = set(inits) | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
