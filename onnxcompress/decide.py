@@ -297,7 +297,7 @@ def _latency_budget(norm, g, methods, curves, costs, weights, config, goal, repo
     def evaluate(pos: int) -> float:
         entries, _ = entries_at(pos)
         with timer("rewrite"):
-            new = _build(norm, g, methods, curves, entries)
+            new = loadtime.finish(_build(norm, g, methods, curves, entries), norm, config)  # timed as written
         with timer("latency_search"):
             try:
                 ratio = latency_mod.measured_ratio(norm, new, sample, config.latency_threads)

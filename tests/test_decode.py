@@ -293,3 +293,36 @@ def test_flops_of_a_product_still_run_per_call_are_counted():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     shapes = {"Z": [4, 4], "C": [4, 4], "ZC": [4, 4], "h": [2, 4], "y": [2, 4], "P": [4, 4], "PC": [4, 4]}
     assert sorted(node_flops(GraphIndex(model, shapes, {}))) == [1, 3, 4]
+
+
+def test_the_splits_of_a_file_written_with_decode_run_stay_when_it_is_compressed_again(path, tmp_path):
+    """A file this tool wrote with `--decode run` holds split tables under the names a split gets;
+    compressed again (here only quantized), they are its own structure and stay a lookup in one
+    factor, then a product by the other."""
+    data = feeds(16)
+    first = tmp_path / "run.onnx"
+    compress(path, first, calib=data, val=data,
+             config=Config(method="aasvd", keep=0.5, include="embed", round=1, latency_check=False, decode="run"))
+    lookup = next(n for n in onnx.load(str(first)).graph.node if n.name == "embed/lowrank_in")
+    again = tmp_path / "again.onnx"
+    compress(first, again, config=Config(keep=1.0, quantize="int8"), calib=data, val=data)
+    nodes = {n.name: n for n in onnx.load(str(again)).graph.node}
+    assert nodes["embed/lowrank_in"].op_type == "Gather" and nodes["embed/lowrank_in"].input[1] == lookup.input[1]
+    assert nodes["embed/lowrank_out"].op_type == "MatMul" and "embed/table" not in nodes
+
+
+def test_below_ir_4_an_initializer_listed_as_an_input_is_a_constant():
+    """Before IR 4 every initializer was also listed as a graph input, and a runtime takes it as
+    a constant: a MatMul of two such initializers is formed at load (no FLOPs per call)."""
+    from onnxcompress.core.cost import node_flops
+    from onnxcompress.core.graph import GraphIndex
+    a = numpy_helper.from_array(np.ones((4, 4), dtype=np.float32), "a")
+    b = numpy_helper.from_array(np.ones((4, 4), dtype=np.float32), "b")
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4, 4]) for n in ("x", "a", "b")]
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["ab"]), helper.make_node("Add", ["ab", "x"], ["y"])],
+                              "old", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])], [a, b])
+    shapes = {"a": [4, 4], "b": [4, 4], "ab": [4, 4]}
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)], ir_version=3)
+    assert node_flops(GraphIndex(model, shapes, {})) == {}
+    model.ir_version = 4
+    assert node_flops(GraphIndex(model, shapes, {})) == {0: 2.0 * 4 * 4 * 4}

@@ -144,3 +144,33 @@ def test_plain_svd_and_the_sensitivity_probe_split_without_rows(tmp_path, table)
                                                                    probe_feeds=8, force=True), calib=calib)
     probe = next(s for s in report.allocation["sensitivity"] if s["site"].endswith("emb"))
     assert probe["local"] > 0 and probe["measured"] > 0   # the plain split: calibration tokens see its error
+
+
+def test_a_plan_naming_split_nodes_by_position_still_replays(tmp_path):
+    """Plans saved before split nodes were always named keyed the `--quantize` entries of an
+    unnamed node's factors by position ("<Gather #0>", "<MatMul #1>" in the split model); they
+    still replay, to the same model."""
+    rng = np.random.default_rng(2)
+    m = table_model(rng)
+    for n in m.graph.node:
+        n.name = ""
+    src = save(tmp_path, m, "src.onnx")
+    seen = rng.choice(VOCAB, size=SEEN, replace=False)
+    calib = [{"ids": rng.choice(seen, size=(1, 10)).astype(np.int64)} for _ in range(40)]
+    cfg = dict(method="aasvd", keep=0.5, round=1, force=True, decode="run")
+    first = compress(src, tmp_path / "q.onnx", config=Config(quantize="int8", **cfg), calib=calib, val=calib[:8])
+    d = first.plan.to_dict()
+    splits_only = Plan.from_dict({**d, "entries": [e for e in d["entries"] if not e.get("after")]})
+    compress(src, tmp_path / "split.onnx", config=Config(force=True, decode="run"), calib=calib, val=calib[:8],
+             plan=splits_only)  # the model the `--quantize` entries were made for
+    split = [n for n in onnx.load(str(tmp_path / "split.onnx")).graph.node]
+    renamed = 0
+    for e in d["entries"]:
+        i = next((k for k, n in enumerate(split) if n.name == e["layer"]), None)
+        if e.get("after") and i is not None:
+            e["layer"], renamed = f"<{split[i].op_type} #{i}>", renamed + 1
+    assert renamed == 4  # both factors of the table and of the MatMul
+    again = tmp_path / "again.onnx"
+    compress(src, again, config=Config(force=True, decode="run"), calib=calib, val=calib[:8], plan=Plan.from_dict(d))
+    feed = {"ids": np.arange(VOCAB, dtype=np.int64)[None, :]}
+    np.testing.assert_array_equal(run(again, feed)[0], run(tmp_path / "q.onnx", feed)[0])

@@ -31,13 +31,14 @@ _NOT_FOLDED = ("Bernoulli", "Multinomial", "DequantizeLinear")
 
 
 def load_time(g: GraphIndex) -> set[str]:
-    """Tensors computed from constants alone: initializers (not also graph inputs, which a caller
-    may feed), Constant nodes, and the outputs of every node whose inputs all are such tensors,
+    """Tensors computed from constants alone: initializers (from IR 4 on, not those also listed as
+    graph inputs, which a caller may feed), Constant nodes, and the outputs of every node whose inputs all are such tensors,
     except random draws, DequantizeLinear and nodes with subgraphs (a body may read any tensor
     of the outer scope). A runtime computes them once, when it loads the model (ONNX Runtime
     folds them), not at every call: a weight decoded from integer codes by Cast and Mul, a
     lookup table formed from its two factors (`--decode load`)."""
-    folded = set(g.initializers) - {vi.name for vi in g.graph.input}
+    fed = {vi.name for vi in g.graph.input} if g.model.ir_version >= 4 else set()  # below IR 4 they are constants
+    folded = set(g.initializers) - fed
     for node in g.nodes:
         if node.op_type.startswith("Random") or node.op_type in _NOT_FOLDED or \
                 any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):

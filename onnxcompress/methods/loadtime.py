@@ -31,4 +31,5 @@ def finish(model: onnx.ModelProto, source: onnx.ModelProto, config: Config, *, c
         return model
     keep = {t.name for t in source.graph.initializer}
     decoded = decode_at_load(model, keep, copy=copy)
-    return tables_at_load(decoded, keep, copy=copy and decoded is model)
+    return tables_at_load(decoded, keep, nodes={n.name for n in source.graph.node if n.name},
+                          copy=copy and decoded is model)

@@ -129,7 +129,7 @@ def _with_rows(node, lp, split, mid, names, init, fresh) -> tuple[list, list]:
     return nodes, [w1, w2, numpy_helper.from_array(index, names[2]), init(names[3], table)]
 
 
-def tables_at_load(model: onnx.ModelProto, keep=(), *, copy: bool = True) -> onnx.ModelProto:
+def tables_at_load(model: onnx.ModelProto, keep=(), *, nodes=(), copy: bool = True) -> onnx.ModelProto:
     """`model` with each split lookup table (`_split_nodes`, kind "gather") formed from its
     factors before the lookup instead of after it:
 
@@ -144,8 +144,10 @@ def tables_at_load(model: onnx.ModelProto, keep=(), *, copy: bool = True) -> onn
     table. A split is recognized by the names `_split_nodes` gives its nodes (KEY/lowrank_in,
     KEY/lowrank_out, and with exact rows KEY/row_slot, KEY/exact_rows, KEY/lowrank_sum) and by its
     factors: constants the tool wrote (initializers not named in `keep`, the input model's, or
-    their decoding by `quant.storage.decode_at_load`), read by no other node nor subgraph. A
-    model's own factorized table (ALBERT's embedding and projection) is left as it is. The
+    their decoding by `quant.storage.decode_at_load`), read by no other node nor subgraph, and by
+    its lookup not being one of `nodes` (the input model's node names: a file this tool wrote
+    with `--decode run` keeps its splits as they are). A model's own factorized table (ALBERT's
+    embedding and projection) is left as it is. The
     rewrite is in a copy, or with `copy=False` in `model` itself; `model` is returned unchanged
     when there is no split table."""
     graph = model.graph
@@ -178,8 +180,11 @@ def tables_at_load(model: onnx.ModelProto, keep=(), *, copy: bool = True) -> onn
         return node.input[0], node.input[1]
 
     taken = {t.name for t in graph.initializer} | set(producers) | {i.name for i in graph.input}
+    theirs = set(nodes)
     found = []  # (nodes replaced, new nodes)
     for first in graph.node:
+        if first.name in theirs:
+            continue
         key = first.name.removesuffix("/lowrank_in")
         got = lookup(first, f"{key}/lowrank_in") if first.name.endswith("/lowrank_in") else None
         second = only_reader(first.output[0], f"{key}/lowrank_out") if got else None

@@ -23,6 +23,9 @@ used and the report says why.
 """
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+
 import onnx
 
 from ...core.calibrate import calibrate
@@ -101,9 +104,15 @@ def replay(model: onnx.ModelProto, entries: list, sample: dict) -> tuple[onnx.Mo
     g = _index(model, sample)
     found, _ = method.sites(g, Config())
     by_key = {s.key: s for s in found}
+    for e in entries:  # plans saved before split nodes were named: "<Op #i>", node i of this model
+        m = re.fullmatch(r"<(\w+) #(\d+)>", e.layer)
+        if e.layer not in by_key and m and int(m[2]) < len(g.nodes) and g.nodes[int(m[2])].op_type == m[1]:
+            by_key.setdefault(e.layer, next((s for s in found if s.key == g.key(int(m[2]))), None))
+    by_key = {k: v for k, v in by_key.items() if v is not None}
     missing = [e.layer for e in entries if e.layer not in by_key]
     if missing:
         raise UsageError(f"plan: quantized layer {missing[0]!r} is not in the model the plan's other entries make")
     sites = [by_key[e.layer] for e in entries]
-    return method.rewrite(model, g, sites, list(entries)), sites
+    entries = [e if e.layer == s.key else replace(e, layer=s.key) for e, s in zip(entries, sites)]
+    return method.rewrite(model, g, sites, entries), sites
 
