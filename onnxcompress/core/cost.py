@@ -52,11 +52,10 @@ def node_flops(g: GraphIndex) -> dict[int, float]:
     """FLOPs per linear node whose shapes are known at the shapes in `g.shapes`; a node that
     reads only tensors computed at load (`load_time`) costs nothing per call and is left out."""
     out = {}
-    folded = None
+    folded = load_time(g)
     for i, node in enumerate(g.nodes):
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             continue
-        folded = load_time(g) if folded is None else folded
         if all(x in folded for x in node.input if x):
             continue
         y = g.shape(node.output[0])

@@ -52,6 +52,15 @@ def _subnormal_blocks(a: np.ndarray) -> list[int]:
     return [start for start in range(0, flat.size, _BLOCK) if _subnormal(flat[start:start + _BLOCK]).any()]
 
 
+def writable(model: onnx.ModelProto, copy: bool) -> onnx.ModelProto:
+    """`model` itself, or with `copy` a copy of it to rewrite."""
+    if not copy:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
 def set_int_attr(node: onnx.NodeProto, name: str, value: int) -> None:
     for a in node.attribute:
         if a.name == name:

@@ -28,7 +28,8 @@ from onnx import helper, numpy_helper
 from ...core.errors import UsageError
 from ...core.graph import GraphIndex
 from ...core.plan import Plan
-from ...ops.surgery import cast_weight, drop_value_info, fresh_name
+from ...ops.surgery import cast_weight, drop_value_info, fresh_name, writable
+from ..quant.storage import DECODE_OPS
 
 
 def split(model: onnx.ModelProto, g: GraphIndex, layers: dict, plan: Plan) -> onnx.ModelProto:
@@ -147,15 +148,13 @@ def tables_at_load(model: onnx.ModelProto, keep=(), *, nodes=(), copy: bool = Tr
     their decoding by `quant.storage.decode_at_load`), read by no other node nor subgraph, and by
     its lookup not being one of `nodes` (the input model's node names: a file this tool wrote
     with `--decode run` keeps its splits as they are). A model's own factorized table (ALBERT's
-    embedding and projection) is left as it is. The
-    rewrite is in a copy, or with `copy=False` in `model` itself; `model` is returned unchanged
-    when there is no split table."""
+    embedding and projection) is left as it is. The rewrite is in a copy, or with `copy=False` in
+    `model` itself; `model` is returned unchanged when there is no split table."""
     graph = model.graph
     keep = set(keep)
     made = {t.name for t in graph.initializer if t.name not in keep}
-    for n in graph.node:  # constants the tool wrote, and their decoding (Cast, Mul, ...) alone
-        if n.input and all(x in made for x in n.input if x) and n.op_type in ("Cast", "Mul", "Reshape", "Expand",
-                                                                               "Slice"):
+    for n in graph.node:  # constants the tool wrote, and their decoding alone
+        if n.input and all(x in made for x in n.input if x) and n.op_type in DECODE_OPS:
             made.update(n.output)
     readers: dict[str, list[int]] = {}
     for i, n in enumerate(graph.node):
@@ -186,7 +185,7 @@ def tables_at_load(model: onnx.ModelProto, keep=(), *, nodes=(), copy: bool = Tr
         if first.name in theirs:
             continue
         key = first.name.removesuffix("/lowrank_in")
-        got = lookup(first, f"{key}/lowrank_in") if first.name.endswith("/lowrank_in") else None
+        got = lookup(first, first.name) if key != first.name else None
         second = only_reader(first.output[0], f"{key}/lowrank_out") if got else None
         if second is None or second.op_type != "MatMul" or second.input[0] != first.output[0] or \
                 second.input[1] not in made:
@@ -194,7 +193,7 @@ def tables_at_load(model: onnx.ModelProto, keep=(), *, nodes=(), copy: bool = Tr
         factor_in, idx = got
         replaced, end = [first, second], second.output[0]
         table = fresh_name(f"{end}.table", taken)
-        nodes = [helper.make_node("MatMul", [factor_in, second.input[1]], [table], name=f"{key}/table")]
+        made_nodes = [helper.make_node("MatMul", [factor_in, second.input[1]], [table], name=f"{key}/table")]
         add = only_reader(end, f"{key}/lowrank_sum")
         if add is not None and add.op_type == "Add":
             other = add.input[1] if add.input[0] == end else add.input[0]
@@ -203,23 +202,20 @@ def tables_at_load(model: onnx.ModelProto, keep=(), *, nodes=(), copy: bool = Tr
             if slot is not None and slot[1] == idx and only_reader(other, add.name) is add and \
                     only_reader(exact[1], producers[other].name) is producers[other]:
                 rows, total = fresh_name(f"{end}.exact_rows", taken), fresh_name(f"{end}.table_sum", taken)
-                nodes += [helper.make_node("Gather", [exact[0], slot[0]], [rows], name=f"{key}/exact_rows", axis=0),
+                made_nodes += [helper.make_node("Gather", [exact[0], slot[0]], [rows], name=f"{key}/exact_rows", axis=0),
                           helper.make_node("Add", [table, rows], [total], name=f"{key}/table_sum")]
                 table = total
                 replaced += [add, producers[other], producers[exact[1]]]
                 end = add.output[0]
-        nodes.append(helper.make_node("Gather", [table, idx], [end], name=key, axis=0))
-        found.append((replaced, nodes))
+        made_nodes.append(helper.make_node("Gather", [table, idx], [end], name=key, axis=0))
+        found.append((replaced, made_nodes))
     if not found:
         return model
-    out = model
-    if copy:
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
+    out = writable(model, copy)
     position = {id(n): i for i, n in enumerate(graph.node)}
     gone = {position[id(n)] for replaced, _ in found for n in replaced}
     # in place of the last node replaced: every input (the indices, a decoded factor) is made by then
-    at = {max(position[id(n)] for n in replaced): nodes for replaced, nodes in found}
+    at = {max(position[id(n)] for n in replaced): new_nodes for replaced, new_nodes in found}
     new = []
     for i, node in enumerate(out.graph.node):
         if i in at:

@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ...ops.edits import Layer
-from ...ops.surgery import cast_weight, drop_value_info, fresh_name
+from ...ops.surgery import cast_weight, drop_value_info, fresh_name, writable
 from . import codebook
 from .solvers import Format, Quantized
 
@@ -316,6 +316,10 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
         sum(s.values.ByteSize() + s.indices.ByteSize() for s in model.graph.sparse_initializer)
 
 
+#: the ops `decode_at_load` forms a weight with (every input a constant)
+DECODE_OPS = ("Cast", "Mul", "Reshape", "Expand", "Slice")
+
+
 def decode_at_load(model: onnx.ModelProto, keep=(), *, copy: bool = True) -> onnx.ModelProto:
     """`model` (a copy, or with `copy=False` the model itself) in which every DequantizeLinear of the main graph that reads an integer
     initializer x (not named in `keep`: the input model's own quantized weights stay as they are)
@@ -352,10 +356,7 @@ def decode_at_load(model: onnx.ModelProto, keep=(), *, copy: bool = True) -> onn
     found = todo(model.graph)
     if not found:
         return model
-    out = model
-    if copy:
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
+    out = writable(model, copy)
     graph = out.graph
     inits = {t.name: t for t in graph.initializer}
     taken = set(inits) | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
